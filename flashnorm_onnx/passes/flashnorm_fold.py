@@ -1,0 +1,386 @@
+"""FlashNorm weight folding as an onnx-ir pass.
+
+For a normalization ``y = norm(x) * g (+ beta)`` whose every reader is a linear layer
+``y @ B (+ c)`` with a constant ``B [K, N]``::
+
+    B*[i, :] = g[i] * B[i, :]            c* = c + beta @ B
+    y @ B + c  ==  norm(x) @ B* + c*
+
+The norm becomes weightless (scale = ones, no bias) and keeps one fused kernel in ONNX Runtime.
+Exact in real arithmetic; computed in float64 (float32 weights) or float32 (16-bit weights)
+and rounded once.
+
+Rules that keep the function unchanged:
+
+* A norm is folded only if *every* reader of its output is foldable (``Shape`` readers
+  excepted); otherwise it is skipped with the reason.
+* A weight tensor with any reader outside this fold (a tied embedding ``Gather``, a second
+  norm's linear, a deduplicated initializer) is never written: the fold goes into a new
+  tensor (``untie=True``, the default) or the norm is skipped (``untie=False``).
+* A product that overflows the weight's dtype is refused.
+* A norm whose scale is already all ones (and bias zero) is reported as already weightless,
+  so a second run changes nothing.
+
+Usage::
+
+    result = FlashNormFoldPass()(model)       # an onnx_ir.passes.InPlacePass
+    result.report.decisions                   # one NormDecision per normalization
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from flashnorm_onnx.passes import fold_math
+from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_label, opset_version
+from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses
+from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms
+from flashnorm_onnx.passes.weightless_norm import ConstantPool, make_weightless
+from flashnorm_onnx.report import ConsumerRecord, FoldReport, NormDecision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FlashNormPassResult(ir.passes.PassResult):
+    report: FoldReport = dataclasses.field(default_factory=FoldReport)
+
+
+@dataclasses.dataclass
+class _WeightWrite:
+    """One tensor the fold produces: in place of a constant, or as a new untied copy."""
+
+    use: LinearUse
+    source: ir.Value
+    k_axis: int
+    in_place: bool
+
+
+@dataclasses.dataclass
+class _BiasWrite:
+    use: LinearUse
+    delta: np.ndarray  # beta @ B, float64, shape [N]
+
+
+class FlashNormFoldPass(ir.passes.InPlacePass):
+    """Fold every normalization's scale (and LayerNorm bias) into the linears it feeds."""
+
+    def __init__(
+        self,
+        untie: bool = True,
+        keep_structure: bool = False,
+        fold_layernorm: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ):
+        super().__init__()
+        self.untie = untie
+        self.keep_structure = keep_structure
+        self.fold_layernorm = fold_layernorm
+        self.progress = progress
+
+    def call(self, model: ir.Model) -> FlashNormPassResult:
+        graph = model.graph
+        opset = opset_version(model)
+        pool = ConstantPool(graph, set())
+        report = FoldReport()
+        norms = find_norms(graph)
+        for index, match in enumerate(norms):
+            decision = self._decide_and_fold(index, match, graph, pool, opset)
+            logger.info("%s", decision.line().replace("\n", " |"))
+            report.decisions.append(decision)
+            if self.progress:
+                self.progress(index + 1, len(norms))
+        modified = report.folded > 0
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
+            _ensure_opset(model)
+        return FlashNormPassResult(model, modified=modified, report=report)
+
+    # -- one norm ------------------------------------------------------------------------------
+
+    def _decide_and_fold(
+        self, index: int, match: NormMatch, graph: ir.Graph, pool: ConstantPool, opset: int
+    ) -> NormDecision:
+        decision = NormDecision(index=index, name=match.name, kind=match.kind, form=match.form, status="skipped")
+        if match.problem:
+            decision.reason = match.problem
+            return decision
+        if match.kind == "layer" and not self.fold_layernorm:
+            decision.reason = "LayerNorm folding is disabled"
+            return decision
+        g = match.scale_array()
+        beta = match.bias_array()
+        analysis = find_linear_uses(match.output, channels=g.size if g.size > 1 else None)
+        decision.shape_readers = analysis.shape_readers
+        decision.feeds = [u.description for u in analysis.uses]
+        if fold_math.is_all(g, 1.0) and fold_math.is_all(beta, 0.0):
+            decision.status = "already-weightless"
+            return decision
+        if analysis.refusals:
+            decision.reason = "; ".join(dict.fromkeys(analysis.refusals))
+            if analysis.residual and match.kind == "layer":
+                decision.reason += " (post-LN: the normalized value is also the residual, so its scale cannot move into the linears)"
+            return decision
+        if not analysis.uses:
+            decision.reason = "its output has no reader to fold into"
+            return decision
+
+        refusal = self._check_channels(g, beta, analysis.uses)
+        if refusal:
+            decision.reason = refusal
+            return decision
+        writes, refusal = self._plan_writes(analysis.uses)
+        if refusal:
+            decision.reason = refusal
+            return decision
+        biases, refusal = self._plan_biases(beta, analysis.uses)
+        if refusal:
+            decision.reason = refusal
+            return decision
+        for write in writes:
+            try:
+                fold_math.check_fold(const_tensor(write.source).numpy(), g, write.k_axis)
+            except fold_math.FoldRefused as e:
+                decision.reason = f"folding into '{write.source.name}' is not representable: {e}"
+                return decision
+
+        # Decided: write.
+        done_in_place: set[int] = set()
+        for write in writes:
+            nbytes = _nbytes(const_tensor(write.source))
+            record = self._apply_weight(write, g, graph, pool, done_in_place)
+            decision.consumers.append(record)
+            if record.action == "untied copy":
+                decision.bytes_added += nbytes
+                decision.tensors_written += 1
+            elif record.action == "in place":
+                decision.bytes_rewritten += nbytes
+                decision.tensors_written += 1
+        for bias in biases:
+            added, rewritten = self._apply_bias(bias, graph, pool)
+            decision.bytes_added += added
+            decision.bytes_rewritten += rewritten
+            decision.tensors_written += 1
+        decision.rewritten_as = make_weightless(match, graph, pool, opset, self.keep_structure)
+        decision.status = "folded"
+        return decision
+
+    @staticmethod
+    def _check_channels(g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse]) -> str | None:
+        channels = g.size
+        if beta is not None and beta.size not in (1, channels) and channels != 1:
+            return f"its bias has {beta.size} values but its scale {channels}"
+        for use in uses:
+            k = use.weight.tensor.shape[use.weight.k_axis]
+            if channels != 1 and k != channels:
+                return (
+                    f"{use.description}: weight input dimension {k} does not match the norm's "
+                    f"{channels} channels"
+                )
+        return None
+
+    def _plan_writes(self, uses: list[LinearUse]) -> tuple[list[_WeightWrite], str | None]:
+        """Decide, for every weight, whether it can be written in place."""
+        ours: set[int] = set()
+        for use in uses:
+            ours.add(id(use.node))
+            ours.update(id(n) for n in use.weight.nodes)
+        by_source: dict[int, list[LinearUse]] = {}
+        for use in uses:
+            by_source.setdefault(id(use.weight.source), []).append(use)
+        writes: list[_WeightWrite] = []
+        for group in by_source.values():
+            source = group[0].weight.source
+            outside = _outside_readers(source, group, ours)
+            same_axis = len({u.weight.k_axis for u in group}) == 1
+            exclusive = not outside and same_axis and not source.is_graph_output()
+            if not exclusive and not self.untie:
+                who = ", ".join(outside) if outside else "readers that index it differently"
+                return [], (
+                    f"weight '{source.name}' is also read by {who}; untying it (a new tensor) "
+                    "is disabled by --no-untie"
+                )
+            for use in group:
+                writes.append(_WeightWrite(use, source, use.weight.k_axis, in_place=exclusive))
+        return writes, None
+
+    def _plan_biases(self, beta: np.ndarray | None, uses: list[LinearUse]) -> tuple[list[_BiasWrite], str | None]:
+        if beta is None or fold_math.is_all(beta, 0.0):
+            return [], None
+        out = []
+        for use in uses:
+            if use.node.op_type == "Gemm" and use.bias_add is use.node:
+                return [], f"{use.description} has a bias computed at run time"
+            weight = use.weight.tensor.numpy()
+            delta = fold_math.bias_delta(weight, beta, use.weight.k_axis)
+            if use.node.op_type == "Gemm":
+                alpha = float(use.node.attributes.get("alpha").value) if "alpha" in use.node.attributes else 1.0
+                delta = alpha * delta
+            out.append(_BiasWrite(use, delta))
+        return out, None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _apply_weight(
+        self, write: _WeightWrite, g: np.ndarray, graph: ir.Graph, pool: ConstantPool, done: set[int]
+    ) -> ConsumerRecord:
+        source = write.source
+        original = const_tensor(source)
+        folded = _lazy_fold(original, g, write.k_axis, name=source.name)
+        record = ConsumerRecord(
+            op=write.use.node.op_type,
+            node=write.use.node.name or "",
+            weight=source.name or "",
+            action="in place",
+        )
+        if write.in_place:
+            if id(source) in done:
+                record.action = "shared in place"
+                return record
+            done.add(id(source))
+            if source.is_initializer():
+                source.const_value = folded
+            else:  # output of a Constant node: replace it by an initializer
+                new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
+                source.replace_all_uses_with(new)
+            return record
+        # Untie: a new tensor, and a private copy of the Transpose/Cast path to this reader.
+        record.action = "untied copy"
+        new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
+        value = new
+        for node in write.use.weight.nodes:
+            clone = ir.Node(
+                node.domain, node.op_type, [value], attributes=list(node.attributes.values()),
+                num_outputs=1, name=pool.unique(f"{node.name or node.op_type}.flashnorm"),
+            )
+            clone.outputs[0].name = pool.unique(f"{node.outputs[0].name or 'w'}.flashnorm")
+            copy_type(clone.outputs[0], node.outputs[0])
+            graph.insert_before(write.use.node, clone)
+            value = clone.outputs[0]
+        write.use.node.replace_input_with(1, value)
+        return record
+
+    def _apply_bias(self, bias: _BiasWrite, graph: ir.Graph, pool: ConstantPool) -> tuple[int, int]:
+        """Add beta @ B to the linear's bias. Returns (bytes added, bytes rewritten)."""
+        use = bias.use
+        node = use.node
+        if use.bias_source is not None and (use.bias_add is not None or node.op_type == "Gemm"):
+            source = use.bias_source
+            original = const_tensor(source)
+            reader = use.bias_add if node.op_type != "Gemm" else node
+            exclusive = len(list(source.uses())) == 1 and not source.is_graph_output() and not use.bias_path
+            beta_attr = 1.0
+            if node.op_type == "Gemm":
+                beta_attr = float(node.attributes["beta"].value) if "beta" in node.attributes else 1.0
+            array = original.numpy()
+            work = np.broadcast_to(array.astype(np.float64), np.broadcast_shapes(array.shape, bias.delta.shape))
+            new_array = (work + bias.delta / beta_attr).astype(array.dtype)
+            tensor = ir.Tensor(new_array, name=source.name)
+            if exclusive and source.is_initializer() and new_array.shape == array.shape:
+                source.const_value = tensor
+                return 0, tensor.nbytes
+            new = _new_initializer(pool, f"{source.name or 'bias'}.flashnorm", tensor, None)
+            if use.bias_path:
+                # bias behind a Cast: feed the new constant in the bias' stored dtype through a copy
+                value = new
+                for path_node in use.bias_path:
+                    clone = ir.Node(path_node.domain, path_node.op_type, [value],
+                                    attributes=list(path_node.attributes.values()), num_outputs=1,
+                                    name=pool.unique(f"{path_node.op_type}.flashnorm"))
+                    clone.outputs[0].name = pool.unique("bias.flashnorm.cast")
+                    graph.insert_before(reader, clone)
+                    value = clone.outputs[0]
+                new = value
+            index = 2 if node.op_type == "Gemm" else list(reader.inputs).index(
+                use.bias_path[-1].outputs[0] if use.bias_path else source
+            )
+            reader.replace_input_with(index, new)
+            return tensor.nbytes, 0
+        # No bias yet: MatMul -> Add(new bias), or Gemm gets C.
+        dtype = node.outputs[0].dtype or use.weight.tensor.dtype
+        if use.via_casts or use.weight.nodes:
+            for n in reversed(use.weight.nodes):
+                if n.op_type == "Cast":
+                    dtype = ir.DataType(n.attributes["to"].value)
+                    break
+        array = bias.delta.astype(dtype.numpy())
+        tensor = ir.Tensor(array)
+        new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
+        if node.op_type == "Gemm":
+            node.resize_inputs(3)
+            node.replace_input_with(2, new)
+            node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+            return tensor.nbytes, 0
+        out = node.outputs[0]
+        add = ir.Node("", "Add", [out, new], num_outputs=1, name=pool.unique(f"{node.name or 'MatMul'}/flashnorm_bias"))
+        add.outputs[0].name = pool.unique(f"{out.name or 'linear'}.biased")
+        copy_type(add.outputs[0], out)
+        was_output = out.is_graph_output()
+        out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
+        add.replace_input_with(0, out)
+        graph.insert_after(node, add)
+        if was_output:
+            # keep the graph output's name
+            old_name = out.name
+            out.name = pool.unique(f"{old_name}.unbiased")
+            add.outputs[0].name = old_name
+        return tensor.nbytes, 0
+
+
+def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -> list[str]:
+    """Readers of ``source`` (and of the Transpose/Cast path values) that are not this fold."""
+    outside: list[str] = []
+    frontier = [source]
+    seen: set[int] = set()
+    while frontier:
+        value = frontier.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if value.is_graph_output():
+            outside.append(f"graph output '{value.name}'")
+        for use in value.uses():
+            if id(use.node) not in ours:
+                outside.append(node_label(use.node) + (" (tied embedding)" if use.node.op_type.startswith("Gather") else ""))
+            elif use.node.op_type not in ("MatMul", "Gemm"):
+                frontier.extend(use.node.outputs)
+    return outside
+
+
+def _lazy_fold(original: ir.TensorProtocol, g: np.ndarray, k_axis: int, name: str | None) -> ir.TensorProtocol:
+    """A tensor computed only when it is read (written or serialized)."""
+    g = np.array(g, copy=True)
+
+    def compute() -> ir.Tensor:
+        return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis), name=name)
+
+    return ir.LazyTensor(compute, dtype=original.dtype, shape=ir.Shape(original.shape.numpy()), name=name)
+
+
+def _nbytes(tensor: ir.TensorProtocol) -> int:
+    return int(np.prod(tensor.shape.numpy(), dtype=np.int64)) * tensor.dtype.itemsize
+
+
+def _new_initializer(pool: ConstantPool, base: str, tensor: ir.TensorProtocol, like: ir.Value | None) -> ir.Value:
+    name = pool.unique(base)
+    tensor.name = name
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(tensor.shape.numpy()),
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+    )
+    pool.graph.register_initializer(value)
+    return value
+
+
+def _ensure_opset(model: ir.Model) -> None:
+    """Fused ops we add live in the default domain; make sure it is imported."""
+    if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
+        model.opset_imports[""] = 17

@@ -1,0 +1,99 @@
+"""The arithmetic of the fold, on numpy arrays.
+
+Proposition 1 of FlashNorm (arXiv 2407.09577), in ONNX's row-vector layout ``y = x @ B`` with
+``B`` of shape ``[K, N]``::
+
+    (x * g) @ B  ==  x @ B*        with  B*[i, :] = g[i] * B[i, :]
+
+and for a PyTorch-layout weight ``W [N, K]`` (reached through ``Transpose`` or ``Gemm
+transB=1``) the same is ``W*[:, i] = W[:, i] * g[i]``. A LayerNorm bias ``beta`` adds a
+constant row to the linear's output: ``(x * g + beta) @ B + c == x @ B* + (c + beta @ B)``.
+
+Products are computed in float64 for float32/float64 weights and in float32 for 16-bit
+weights, then rounded once to the weight's dtype. A product that does not fit the weight's
+dtype (|g*w| > max) is refused rather than written as inf.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+
+class FoldRefused(ValueError):
+    """The fold would not be representable in the weight's dtype."""
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype in (np.dtype(np.float32), np.dtype(np.float64)):
+        return np.dtype(np.float64)
+    return np.dtype(np.float32)
+
+
+def _finfo_max(dtype: np.dtype) -> float:
+    dtype = np.dtype(dtype)
+    if dtype == np.dtype(ml_dtypes.bfloat16):
+        return float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    try:
+        return float(np.finfo(dtype).max)
+    except ValueError:
+        return float(ml_dtypes.finfo(dtype).max)
+
+
+def _channel_shape(ndim: int, k_axis: int, size: int) -> tuple[int, ...]:
+    shape = [1] * ndim
+    shape[k_axis] = size
+    return tuple(shape)
+
+
+def check_fold(weight: np.ndarray, g: np.ndarray, k_axis: int) -> None:
+    """Raise FoldRefused if g*weight overflows the weight's dtype (without materialising it)."""
+    g = np.asarray(g, dtype=np.float64).reshape(-1)
+    work = compute_dtype(weight.dtype)
+    if weight.ndim != 2:
+        raise FoldRefused(f"weight has rank {weight.ndim}")
+    other = 1 - k_axis
+    if g.size not in (1, weight.shape[k_axis]):
+        raise FoldRefused(
+            f"the norm has {g.size} channels but the weight's input dimension is {weight.shape[k_axis]}"
+        )
+    row_max = np.max(np.abs(weight.astype(work)), axis=other) if weight.size else np.zeros(0)
+    if not np.all(np.isfinite(row_max)):
+        return  # the weight already holds inf/nan; the fold keeps them where they are
+    product = np.abs(g) * row_max.astype(np.float64)
+    limit = _finfo_max(weight.dtype)
+    if product.size and float(product.max()) > limit:
+        raise FoldRefused(
+            f"g*w reaches {float(product.max()):.4g}, beyond the {np.dtype(weight.dtype).name} "
+            f"maximum {limit:.4g}"
+        )
+
+
+def fold_scale(weight: np.ndarray, g: np.ndarray, k_axis: int) -> np.ndarray:
+    """Return weight scaled by g along k_axis, in weight's dtype."""
+    check_fold(weight, g, k_axis)
+    work = compute_dtype(weight.dtype)
+    g = np.asarray(g).astype(work).reshape(-1)
+    if g.size == 1:
+        scaled = weight.astype(work) * g[0]
+    else:
+        scaled = weight.astype(work) * g.reshape(_channel_shape(weight.ndim, k_axis, g.size))
+    return scaled.astype(weight.dtype)
+
+
+def bias_delta(weight: np.ndarray, beta: np.ndarray, k_axis: int, k: int | None = None) -> np.ndarray:
+    """beta @ B for the effective [K, N] matrix (float64)."""
+    w = np.asarray(weight).astype(np.float64)
+    if k_axis == 1:
+        w = w.T
+    beta = np.asarray(beta, dtype=np.float64).reshape(-1)
+    if beta.size == 1:
+        beta = np.full(w.shape[0], beta[0])
+    return beta @ w
+
+
+def is_all(array: np.ndarray | None, value: float) -> bool:
+    if array is None:
+        return value == 0.0
+    return bool(np.all(np.asarray(array).astype(np.float64) == value))

@@ -1,0 +1,248 @@
+"""What reads a norm's output, and whether each reader is a linear layer the fold can absorb.
+
+The fold is exact only when *every* reader of the normalized value is a linear map with a
+constant weight whose input rows are indexed by the norm's channels:
+
+* ``MatMul(y, B)`` with ``B`` a constant ``[K, N]``;
+* ``MatMul(y, Transpose(W, perm=[1, 0]))`` and ``Cast``\\ s of a constant on the way;
+* ``Gemm(y, B, C)`` with ``transA=0`` and ``transB`` 0 or 1;
+* any of these behind a ``Cast`` of ``y``.
+
+``Shape`` readers only read the shape and never block the fold. Anything else — a residual
+``Add``, RoPE, attention, a graph output, a quantized ``MatMulNBits``, a weight that is a graph
+input — blocks it, and :func:`find_linear_uses` says which reader and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from flashnorm_onnx.passes.graph_utils import (
+    ONNX_DOMAINS,
+    attr,
+    const_scalar,
+    const_tensor,
+    is_op,
+    node_label,
+    other_input,
+    rank_of,
+    small_const_array,
+)
+
+
+@dataclasses.dataclass
+class WeightPath:
+    """A constant weight and the Transpose/Cast nodes between it and its linear reader."""
+
+    source: ir.Value
+    nodes: list[ir.Node]
+    """From the constant toward the consumer."""
+    k_axis: int
+    """Axis of the constant indexed by the norm's channels (0: rows of [K, N]; 1: columns of
+    a PyTorch-layout [N, K] weight)."""
+
+    @property
+    def tensor(self) -> ir.TensorProtocol:
+        return const_tensor(self.source)
+
+
+@dataclasses.dataclass
+class LinearUse:
+    node: ir.Node
+    """The MatMul or Gemm."""
+    weight: WeightPath
+    via_casts: list[ir.Node]
+    """Casts between the norm's output and the linear node."""
+    bias_add: ir.Node | None = None
+    """MatMul followed by Add(constant): the Add (used to fold a LayerNorm bias)."""
+    bias_source: ir.Value | None = None
+    bias_path: list[ir.Node] = dataclasses.field(default_factory=list)
+
+    @property
+    def description(self) -> str:
+        return f"{node_label(self.node)}[{self.weight.source.name}]"
+
+
+@dataclasses.dataclass
+class ConsumerAnalysis:
+    uses: list[LinearUse]
+    refusals: list[str]
+    shape_readers: int
+    residual: bool = False
+    """A refusal is an elementwise Add/Sub with another activation: the residual stream."""
+
+
+def _trace_weight(value: ir.Value, k_axis: int) -> WeightPath | str:
+    nodes: list[ir.Node] = []
+    while True:
+        if value.is_graph_input():
+            return f"its weight '{value.name}' is a graph input"
+        if const_tensor(value) is not None:
+            break
+        producer = value.producer()
+        if producer is None:
+            return f"its weight '{value.name}' is not a constant"
+        if is_op(producer, "Transpose"):
+            perm = attr(producer, "perm", None)
+            if perm is not None and list(perm) != [1, 0]:
+                return f"its weight passes through Transpose(perm={list(perm)})"
+            k_axis = 1 - k_axis
+        elif not (is_op(producer, "Cast") or is_op(producer, "Identity")):
+            return f"its weight is computed at run time by {node_label(producer)}"
+        nodes.insert(0, producer)
+        value = producer.inputs[0]
+    tensor = const_tensor(value)
+    if len(tensor.shape) != 2:
+        return f"its weight '{value.name}' has rank {len(tensor.shape)}, not a [K, N] matrix"
+    if not tensor.dtype.is_floating_point():
+        return f"its weight '{value.name}' has dtype {tensor.dtype.name}, not a float type"
+    return WeightPath(source=value, nodes=nodes, k_axis=k_axis)
+
+
+def _bias_after(matmul: ir.Node) -> tuple[ir.Node, ir.Value, list[ir.Node]] | None:
+    """MatMul -> Add(constant) where the Add is the MatMul's only reader."""
+    out = matmul.outputs[0]
+    uses = list(out.uses())
+    if len(uses) != 1 or out.is_graph_output():
+        return None
+    add = uses[0].node
+    if not is_op(add, "Add"):
+        return None
+    bias = other_input(add, out)
+    if bias is None:
+        return None
+    path: list[ir.Node] = []
+    value = bias
+    while const_tensor(value) is None:
+        producer = value.producer()
+        if producer is None or value.is_graph_input() or not (
+            is_op(producer, "Cast") or is_op(producer, "Identity")
+        ):
+            return None
+        path.insert(0, producer)
+        value = producer.inputs[0]
+    if value.is_graph_input():
+        return None
+    return add, value, path
+
+
+def _describe_refusal(node: ir.Node, index: int, value: ir.Value) -> tuple[str, bool]:
+    label = node_label(node)
+    if node.op_type == "MatMulNBits":
+        return (
+            f"feeds {label}: a block-quantized weight cannot take an exact fold "
+            "(fold the float model, then quantize)",
+            False,
+        )
+    if node.op_type in ("MatMul", "Gemm") and index != 0:
+        return f"feeds {label} as its second operand", False
+    if node.op_type in ("Add", "Sub") and node.domain in ONNX_DOMAINS:
+        other = other_input(node, value)
+        if other is not None and const_tensor(other) is None:
+            return f"feeds the residual stream ({label})", True
+    return f"feeds {label} (input {index}), which is not a linear layer", False
+
+
+def _keeps_channels(node: ir.Node, index: int, channels: int | None) -> bool:
+    """Ops that move or select whole rows and leave the last (channel) axis intact commute
+    with a per-channel scale: Slice/Gather on another axis, a Reshape that keeps the last
+    dimension, a Transpose that keeps the last axis last."""
+    if index != 0:
+        return False
+    if is_op(node, "Identity"):
+        return True
+    rank = rank_of(node.inputs[0])
+    if is_op(node, "Slice"):
+        axes = small_const_array(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        if axes is None or rank is None:
+            return False
+        return all(int(a) % rank != rank - 1 for a in axes.reshape(-1))
+    if is_op(node, "Gather"):
+        axis = int(attr(node, "axis", 0))
+        return rank is not None and axis % rank != rank - 1
+    if is_op(node, "Reshape"):
+        shape = small_const_array(node.inputs[1])
+        return channels is not None and channels > 1 and shape is not None and shape.size > 0 and int(shape.reshape(-1)[-1]) == channels
+    if is_op(node, "Transpose"):
+        perm = attr(node, "perm", None)
+        return perm is not None and rank is not None and perm[-1] in (-1, rank - 1)
+    return False
+
+
+def find_linear_uses(
+    value: ir.Value, via: list[ir.Node] | None = None, channels: int | None = None
+) -> ConsumerAnalysis:
+    """Every reader of ``value``; ``channels`` is the norm's channel count when known."""
+    via = via or []
+    result = ConsumerAnalysis(uses=[], refusals=[], shape_readers=0)
+    if value.is_graph_output():
+        result.refusals.append(f"its output '{value.name}' is a graph output")
+    for use in value.uses():
+        node, index = use.node, use.idx
+        if node.graph is not None and node.graph is not value.graph and value.graph is not None:
+            result.refusals.append(f"is read inside a subgraph ({node_label(node)})")
+            continue
+        if is_op(node, "Shape") or is_op(node, "Size"):
+            result.shape_readers += 1
+            continue
+        if (is_op(node, "Cast") and index == 0) or _keeps_channels(node, index, channels):
+            inner = find_linear_uses(node.outputs[0], via + [node], channels)
+            result.uses += inner.uses
+            result.refusals += inner.refusals
+            result.shape_readers += inner.shape_readers
+            result.residual |= inner.residual
+            continue
+        if is_op(node, "MatMul") and index == 0:
+            traced = _trace_weight(node.inputs[1], 0)
+            if isinstance(traced, str):
+                result.refusals.append(f"feeds {node_label(node)} but {traced}")
+                continue
+            use_ = LinearUse(node=node, weight=traced, via_casts=list(via))
+            bias = _bias_after(node)
+            if bias is not None:
+                use_.bias_add, use_.bias_source, use_.bias_path = bias
+            result.uses.append(use_)
+            continue
+        if is_op(node, "Gemm") and index == 0:
+            if attr(node, "transA", 0) != 0:
+                result.refusals.append(f"feeds {node_label(node)} with transA=1")
+                continue
+            traced = _trace_weight(node.inputs[1], 1 if attr(node, "transB", 0) else 0)
+            if isinstance(traced, str):
+                result.refusals.append(f"feeds {node_label(node)} but {traced}")
+                continue
+            use_ = LinearUse(node=node, weight=traced, via_casts=list(via))
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                c = node.inputs[2]
+                path: list[ir.Node] = []
+                while const_tensor(c) is None and c.producer() is not None and is_op(c.producer(), "Cast"):
+                    path.insert(0, c.producer())
+                    c = c.producer().inputs[0]
+                if const_tensor(c) is None or c.is_graph_input():
+                    # Only a LayerNorm bias needs C; record that it is not constant.
+                    use_.bias_source = None
+                    use_.bias_path = []
+                    use_.bias_add = node  # marks "has a non-constant C"
+                else:
+                    use_.bias_source, use_.bias_path = c, path
+            result.uses.append(use_)
+            continue
+        reason, residual = _describe_refusal(node, index, value)
+        result.refusals.append(reason)
+        result.residual |= residual
+    return result
+
+
+def gemm_alpha_beta(node: ir.Node) -> tuple[float, float]:
+    return float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
+
+
+__all__ = [
+    "ConsumerAnalysis",
+    "LinearUse",
+    "WeightPath",
+    "find_linear_uses",
+    "const_scalar",
+]

@@ -1,0 +1,163 @@
+"""What the fold decided for each normalization, and the summary a user reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Literal
+
+Status = Literal["folded", "skipped", "already-weightless"]
+
+
+@dataclasses.dataclass
+class ConsumerRecord:
+    op: str
+    node: str
+    weight: str
+    action: str
+    """'in place' (the weight was only read by this fold), 'untied copy' (a new tensor; the
+    original keeps its other readers) or 'shared in place' (one tensor read by several
+    readers of this same norm)."""
+
+
+@dataclasses.dataclass
+class NormDecision:
+    index: int
+    name: str
+    kind: str
+    form: str
+    status: Status
+    reason: str = ""
+    feeds: list[str] = dataclasses.field(default_factory=list)
+    consumers: list[ConsumerRecord] = dataclasses.field(default_factory=list)
+    rewritten_as: str = ""
+    tensors_written: int = 0
+    bytes_added: int = 0
+    bytes_rewritten: int = 0
+    shape_readers: int = 0
+
+    def line(self) -> str:
+        feeds = ", ".join(self.feeds) if self.feeds else "-"
+        head = f"[{self.index:3d}] {self.form:<34s} {self.name}"
+        if self.status == "folded":
+            extra = f" -> {self.rewritten_as}" if self.rewritten_as else ""
+            untied = sum(1 for c in self.consumers if c.action == "untied copy")
+            tie = f", {untied} untied copy(ies) +{_fmt_bytes(self.bytes_added)}" if untied else ""
+            return f"{head}\n      folded into {feeds}{tie}{extra}"
+        if self.status == "already-weightless":
+            return f"{head}\n      already weightless (scale is all ones): nothing to fold"
+        return f"{head}\n      skipped: {self.reason}"
+
+
+@dataclasses.dataclass
+class VerificationResult:
+    method: str
+    """'onnxruntime' (both models run on generated inputs), 'algebraic' (each folded tensor
+    checked on random vectors) or 'skipped'."""
+    passed: bool
+    tolerance: float = 0.0
+    outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    cases: list[str] = dataclasses.field(default_factory=list)
+    message: str = ""
+
+    def lines(self) -> list[str]:
+        if self.method == "skipped":
+            return [f"verification: skipped ({self.message})" if self.message else "verification: skipped"]
+        verdict = "PASSED" if self.passed else "FAILED"
+        out = [f"verification ({self.method}): {verdict}" + (f" - {self.message}" if self.message else "")]
+        for case in self.cases:
+            out.append(f"  case: {case}")
+        for o in self.outputs:
+            s = (
+                f"  {o['case']:<10s} {o['name']:<28s} max|abs err| {o['max_abs']:.3e}  "
+                f"max rel err {o['max_rel']:.3e}"
+            )
+            if o.get("argmax_agreement") is not None:
+                s += f"  argmax agree {100 * o['argmax_agreement']:.1f}%"
+            out.append(s)
+        return out
+
+
+@dataclasses.dataclass
+class FoldReport:
+    model: str = ""
+    output: str = ""
+    decisions: list[NormDecision] = dataclasses.field(default_factory=list)
+    verification: VerificationResult | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def folded(self) -> int:
+        return sum(d.status == "folded" for d in self.decisions)
+
+    @property
+    def skipped(self) -> int:
+        return sum(d.status == "skipped" for d in self.decisions)
+
+    @property
+    def already(self) -> int:
+        return sum(d.status == "already-weightless" for d in self.decisions)
+
+    @property
+    def tensors_written(self) -> int:
+        return sum(d.tensors_written for d in self.decisions)
+
+    @property
+    def bytes_added(self) -> int:
+        return sum(d.bytes_added for d in self.decisions)
+
+    @property
+    def bytes_rewritten(self) -> int:
+        return sum(d.bytes_rewritten for d in self.decisions)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "norms": len(self.decisions),
+            "folded": self.folded,
+            "skipped": self.skipped,
+            "already_weightless": self.already,
+            "tensors_written": self.tensors_written,
+            "bytes_rewritten": self.bytes_rewritten,
+            "bytes_added_by_untying": self.bytes_added,
+        }
+
+    def summary_line(self) -> str:
+        s = self.summary()
+        return (
+            f"{s['norms']} norms: {s['folded']} folded, {s['skipped']} skipped, "
+            f"{s['already_weightless']} already weightless; {s['tensors_written']} tensors written "
+            f"({_fmt_bytes(s['bytes_rewritten'])} rewritten, {_fmt_bytes(s['bytes_added_by_untying'])} "
+            "added by untying)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": self.output,
+            "summary": self.summary(),
+            "norms": [dataclasses.asdict(d) for d in self.decisions],
+            "verification": dataclasses.asdict(self.verification) if self.verification else None,
+            "notes": self.notes,
+        }
+
+    def write_json(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_json(), f, indent=2)
+            f.write("\n")
+
+    def text(self) -> str:
+        lines = [d.line() for d in self.decisions]
+        lines.append(self.summary_line())
+        lines += self.notes
+        if self.verification is not None:
+            lines += self.verification.lines()
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
