@@ -1,0 +1,61 @@
+# flashnorm-onnx — every target installs what it needs into .venv (and .venv-genai for the
+# onnxruntime-genai builder, which needs transformers 5.x while optimum needs < 4.58).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+GENAI_STAMP := .venv-genai/.installed-stamp
+DEMO_DIR := build/demo
+
+.PHONY: help venv genai-env demo test test-fast fixtures bench bench-scale fuzz clean
+
+help:
+	@echo "make demo         build a tiny Llama (torch.onnx dynamo), fold it, verify it in ONNX Runtime"
+	@echo "make test         install everything and run the test suite"
+	@echo "make test-fast    tests without the slow real-model tests"
+	@echo "make fixtures     build every test model into build/fixtures"
+	@echo "make bench        latency benchmarks (benchmarks/RESULTS.md)"
+	@echo "make bench-scale  fold time / peak memory on large synthetic models"
+	@echo "make fuzz         long differential fuzzing campaign"
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+genai-env: $(GENAI_STAMP)
+
+$(GENAI_STAMP): models/fixtures.py | $(STAMP)
+	$(PY) -m models.fixtures genai-env
+	touch $@
+
+demo: $(STAMP)
+	$(PY) -m models.fixtures build llama_dynamo
+	mkdir -p $(DEMO_DIR)
+	$(VENV)/bin/flashnorm-onnx optimize "$$($(PY) -m models.fixtures path llama_dynamo)" \
+		-o $(DEMO_DIR)/llama.flashnorm.onnx --report $(DEMO_DIR)/report.json
+
+fixtures: $(STAMP) $(GENAI_STAMP)
+	$(PY) -m models.fixtures build --all
+
+test: $(STAMP) $(GENAI_STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not genai"
+
+bench: $(STAMP) $(GENAI_STAMP)
+	$(PY) -m benchmarks.run_latency
+
+bench-scale: $(STAMP)
+	$(PY) -m benchmarks.run_scale
+
+fuzz: $(STAMP)
+	FLASHNORM_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q tests/test_fuzz.py -p no:cacheprovider
+
+clean:
+	rm -rf build .pytest_cache

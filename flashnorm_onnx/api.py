@@ -1,0 +1,126 @@
+"""The Python API: ``optimize`` and ``inspect``.
+
+The data flow, end to end::
+
+    check input -> load (lazy) -> find norms and their readers -> decide -> fold
+        -> write to a staging folder -> verify in ONNX Runtime -> move into place
+
+Nothing is written next to the input unless verification passed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from flashnorm_onnx import model_io
+from flashnorm_onnx.errors import VerificationFailed
+from flashnorm_onnx.inputs import vocab_sizes
+from flashnorm_onnx.passes import FlashNormFoldPass
+from flashnorm_onnx.report import FoldReport, VerificationResult
+
+logger = logging.getLogger(__name__)
+
+#: Run ORT verification only when both models fit comfortably in memory.
+VERIFY_MEMORY_FRACTION = 0.25
+
+
+def inspect(model: str | os.PathLike, *, untie: bool = True, keep_structure: bool = False) -> FoldReport:
+    """Analyse a model: what would be folded and what skipped, and why. Writes nothing."""
+    info = model_io.check_input(model)
+    ir_model = model_io.load(info)
+    result = FlashNormFoldPass(untie=untie, keep_structure=keep_structure)(ir_model)
+    report = result.report
+    report.model = str(info.path)
+    return report
+
+
+def optimize(
+    model: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    untie: bool = True,
+    keep_structure: bool = False,
+    verify: bool = True,
+    dims: dict[str, int] | None = None,
+    rtol: float | None = None,
+    report_path: str | os.PathLike | None = None,
+    in_place: bool = False,
+    force_write: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> FoldReport:
+    """Fold every foldable normalization of ``model`` and write the result to ``output``.
+
+    Returns the report. Raises :class:`~flashnorm_onnx.errors.FlashNormError` subclasses for
+    bad input, unwritable output and failed verification (nothing is written then).
+    """
+    info = model_io.check_input(model)
+    if in_place:
+        target = model_io.check_output(output or info.path, info, in_place=True)
+    else:
+        target = model_io.check_output(output or model_io.default_output_path(info.path), info)
+    ir_model = model_io.load(info)
+    vocab = vocab_sizes(ir_model)
+
+    fold = FlashNormFoldPass(
+        untie=untie,
+        keep_structure=keep_structure,
+        progress=(lambda i, n: progress("fold", i, n)) if progress else None,
+    )
+    result = fold(ir_model)
+    report = result.report
+    report.model = str(info.path)
+    if not result.modified and not force_write:
+        report.notes.append("nothing to fold: no output written (use --force-write to write it anyway)")
+        report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
+        _write_report(report, report_path)
+        return report
+
+    external = model_io.wants_external_data(info, info.tensor_bytes)
+    staged = model_io.write_atomic(
+        ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None
+    )
+    try:
+        if not verify:
+            report.verification = VerificationResult(method="skipped", passed=True, message="--no-verify")
+        elif not result.modified:
+            report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
+        elif not _fits_in_memory(info):
+            report.verification = VerificationResult(
+                method="skipped",
+                passed=True,
+                message="the model is too large to run twice in memory; no ONNX Runtime comparison ran",
+            )
+        else:
+            from flashnorm_onnx.verify import compare_models
+
+            report.verification = compare_models(info.path, staged.model_path, dims=dims, vocab=vocab, rtol=rtol)
+        if report.verification is not None and not report.verification.passed:
+            report.notes.append("verification failed: no output written")
+            _write_report(report, report_path)
+            raise VerificationFailed(
+                f"verification failed: {report.verification.message}; no output written", report=report
+            )
+        written = staged.commit()
+    finally:
+        staged.discard()
+    report.output = str(target)
+    report.notes.append("wrote " + ", ".join(str(p) for p in written))
+    _write_report(report, report_path)
+    return report
+
+
+def _fits_in_memory(info: model_io.InputInfo) -> bool:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return 2 * info.tensor_bytes < VERIFY_MEMORY_FRACTION * total * 2
+
+
+def _write_report(report: FoldReport, path: str | os.PathLike | None) -> None:
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        report.write_json(path)

@@ -1,0 +1,214 @@
+"""``flashnorm-onnx``: a thin command line over :mod:`flashnorm_onnx.api`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from flashnorm_onnx import __version__
+from flashnorm_onnx.errors import FlashNormError, VerificationFailed
+
+EPILOG_EXIT_CODES = """exit codes:
+  0  success (also when there was nothing to fold)
+  1  internal error (rerun with --debug and report the traceback)
+  2  bad command-line arguments
+  3  bad input model (missing, empty, not ONNX, truncated, bad external data)
+  4  cannot write the output (would overwrite the input, not a folder, disk full)
+  5  verification failed: the output would not compute the same function (nothing written)
+  6  verification could not run the input model on generated inputs (try --dim, or --no-verify)
+  7  requested execution provider unavailable
+"""
+
+
+def _dims(values: list[str] | None) -> dict[str, int]:
+    dims: dict[str, int] = {}
+    for item in values or []:
+        name, sep, number = item.partition("=")
+        if not sep or not name:
+            raise argparse.ArgumentTypeError(f"--dim expects NAME=VALUE, got '{item}'")
+        try:
+            dims[name] = int(number)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--dim {item}: '{number}' is not an integer") from None
+    return dims
+
+
+def _add_fold_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-untie",
+        action="store_true",
+        help="skip a norm whose linear weight is also read elsewhere (e.g. an lm_head tied to the "
+        "embedding) instead of folding into a new, untied copy of that weight",
+    )
+    p.add_argument(
+        "--keep-structure",
+        action="store_true",
+        help="keep decomposed norm chains as they are and only set their scale to ones "
+        "(default: replace each chain by one fused SimplifiedLayerNormalization / RMSNormalization "
+        "/ LayerNormalization kernel)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashnorm-onnx",
+        description="FlashNorm for ONNX: fold each normalization's scale (and LayerNorm bias) into "
+        "the linear layers it feeds, so the norm becomes weightless; verify the result in ONNX Runtime.",
+        epilog=EPILOG_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    opt = sub.add_parser(
+        "optimize",
+        help="fold norms into linears, verify, write the output",
+        description="Fold every foldable normalization of MODEL into the linear layers that read it, "
+        "check the result against MODEL in ONNX Runtime (CPU) and write it. One line per norm says "
+        "what it feeds and whether it was folded or skipped (and why).",
+        epilog=EPILOG_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    opt.add_argument("model", help="input .onnx file (or a folder with one model.onnx)")
+    opt.add_argument("-o", "--output", help="output .onnx path (default: MODEL.flashnorm.onnx beside the input)")
+    _add_fold_options(opt)
+    opt.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    opt.add_argument(
+        "--dim",
+        action="append",
+        metavar="NAME=VALUE",
+        help="value for a symbolic input dimension during verification, e.g. --dim batch=2 --dim sequence=16",
+    )
+    opt.add_argument("--rtol", type=float, help="verification tolerance relative to each output's magnitude "
+                     "(default: 1e-4 for float32 outputs, 2e-2 for float16)")
+    opt.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    opt.add_argument("--in-place", action="store_true", help="replace MODEL itself (written atomically)")
+    opt.add_argument("--force-write", action="store_true", help="write the output even when nothing was folded")
+    opt.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+
+    ins = sub.add_parser(
+        "inspect",
+        help="print what optimize would fold or skip, and why; write nothing",
+        description="Analyse MODEL: every normalization, its form, what reads it, and whether it "
+        "would be folded or skipped (with the reason). Writes nothing.",
+    )
+    ins.add_argument("model", help="input .onnx file")
+    _add_fold_options(ins)
+    ins.add_argument("--report", metavar="JSON", help="also write the analysis as JSON")
+
+    _register_extensions(sub)
+    return parser
+
+
+def _register_extensions(sub) -> None:
+    """Subcommands that live in their own modules (profile, export)."""
+    for module_name in ("flashnorm_onnx.profile_cli", "flashnorm_onnx.export_cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+
+
+def _progress_factory(enabled: bool) -> Callable[[str, int, int], None] | None:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+    labels = {"fold": "folding norms", "write": "writing tensors"}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=labels.get(stage, stage), unit="", leave=False,
+                                     file=sys.stderr, disable=None)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
+def _cmd_optimize(args) -> int:
+    from flashnorm_onnx.api import optimize
+
+    try:
+        report = optimize(
+            args.model,
+            args.output,
+            untie=not args.no_untie,
+            keep_structure=args.keep_structure,
+            verify=not args.no_verify,
+            dims=_dims(args.dim),
+            rtol=args.rtol,
+            report_path=args.report,
+            in_place=args.in_place,
+            force_write=args.force_write,
+            progress=_progress_factory(True),
+        )
+    except VerificationFailed as e:
+        if e.report is not None:
+            print(e.report.text())
+        raise
+    print(report.summary_line() if args.quiet else report.text())
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    from flashnorm_onnx.api import inspect
+
+    report = inspect(args.model, untie=not args.no_untie, keep_structure=args.keep_structure)
+    print(report.text().replace(" folded,", " foldable,").replace("tensors written", "tensors to write"))
+    if args.report:
+        report.write_json(args.report)
+    return 0
+
+
+COMMANDS = {"optimize": _cmd_optimize, "inspect": _cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except argparse.ArgumentTypeError as e:  # pragma: no cover - argparse reports most itself
+        parser.error(str(e))
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
+    try:
+        return int(handler(args) or 0)
+    except argparse.ArgumentTypeError as e:
+        print(f"flashnorm-onnx: error: {e}", file=sys.stderr)
+        return 2
+    except FlashNormError as e:
+        if args.debug:
+            raise
+        print(f"flashnorm-onnx: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("flashnorm-onnx: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: one line, unless --debug
+        if args.debug:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(
+            f"flashnorm-onnx: internal error: {type(e).__name__}: {msg} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

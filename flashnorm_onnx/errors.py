@@ -1,0 +1,45 @@
+"""Errors a user can act on. Each carries the process exit code the CLI returns.
+
+=====  ==========================================================================
+code   meaning
+=====  ==========================================================================
+0      success (also: nothing to fold, when no output was requested to be forced)
+1      internal error (a bug: rerun with --debug and report the traceback)
+2      usage error (bad command-line arguments)
+3      bad input model (missing, empty, not ONNX, truncated, bad external data)
+4      cannot write the output (same path as the input, not a folder, disk full)
+5      verification failed: the output does not compute the same function
+6      verification could not run the models (inputs could not be generated)
+7      requested execution provider unavailable (e.g. CUDA on a CPU-only machine)
+=====  ==========================================================================
+"""
+
+from __future__ import annotations
+
+
+class FlashNormError(Exception):
+    exit_code = 1
+
+
+class InputModelError(FlashNormError):
+    exit_code = 3
+
+
+class OutputPathError(FlashNormError):
+    exit_code = 4
+
+
+class VerificationFailed(FlashNormError):
+    exit_code = 5
+
+    def __init__(self, message: str, report=None):
+        super().__init__(message)
+        self.report = report
+
+
+class VerificationUnavailable(FlashNormError):
+    exit_code = 6
+
+
+class ProviderUnavailable(FlashNormError):
+    exit_code = 7

@@ -1,0 +1,267 @@
+"""Load a model safely, and write the output atomically without touching the input's files.
+
+Loading checks what a user can get wrong before anything else runs: the path, an empty or
+non-ONNX file, a truncated file, external data that is missing, too short, or points outside
+the model's folder. The model is loaded with onnx-ir, which memory-maps external data: tensors
+are read only when needed.
+
+Writing goes to a temporary folder next to the destination and is renamed into place only
+once everything (model and data file) is written, so an interrupted write leaves nothing
+behind. The output's data file never replaces the input's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from flashnorm_onnx.errors import InputModelError, OutputPathError
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+#: Write external data when the model's tensors exceed this, even if the input had none.
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+@dataclasses.dataclass
+class InputInfo:
+    path: Path
+    data_files: set[Path]
+    """External data files the model references (resolved)."""
+    proto_bytes: int
+    tensor_bytes: int
+    """Bytes of all initializers, inline or external."""
+
+    @property
+    def has_external_data(self) -> bool:
+        return bool(self.data_files)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.proto_bytes + sum(f.stat().st_size for f in self.data_files)
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """A model file, or a folder holding exactly one ``model.onnx`` / ``*.onnx``."""
+    p = Path(path)
+    if not p.exists():
+        raise InputModelError(f"{p}: no such file or folder")
+    if p.is_dir():
+        if (p / "model.onnx").is_file():
+            return p / "model.onnx"
+        candidates = sorted(p.glob("*.onnx"))
+        if len(candidates) == 1:
+            return candidates[0]
+        if not candidates:
+            raise InputModelError(f"{p}: folder holds no .onnx model")
+        raise InputModelError(f"{p}: folder holds several .onnx models; name one")
+    return p
+
+
+def check_input(path: str | os.PathLike) -> InputInfo:
+    """Validate a model file and its external data without loading tensor data."""
+    p = resolve_model_path(path)
+    if not p.is_file():
+        raise InputModelError(f"{p}: not a regular file")
+    size = p.stat().st_size
+    if size == 0:
+        raise InputModelError(f"{p}: file is empty")
+    if size > PROTOBUF_LIMIT:
+        raise InputModelError(
+            f"{p}: {size / 2**30:.1f} GB in one protobuf file is over the 2 GB protobuf limit; "
+            "ONNX models this large must keep their tensors in external data"
+        )
+    try:
+        proto = onnx.load_model(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise InputModelError(f"{p}: not a valid ONNX model ({_short(e)})") from e
+    except Exception as e:  # protobuf's C++ parser raises other types for garbage
+        raise InputModelError(f"{p}: not a valid ONNX model ({_short(e)})") from e
+    if not proto.HasField("graph") or proto.ir_version <= 0 or len(proto.opset_import) == 0:
+        raise InputModelError(f"{p}: not a valid ONNX model (no graph, IR version or opset; truncated?)")
+    if len(proto.graph.output) == 0:
+        raise InputModelError(f"{p}: the graph has no outputs (truncated file?)")
+    base = p.parent.resolve()
+    data_files: set[Path] = set()
+    tensor_bytes = 0
+    file_sizes: dict[Path, int] = {}
+    for tensor in _all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            tensor_bytes += len(tensor.raw_data) or _typed_bytes(tensor)
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise InputModelError(f"{p}: tensor '{tensor.name}' has external data with no location")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or (base != target and base not in target.parents):
+            raise InputModelError(
+                f"{p}: tensor '{tensor.name}' points outside the model's folder ({location}); refusing"
+            )
+        if not target.is_file():
+            raise InputModelError(f"{p}: external data file '{location}' is missing")
+        if target not in file_sizes:
+            file_sizes[target] = target.stat().st_size
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", _expected_bytes(tensor)))
+        if offset + length > file_sizes[target]:
+            raise InputModelError(
+                f"{p}: external data file '{location}' is shorter than declared "
+                f"(tensor '{tensor.name}' needs bytes {offset}..{offset + length}, file has {file_sizes[target]})"
+            )
+        tensor_bytes += length
+        data_files.add(target)
+    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes)
+
+
+def load(info: InputInfo) -> ir.Model:
+    try:
+        return ir.load(str(info.path))
+    except Exception as e:
+        raise InputModelError(f"{info.path}: onnx-ir could not read the model ({_short(e)})") from e
+
+
+def default_output_path(input_path: Path) -> Path:
+    return input_path.with_name(input_path.stem + ".flashnorm.onnx")
+
+
+def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = False) -> Path:
+    """Where the output goes; refuses to overwrite the input or its data unless in_place."""
+    out = Path(output)
+    if out.exists() and out.is_dir() or str(output).endswith(os.sep):
+        out = out / info.path.name
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise OutputPathError(f"{parent}: output folder is not a folder")
+    resolved = out.resolve() if out.exists() else parent.resolve() / out.name
+    data = resolved.with_name(resolved.name + ".data")
+    same_model = resolved == info.path.resolve()
+    hits_data = resolved in info.data_files or data in info.data_files
+    if (same_model or hits_data) and not in_place:
+        what = "the input model" if same_model else "the input's external data file"
+        raise OutputPathError(
+            f"{out}: output would overwrite {what}; choose another -o path (or pass --in-place)"
+        )
+    if in_place and not same_model:
+        raise OutputPathError("--in-place writes the input path itself; do not combine it with another -o")
+    return out
+
+
+def wants_external_data(info: InputInfo, model_bytes: int) -> bool:
+    return info.has_external_data or model_bytes > EXTERNAL_DATA_THRESHOLD
+
+
+def write_atomic(
+    model: ir.Model,
+    output: Path,
+    external: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> "StagedOutput":
+    """Write the model into a staging folder next to ``output``; call ``commit()`` to publish."""
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputPathError(f"{parent}: cannot create the output folder ({_short(e)})") from e
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise OutputPathError(f"{parent}: cannot write there ({_short(e)})") from e
+    staged = StagedOutput(staging=staging, output=output, external=external)
+    try:
+        path = staging / output.name
+        if external:
+            callback = None
+            if progress is not None:
+                def callback(tensor, meta) -> None:  # noqa: ANN001
+                    progress(meta.index + 1, meta.total)
+            ir.save(model, str(path), external_data=staged.data_name, callback=callback)
+        else:
+            ir.save(model, str(path))
+    except BaseException as e:
+        staged.discard()
+        if isinstance(e, OSError):
+            raise OutputPathError(f"{output}: writing the output failed ({_short(e)}); nothing was written") from e
+        if isinstance(e, ValueError) and "2GB" in str(e).replace(" ", ""):
+            raise OutputPathError(f"{output}: model too large for one protobuf file") from e
+        raise
+    return staged
+
+
+@dataclasses.dataclass
+class StagedOutput:
+    staging: Path
+    output: Path
+    external: bool
+
+    @property
+    def data_name(self) -> str:
+        return self.output.name + ".data"
+
+    @property
+    def model_path(self) -> Path:
+        return self.staging / self.output.name
+
+    def commit(self) -> list[Path]:
+        """Move the staged files into place (data first, then the model)."""
+        written = []
+        try:
+            if self.external and (self.staging / self.data_name).exists():
+                os.replace(self.staging / self.data_name, self.output.parent / self.data_name)
+                written.append(self.output.parent / self.data_name)
+            os.replace(self.model_path, self.output)
+            written.append(self.output)
+        except OSError as e:
+            raise OutputPathError(f"{self.output}: could not move the output into place ({_short(e)})") from e
+        finally:
+            self.discard()
+        return written
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def _all_tensors(proto: onnx.ModelProto):
+    def walk(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        yield from walk(g)
+
+    yield from walk(proto.graph)
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    try:
+        itemsize = ir.DataType(tensor.data_type).itemsize
+    except Exception:
+        itemsize = 1
+    return int(count * itemsize)
+
+
+def _typed_bytes(tensor: onnx.TensorProto) -> int:
+    return _expected_bytes(tensor)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]

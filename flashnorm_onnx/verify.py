@@ -1,0 +1,152 @@
+"""Numerical equivalence check: run the input and the output in ONNX Runtime and compare.
+
+Both models run on the CPU provider on the same generated inputs (see :mod:`inputs`), for a
+prefill case and, for models with a KV cache, a decode step on a short past. Every output is
+compared: max absolute error, max error relative to the output's largest magnitude, and for
+logits the share of positions whose argmax agrees. The check passes when, for every output,
+``max|a - b| <= atol + rtol * max|a|`` with a tolerance suited to the output's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from flashnorm_onnx.errors import VerificationUnavailable
+from flashnorm_onnx.inputs import Case, default_cases, make_feeds, specs_from_session
+from flashnorm_onnx.report import VerificationResult
+
+logger = logging.getLogger(__name__)
+
+#: (rtol, atol) by output dtype; relative to the output's largest magnitude.
+TOLERANCES = {
+    "float64": (1e-6, 1e-8),
+    "float32": (1e-4, 1e-5),
+    "float16": (2e-2, 2e-3),
+    "bfloat16": (5e-2, 1e-2),
+}
+
+
+def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # errors come back as exceptions; keep stderr clean
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        providers = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=providers)
+
+
+def compare_models(
+    reference: str | Path,
+    candidate: str | Path,
+    dims: dict[str, int] | None = None,
+    vocab: dict[str, int] | None = None,
+    cases: list[Case] | None = None,
+    rtol: float | None = None,
+) -> VerificationResult:
+    try:
+        ref = make_session(reference)
+    except Exception as e:
+        raise VerificationUnavailable(
+            f"ONNX Runtime cannot load the input model ({_first_line(e)}); use --no-verify to skip the check"
+        ) from e
+    try:
+        cand = make_session(candidate)
+    except Exception as e:
+        return VerificationResult(
+            method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {_first_line(e)}"
+        )
+    specs = specs_from_session(ref)
+    result = VerificationResult(method="onnxruntime", passed=True)
+    explicit = cases is not None
+    cases = cases or default_cases(specs)
+    for case in cases:
+        feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
+        try:
+            expected = ref.run(None, feeds)
+        except Exception as e:
+            if not explicit and case.batch > 1:
+                # Exports traced with batch 1 may be specialised to it: check batch 1 only.
+                case = dataclasses.replace(case, batch=1, name=case.name.replace("batch2", "batch1b"))
+                feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
+                try:
+                    expected = ref.run(None, feeds)
+                except Exception:
+                    expected = None
+                if expected is not None:
+                    result.cases.append("the input model does not run with batch 2; checked batch 1")
+            else:
+                expected = None
+            if expected is None:
+                e_ = e
+                shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+                raise VerificationUnavailable(
+                    f"the input model does not run on generated inputs ({case.describe()}; {shapes}): "
+                    f"{_first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
+                ) from e_
+        try:
+            got = cand.run(None, feeds)
+        except Exception as e:
+            result.passed = False
+            result.message = f"the output model fails to run: {_first_line(e)}"
+            return result
+        result.cases.append(case.describe())
+        for meta, a, b in zip(ref.get_outputs(), expected, got):
+            entry = _compare(meta.name, case.name, np.asarray(a), np.asarray(b), rtol)
+            result.outputs.append(entry)
+            if not entry["ok"]:
+                result.passed = False
+    worst = max(result.outputs, key=lambda o: o["max_rel"], default=None)
+    if worst is not None:
+        result.tolerance = worst["rtol"]
+        if not result.passed:
+            result.message = (
+                f"output '{worst['name']}' differs by {worst['max_rel']:.3e} (relative), "
+                f"tolerance {worst['rtol']:.1e}"
+            )
+    return result
+
+
+def _compare(name: str, case: str, a: np.ndarray, b: np.ndarray, rtol: float | None) -> dict:
+    dtype = a.dtype.name
+    default_rtol, atol = TOLERANCES.get(dtype, (0.0, 0.0))
+    rtol = default_rtol if rtol is None else rtol
+    entry = {"case": case, "name": name, "dtype": dtype, "shape": list(a.shape), "rtol": rtol}
+    if a.shape != b.shape:
+        entry.update(max_abs=float("inf"), max_rel=float("inf"), ok=False, argmax_agreement=None)
+        return entry
+    if a.dtype.kind not in "fc" and dtype != "bfloat16":
+        equal = bool(np.array_equal(a, b))
+        entry.update(max_abs=0.0 if equal else float("inf"), max_rel=0.0 if equal else float("inf"), ok=equal,
+                     argmax_agreement=None)
+        return entry
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    finite = np.isfinite(a64)
+    same_nonfinite = bool(np.array_equal(np.isfinite(b64), finite))
+    diff = np.abs(a64 - b64)[finite] if a.size else np.zeros(0)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(a64[finite]).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    ok = same_nonfinite and max_abs <= atol + rtol * scale
+    agreement = None
+    if "logit" in name.lower() and a.ndim >= 1 and a.shape[-1] > 1 and a.size:
+        agreement = float(np.mean(np.argmax(a64, axis=-1) == np.argmax(b64, axis=-1)))
+    entry.update(max_abs=max_abs, max_rel=max_rel, ok=bool(ok), argmax_agreement=agreement)
+    return entry
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line[:300]
+    return type(e).__name__
