@@ -1,0 +1,188 @@
+"""Small hand-built ONNX graphs with one normalization in a chosen form and chosen readers.
+
+They reproduce, node for node, the forms catalogued in shared/notes/onnx-forms.md, so each
+form and each consumer kind is tested in isolation and fast; whole exported models are in
+models/fixtures.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+K = 16
+EPS = 1e-6
+
+RMS_FORMS = ["dynamo", "legacy", "legacy17", "fp16_chain", "mulxx_div", "pow_neg_half", "rmsnorm23", "sln", "skip_sln"]
+
+
+def _init(name, array):
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def build(
+    form: str = "dynamo",
+    consumers: tuple[str, ...] = ("matmul", "matmul"),
+    extra: tuple[str, ...] = (),
+    seed: int = 0,
+    scale: np.ndarray | None = None,
+    k: int = K,
+) -> onnx.ModelProto:
+    """One norm over x[batch, seq, k] (x[batch, k] for Gemm readers) and its readers.
+
+    consumers: "matmul" (W [k, n]), "matmul_t" (Transpose(W [n, k])), "gemm", "gemm_tb",
+    "cast_matmul" (Cast(y) -> MatMul), "matmul_castw" (MatMul(y, Cast(W fp16))),
+    "tied" (Transpose(E) also read by a Gather embedding), "shared" (two readers, one W).
+    extra: "residual" (y also feeds Add(y, x)), "graph_output" (y is an output), "shape"
+    (Shape(y) is an output), "weight_input" (first weight is a graph input).
+    """
+    rng = np.random.default_rng(seed)
+    fp16 = form == "fp16_chain"
+    gemm = any(c.startswith("gemm") for c in consumers)
+    xdt = TensorProto.FLOAT16 if fp16 else TensorProto.FLOAT
+    npdt = np.float16 if fp16 else np.float32
+    x_shape = ["batch", k] if gemm else ["batch", "seq", k]
+    nodes, inits, inputs, outputs = [], [], [helper.make_tensor_value_info("x", xdt, x_shape)], []
+    g = scale if scale is not None else rng.uniform(0.5, 1.5, size=k)
+    opset = {"legacy17": 17, "rmsnorm23": 23}.get(form, 18)
+    ms_opset = False
+
+    def const(name, value, dtype=np.float32):
+        nodes.append(helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value, dtype=dtype), name + "_t")))
+
+    if form in ("dynamo", "mulxx_div", "pow_neg_half"):
+        inits += [_init("g", g.astype(np.float32)), _init("eps", np.array(EPS, np.float32)),
+                  _init("two", np.array(2.0, np.float32)), _init("axes", np.array([-1], np.int64))]
+        if form == "mulxx_div":
+            nodes.append(helper.make_node("Mul", ["x", "x"], ["sq"]))
+        else:
+            nodes.append(helper.make_node("Pow", ["x", "two"], ["sq"]))
+        nodes += [helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+                  helper.make_node("Add", ["ms", "eps"], ["mse"])]
+        if form == "dynamo":
+            nodes += [helper.make_node("Sqrt", ["mse"], ["rms"]), helper.make_node("Reciprocal", ["rms"], ["inv"]),
+                      helper.make_node("Mul", ["x", "inv"], ["n"])]
+        elif form == "mulxx_div":
+            nodes += [helper.make_node("Sqrt", ["mse"], ["rms"]), helper.make_node("Div", ["x", "rms"], ["n"])]
+        else:
+            inits.append(_init("mhalf", np.array(-0.5, np.float32)))
+            nodes += [helper.make_node("Pow", ["mse", "mhalf"], ["inv"]), helper.make_node("Mul", ["inv", "x"], ["n"])]
+        nodes.append(helper.make_node("Mul", ["n", "g"] if form == "mulxx_div" else ["g", "n"], ["y"]))
+    elif form in ("legacy", "legacy17", "fp16_chain"):
+        inits.append(_init("g", g.astype(npdt)))
+        nodes.append(helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT))
+        const("two", 2.0)
+        nodes.append(helper.make_node("Pow", ["xf", "two"], ["sq"]))
+        if form == "legacy17":
+            nodes.append(helper.make_node("ReduceMean", ["sq"], ["ms"], axes=[-1], keepdims=1))
+        else:
+            const("axes", [-1], np.int64)
+            nodes.append(helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1))
+        const("eps", EPS)
+        const("one", 1.0)
+        nodes += [helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"]),
+                  helper.make_node("Div", ["one", "rms"], ["inv"]), helper.make_node("Mul", ["xf", "inv"], ["nf"]),
+                  helper.make_node("Cast", ["nf"], ["n"], to=xdt), helper.make_node("Mul", ["g", "n"], ["y"])]
+    elif form == "rmsnorm23":
+        inits.append(_init("g", g.astype(np.float32)))
+        nodes.append(helper.make_node("RMSNormalization", ["x", "g"], ["y"], axis=-1, epsilon=EPS))
+    elif form == "sln":
+        inits.append(_init("g", g.astype(np.float32)))
+        nodes.append(helper.make_node("SimplifiedLayerNormalization", ["x", "g"], ["y"], axis=-1, epsilon=EPS))
+    elif form == "skip_sln":
+        ms_opset = True
+        inputs.append(helper.make_tensor_value_info("skip", xdt, x_shape))
+        inits.append(_init("g", g.astype(np.float32)))
+        nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "g"], ["y", "", "", "resid"],
+                                      domain="com.microsoft", epsilon=EPS))
+        outputs.append(helper.make_tensor_value_info("resid", xdt, None))
+    else:
+        raise ValueError(form)
+
+    y = "y"
+    for i, kind in enumerate(consumers):
+        n_out = 8 + 4 * i
+        w = (rng.standard_normal((k, n_out)) / np.sqrt(k)).astype(npdt)
+        out = f"out{i}"
+        if kind == "matmul":
+            inits.append(_init(f"w{i}", w))
+            nodes.append(helper.make_node("MatMul", [y, f"w{i}"], [out]))
+        elif kind == "matmul_t":
+            inits.append(_init(f"w{i}", np.ascontiguousarray(w.T)))
+            nodes += [helper.make_node("Transpose", [f"w{i}"], [f"w{i}_t"], perm=[1, 0]),
+                      helper.make_node("MatMul", [y, f"w{i}_t"], [out])]
+        elif kind == "gemm":
+            inits += [_init(f"w{i}", w), _init(f"c{i}", rng.standard_normal(n_out).astype(npdt))]
+            nodes.append(helper.make_node("Gemm", [y, f"w{i}", f"c{i}"], [out], alpha=0.5, beta=2.0))
+        elif kind == "gemm_tb":
+            inits.append(_init(f"w{i}", np.ascontiguousarray(w.T)))
+            nodes.append(helper.make_node("Gemm", [y, f"w{i}"], [out], transB=1))
+        elif kind == "cast_matmul":
+            inits.append(_init(f"w{i}", w.astype(np.float16)))
+            nodes += [helper.make_node("Cast", [y], [f"y16_{i}"], to=TensorProto.FLOAT16),
+                      helper.make_node("MatMul", [f"y16_{i}", f"w{i}"], [out])]
+        elif kind == "matmul_castw":
+            inits.append(_init(f"w{i}", w.astype(np.float16)))
+            nodes += [helper.make_node("Cast", [f"w{i}"], [f"w{i}_f"], to=xdt),
+                      helper.make_node("MatMul", [y, f"w{i}_f"], [out])]
+        elif kind == "tied":
+            vocab = 10
+            inits.append(_init("emb", (rng.standard_normal((vocab, k))).astype(npdt)))
+            inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]))
+            nodes += [helper.make_node("Gather", ["emb", "ids"], ["embedded"]),
+                      helper.make_node("Transpose", ["emb"], ["emb_t"], perm=[1, 0]),
+                      helper.make_node("MatMul", [y, "emb_t"], [out])]
+            outputs.append(helper.make_tensor_value_info("embedded", xdt, None))
+        elif kind == "shared":
+            inits.append(_init("w_shared", w))
+            nodes += [helper.make_node("MatMul", [y, "w_shared"], [out]),
+                      helper.make_node("MatMul", [y, "w_shared"], [out + "b"])]
+            outputs.append(helper.make_tensor_value_info(out + "b", xdt, None))
+        else:
+            raise ValueError(kind)
+        outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT16 if kind == "cast_matmul" else xdt, None))
+    if "residual" in extra:
+        nodes.append(helper.make_node("Add", [y, "x"], ["resid_out"]))
+        outputs.append(helper.make_tensor_value_info("resid_out", xdt, None))
+    if "graph_output" in extra:
+        outputs.append(helper.make_tensor_value_info(y, xdt, None))
+    if "shape" in extra:
+        nodes.append(helper.make_node("Shape", [y], ["y_shape"]))
+        outputs.append(helper.make_tensor_value_info("y_shape", TensorProto.INT64, None))
+    if "weight_input" in extra:
+        w0 = next(i for i in inits if i.name == "w0")
+        inputs.append(helper.make_tensor_value_info("w0", w0.data_type, list(w0.dims)))
+    graph = helper.make_graph(nodes, f"norm_{form}", inputs, outputs, inits)
+    opsets = [helper.make_opsetid("", opset)]
+    if ms_opset:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=10, producer_name="flashnorm-tests")
+    return model
+
+
+def feeds_for(model: onnx.ModelProto, seed: int = 1, batch: int = 2, seq: int = 5) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    init_names = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in init_names:
+            continue
+        t = vi.type.tensor_type
+        shape = [d.dim_value if d.dim_value else (batch if d.dim_param == "batch" else seq) for d in t.shape.dim]
+        if t.elem_type == TensorProto.INT64:
+            feeds[vi.name] = rng.integers(0, 10, size=shape).astype(np.int64)
+        else:
+            dtype = np.float16 if t.elem_type == TensorProto.FLOAT16 else np.float32
+            feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def run(model_or_path, feeds) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
