@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from flashnorm_onnx import model_io
+from flashnorm_onnx.checker import check_model
 from flashnorm_onnx.errors import VerificationFailed
 from flashnorm_onnx.inputs import vocab_sizes
 from flashnorm_onnx.passes import FlashNormFoldPass
@@ -97,6 +98,16 @@ def optimize(
             from flashnorm_onnx.verify import compare_models
 
             report.verification = compare_models(info.path, staged.model_path, dims=dims, vocab=vocab, rtol=rtol)
+        problem = check_model(staged.model_path)
+        if problem is not None:
+            if check_model(info.path) is None:
+                report.verification = VerificationResult(
+                    method="onnx.checker", passed=False, message=f"the output fails onnx.checker: {problem}"
+                )
+            else:
+                report.notes.append(f"onnx.checker rejects the input model too ({problem}); not a new problem")
+        else:
+            report.notes.append("onnx.checker: output passes")
         if report.verification is not None and not report.verification.passed:
             report.notes.append("verification failed: no output written")
             _write_report(report, report_path)
