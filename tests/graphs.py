@@ -14,6 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 K = 16
 EPS = 1e-6
 
+LN_FORMS = ["layernorm", "layernorm_nobias", "ln_chain", "skip_ln"]
 RMS_FORMS = ["dynamo", "legacy", "legacy17", "fp16_chain", "mulxx_div", "pow_neg_half", "rmsnorm23", "sln", "skip_sln"]
 
 
@@ -97,6 +98,33 @@ def build(
         nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "g"], ["y", "", "", "resid"],
                                       domain="com.microsoft", epsilon=EPS))
         outputs.append(helper.make_tensor_value_info("resid", xdt, None))
+    elif form in ("layernorm", "layernorm_nobias"):
+        opset = max(opset, 17)
+        beta = rng.standard_normal(k).astype(np.float32) * 0.5
+        inits += [_init("g", g.astype(np.float32)), _init("beta", beta)]
+        ins = ["x", "g"] + (["beta"] if form == "layernorm" else [])
+        nodes.append(helper.make_node("LayerNormalization", ins, ["y"], axis=-1, epsilon=EPS))
+    elif form == "ln_chain":
+        beta = rng.standard_normal(k).astype(np.float32) * 0.5
+        inits += [_init("g", g.astype(np.float32)), _init("beta", beta), _init("eps", np.array(EPS, np.float32)),
+                  _init("two", np.array(2.0, np.float32)), _init("axes", np.array([-1], np.int64))]
+        nodes += [helper.make_node("ReduceMean", ["x", "axes"], ["mu"], keepdims=1),
+                  helper.make_node("Sub", ["x", "mu"], ["d"]),
+                  helper.make_node("Pow", ["d", "two"], ["sq"]),
+                  helper.make_node("ReduceMean", ["sq", "axes"], ["var"], keepdims=1),
+                  helper.make_node("Add", ["var", "eps"], ["vare"]),
+                  helper.make_node("Sqrt", ["vare"], ["std"]),
+                  helper.make_node("Div", ["d", "std"], ["n"]),
+                  helper.make_node("Mul", ["n", "g"], ["gn"]),
+                  helper.make_node("Add", ["gn", "beta"], ["y"])]
+    elif form == "skip_ln":
+        ms_opset = True
+        beta = rng.standard_normal(k).astype(np.float32) * 0.5
+        inputs.append(helper.make_tensor_value_info("skip", xdt, x_shape))
+        inits += [_init("g", g.astype(np.float32)), _init("beta", beta)]
+        nodes.append(helper.make_node("SkipLayerNormalization", ["x", "skip", "g", "beta"], ["y", "", "", "resid"],
+                                      domain="com.microsoft", epsilon=EPS))
+        outputs.append(helper.make_tensor_value_info("resid", xdt, None))
     else:
         raise ValueError(form)
 
@@ -112,6 +140,10 @@ def build(
             inits.append(_init(f"w{i}", np.ascontiguousarray(w.T)))
             nodes += [helper.make_node("Transpose", [f"w{i}"], [f"w{i}_t"], perm=[1, 0]),
                       helper.make_node("MatMul", [y, f"w{i}_t"], [out])]
+        elif kind == "matmul_bias":
+            inits += [_init(f"w{i}", w), _init(f"c{i}", rng.standard_normal(n_out).astype(npdt))]
+            nodes += [helper.make_node("MatMul", [y, f"w{i}"], [f"mm{i}"]),
+                      helper.make_node("Add", [f"mm{i}", f"c{i}"], [out])]
         elif kind == "gemm":
             inits += [_init(f"w{i}", w), _init(f"c{i}", rng.standard_normal(n_out).astype(npdt))]
             nodes.append(helper.make_node("Gemm", [y, f"w{i}", f"c{i}"], [out], alpha=0.5, beta=2.0))
