@@ -45,6 +45,7 @@ def optimize(
     untie: bool = True,
     keep_structure: bool = False,
     verify: bool = True,
+    verify_mode: str = "auto",
     dims: dict[str, int] | None = None,
     rtol: float | None = None,
     report_path: str | os.PathLike | None = None,
@@ -53,6 +54,9 @@ def optimize(
     progress: Callable[[str, int, int], None] | None = None,
 ) -> FoldReport:
     """Fold every foldable normalization of ``model`` and write the result to ``output``.
+
+    ``verify_mode``: "auto" (ONNX Runtime comparison when both models fit comfortably in
+    memory, else the algebraic check of every folded tensor), "onnxruntime" or "algebraic".
 
     Returns the report. Raises :class:`~flashnorm_onnx.errors.FlashNormError` subclasses for
     bad input, unwritable output and failed verification (nothing is written then).
@@ -74,6 +78,8 @@ def optimize(
     report = result.report
     report.model = str(info.path)
     if not result.modified and not force_write:
+        if not report.decisions:
+            report.notes.append("no normalization found in the model")
         report.notes.append("nothing to fold: no output written (use --force-write to write it anyway)")
         report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
         _write_report(report, report_path)
@@ -88,12 +94,15 @@ def optimize(
             report.verification = VerificationResult(method="skipped", passed=True, message="--no-verify")
         elif not result.modified:
             report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
-        elif not _fits_in_memory(info):
-            report.verification = VerificationResult(
-                method="skipped",
-                passed=True,
-                message="the model is too large to run twice in memory; no ONNX Runtime comparison ran",
-            )
+        elif verify_mode == "algebraic" or (verify_mode == "auto" and not _fits_in_memory(info)):
+            from flashnorm_onnx.verify_algebraic import check_folds
+
+            report.verification = check_folds(result.folds)
+            if verify_mode == "auto":
+                report.verification.message = (
+                    "the model is too large to run twice in memory: checked each folded tensor's algebra "
+                    "instead of an ONNX Runtime comparison"
+                ) + (f"; {report.verification.message}" if report.verification.message else "")
         else:
             from flashnorm_onnx.verify import compare_models
 
@@ -115,6 +124,9 @@ def optimize(
                 f"verification failed: {report.verification.message}; no output written", report=report
             )
         written = staged.commit()
+    except BaseException:
+        staged.abandon()
+        raise
     finally:
         staged.discard()
     report.output = str(target)
@@ -128,7 +140,7 @@ def _fits_in_memory(info: model_io.InputInfo) -> bool:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return True
-    return 2 * info.tensor_bytes < VERIFY_MEMORY_FRACTION * total * 2
+    return 2 * info.tensor_bytes < VERIFY_MEMORY_FRACTION * total
 
 
 def _write_report(report: FoldReport, path: str | os.PathLike | None) -> None:

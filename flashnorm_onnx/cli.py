@@ -75,7 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("model", help="input .onnx file (or a folder with one model.onnx)")
     opt.add_argument("-o", "--output", help="output .onnx path (default: MODEL.flashnorm.onnx beside the input)")
     _add_fold_options(opt)
-    opt.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    opt.add_argument("--no-verify", action="store_true", help="skip verification")
+    opt.add_argument(
+        "--verify",
+        choices=["auto", "onnxruntime", "algebraic"],
+        default="auto",
+        help="how to verify: run both models in ONNX Runtime and compare outputs, or check every "
+        "folded tensor's algebra on random vectors (bounded memory). auto (default): ONNX Runtime "
+        "when both models fit comfortably in memory, else algebraic",
+    )
     opt.add_argument(
         "--dim",
         action="append",
@@ -144,6 +152,7 @@ def _cmd_optimize(args) -> int:
             untie=not args.no_untie,
             keep_structure=args.keep_structure,
             verify=not args.no_verify,
+            verify_mode=args.verify,
             dims=_dims(args.dim),
             rtol=args.rtol,
             report_path=args.report,

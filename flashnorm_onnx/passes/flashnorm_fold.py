@@ -48,8 +48,20 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
+class FoldRecord:
+    """One weight the fold produced: enough to re-check its algebra later."""
+
+    name: str
+    original: ir.TensorProtocol
+    folded: ir.TensorProtocol
+    g: np.ndarray
+    k_axis: int
+
+
+@dataclasses.dataclass
 class FlashNormPassResult(ir.passes.PassResult):
     report: FoldReport = dataclasses.field(default_factory=FoldReport)
+    folds: list[FoldRecord] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -89,6 +101,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         opset = opset_version(model)
         pool = ConstantPool(graph, set())
         report = FoldReport()
+        self._folds: list[FoldRecord] = []
         norms = find_norms(graph)
         for index, match in enumerate(norms):
             decision = self._decide_and_fold(index, match, graph, pool, opset)
@@ -100,7 +113,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
             _ensure_opset(model)
-        return FlashNormPassResult(model, modified=modified, report=report)
+        return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds)
 
     # -- one norm ------------------------------------------------------------------------------
 
@@ -144,11 +157,14 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             decision.reason = refusal
             return decision
         for write in writes:
+            tensor = const_tensor(write.source)
             try:
-                fold_math.check_fold(const_tensor(write.source).numpy(), g, write.k_axis)
+                fold_math.check_fold(tensor.numpy(), g, write.k_axis)
             except fold_math.FoldRefused as e:
                 decision.reason = f"folding into '{write.source.name}' is not representable: {e}"
                 return decision
+            finally:
+                _release(tensor)
 
         # Decided: write.
         done_in_place: set[int] = set()
@@ -233,6 +249,8 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         source = write.source
         original = const_tensor(source)
         folded = _lazy_fold(original, g, write.k_axis, name=source.name)
+        if not (write.in_place and id(source) in done):
+            self._folds.append(FoldRecord(source.name or "", original, folded, np.array(g), write.k_axis))
         record = ConsumerRecord(
             op=write.use.node.op_type,
             node=write.use.node.name or "",
@@ -358,9 +376,22 @@ def _lazy_fold(original: ir.TensorProtocol, g: np.ndarray, k_axis: int, name: st
     g = np.array(g, copy=True)
 
     def compute() -> ir.Tensor:
-        return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis), name=name)
+        try:
+            return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis), name=name)
+        finally:
+            _release(original)
 
     return ir.LazyTensor(compute, dtype=original.dtype, shape=ir.Shape(original.shape.numpy()), name=name)
+
+
+def _release(tensor: ir.TensorProtocol) -> None:
+    """Unmap a memory-mapped external tensor (its pages leave the resident set)."""
+    release = getattr(tensor, "release", None)
+    if callable(release) and isinstance(tensor, ir.ExternalTensor):
+        try:
+            release()
+        except BufferError:  # an array still views the mapping: it is unmapped later
+            pass
 
 
 def _nbytes(tensor: ir.TensorProtocol) -> int:

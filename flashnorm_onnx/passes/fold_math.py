@@ -47,39 +47,70 @@ def _channel_shape(ndim: int, k_axis: int, size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def check_fold(weight: np.ndarray, g: np.ndarray, k_axis: int) -> None:
-    """Raise FoldRefused if g*weight overflows the weight's dtype (without materialising it)."""
-    g = np.asarray(g, dtype=np.float64).reshape(-1)
-    work = compute_dtype(weight.dtype)
+#: Elements processed at a time: memory stays at the output tensor plus one block.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_blocks(weight: np.ndarray):
+    rows = max(1, CHUNK_ELEMENTS // max(1, int(np.prod(weight.shape[1:]))))
+    for start in range(0, weight.shape[0], rows):
+        yield slice(start, min(start + rows, weight.shape[0]))
+
+
+def _check_shapes(weight: np.ndarray, g: np.ndarray, k_axis: int) -> None:
     if weight.ndim != 2:
         raise FoldRefused(f"weight has rank {weight.ndim}")
-    other = 1 - k_axis
     if g.size not in (1, weight.shape[k_axis]):
         raise FoldRefused(
             f"the norm has {g.size} channels but the weight's input dimension is {weight.shape[k_axis]}"
         )
-    row_max = np.max(np.abs(weight.astype(work)), axis=other) if weight.size else np.zeros(0)
-    if not np.all(np.isfinite(row_max)):
-        return  # the weight already holds inf/nan; the fold keeps them where they are
-    product = np.abs(g) * row_max.astype(np.float64)
+
+
+def check_fold(weight: np.ndarray, g: np.ndarray, k_axis: int) -> None:
+    """Raise FoldRefused if g*weight overflows the weight's dtype (block by block)."""
+    g = np.asarray(g, dtype=np.float64).reshape(-1)
+    _check_shapes(weight, g, k_axis)
+    work = compute_dtype(weight.dtype)
     limit = _finfo_max(weight.dtype)
-    if product.size and float(product.max()) > limit:
+    g_abs = np.abs(g)
+    worst = 0.0
+    col_max = None
+    for rows in _row_blocks(weight):
+        block = np.abs(weight[rows].astype(work))
+        if k_axis == 0:  # g indexes rows: max over each row, times its g
+            row_max = block.max(axis=1).astype(np.float64) if block.size else np.zeros(0)
+            gr = g_abs if g.size == 1 else g_abs[rows]
+            worst = max(worst, float(np.max(row_max * gr)) if row_max.size else 0.0)
+        else:
+            m = block.max(axis=0) if block.size else None
+            if m is not None:
+                col_max = m if col_max is None else np.maximum(col_max, m)
+    if col_max is not None:
+        worst = max(worst, float(np.max(col_max.astype(np.float64) * g_abs)))
+    if not np.isfinite(worst):
+        return  # the weight already holds inf/nan; the fold keeps them where they are
+    if worst > limit:
         raise FoldRefused(
-            f"g*w reaches {float(product.max()):.4g}, beyond the {np.dtype(weight.dtype).name} "
-            f"maximum {limit:.4g}"
+            f"g*w reaches {worst:.4g}, beyond the {np.dtype(weight.dtype).name} maximum {limit:.4g}"
         )
 
 
 def fold_scale(weight: np.ndarray, g: np.ndarray, k_axis: int) -> np.ndarray:
-    """Return weight scaled by g along k_axis, in weight's dtype."""
+    """Return weight scaled by g along k_axis, in weight's dtype (computed block by block)."""
     check_fold(weight, g, k_axis)
     work = compute_dtype(weight.dtype)
     g = np.asarray(g).astype(work).reshape(-1)
-    if g.size == 1:
-        scaled = weight.astype(work) * g[0]
-    else:
-        scaled = weight.astype(work) * g.reshape(_channel_shape(weight.ndim, k_axis, g.size))
-    return scaled.astype(weight.dtype)
+    out = np.empty(weight.shape, dtype=weight.dtype)
+    for rows in _row_blocks(weight):
+        block = weight[rows].astype(work)
+        if g.size == 1:
+            block *= g[0]
+        elif k_axis == 0:
+            block *= g[rows, None]
+        else:
+            block *= g[None, :]
+        out[rows] = block.astype(weight.dtype)
+    return out
 
 
 def bias_delta(weight: np.ndarray, beta: np.ndarray, k_axis: int, k: int | None = None) -> np.ndarray:
