@@ -141,8 +141,14 @@ def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = Fa
     if out.exists() and out.is_dir() or str(output).endswith(os.sep):
         out = out / info.path.name
     parent = out.parent
-    if parent.exists() and not parent.is_dir():
-        raise OutputPathError(f"{parent}: output folder is not a folder")
+    # The nearest existing ancestor must be a folder: missing folders are created later.
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputPathError(f"{existing}: the output folder is not a folder (it is a file)")
+    if out.exists() and out.is_dir():
+        raise OutputPathError(f"{out}: the output path is a folder")
     resolved = out.resolve() if out.exists() else parent.resolve() / out.name
     data = resolved.with_name(resolved.name + ".data")
     same_model = resolved == info.path.resolve()
@@ -169,15 +175,22 @@ def write_atomic(
 ) -> "StagedOutput":
     """Write the model into a staging folder next to ``output``; call ``commit()`` to publish."""
     parent = output.parent
+    created: list[Path] = []  # folders this write creates, deepest first (removed on failure)
+    missing = parent
+    while not missing.exists() and missing != missing.parent:
+        created.append(missing)
+        missing = missing.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
+        _remove_empty(created)
         raise OutputPathError(f"{parent}: cannot create the output folder ({_short(e)})") from e
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
     except OSError as e:
+        _remove_empty(created)
         raise OutputPathError(f"{parent}: cannot write there ({_short(e)})") from e
-    staged = StagedOutput(staging=staging, output=output, external=external)
+    staged = StagedOutput(staging=staging, output=output, external=external, created=created)
     try:
         path = staging / output.name
         if external:
@@ -189,7 +202,7 @@ def write_atomic(
         else:
             ir.save(model, str(path))
     except BaseException as e:
-        staged.discard()
+        staged.abandon()
         if isinstance(e, OSError):
             raise OutputPathError(f"{output}: writing the output failed ({_short(e)}); nothing was written") from e
         if isinstance(e, ValueError) and "2GB" in str(e).replace(" ", ""):
@@ -203,6 +216,7 @@ class StagedOutput:
     staging: Path
     output: Path
     external: bool
+    created: list[Path] = dataclasses.field(default_factory=list)
 
     @property
     def data_name(self) -> str:
@@ -229,6 +243,19 @@ class StagedOutput:
 
     def discard(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
+
+    def abandon(self) -> None:
+        """Nothing is published: remove the staging folder and the folders created for it."""
+        self.discard()
+        _remove_empty(self.created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _all_tensors(proto: onnx.ModelProto):

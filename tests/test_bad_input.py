@@ -1,0 +1,309 @@
+"""Bad input and faults, through the CLI in a subprocess.
+
+Every case: a documented non-zero exit code, one line on stderr naming the problem, no
+traceback, no output file (nor any staging leftovers), the input's files byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+BAD_INPUT, BAD_OUTPUT = 3, 4
+
+
+# -- models --------------------------------------------------------------------------------------
+
+
+def rms_model(k: int = 16, n: int = 8, seed: int = 0, scale: np.ndarray | None = None) -> onnx.ModelProto:
+    """Decomposed RMSNorm (Pow->ReduceMean->Add->Sqrt->Reciprocal->Mul->Mul(g)) feeding two MatMuls."""
+    rng = np.random.default_rng(seed)
+    g = rng.uniform(0.5, 1.5, size=k).astype(np.float32) if scale is None else scale.astype(np.float32)
+    inits = [
+        numpy_helper.from_array(g, "g"),
+        numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+        numpy_helper.from_array(np.array(1e-6, np.float32), "eps"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), "wq"),
+        numpy_helper.from_array((rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32), "wk"),
+    ]
+    nodes = [
+        helper.make_node("Pow", ["x", "two"], ["sq"]),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
+        helper.make_node("Add", ["ms", "eps"], ["mse"]),
+        helper.make_node("Sqrt", ["mse"], ["rms"]),
+        helper.make_node("Reciprocal", ["rms"], ["inv"]),
+        helper.make_node("Mul", ["x", "inv"], ["nrm"]),
+        helper.make_node("Mul", ["nrm", "g"], ["y"]),
+        helper.make_node("MatMul", ["y", "wq"], ["q"]),
+        helper.make_node("MatMul", ["y", "wk"], ["kk"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "rms", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k])],
+        [helper.make_tensor_value_info("q", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("kk", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def plain_model() -> onnx.ModelProto:
+    """No normalization at all: x @ W."""
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "plain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=64)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under folder (hidden staging folders included) and its hash."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            out[str(p.relative_to(folder)) + "/"] = "dir"
+    return out
+
+
+def cli(*args, preexec_fn=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "flashnorm_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True, preexec_fn=preexec_fn, env=env, timeout=120)
+
+
+def assert_clean_error(proc: subprocess.CompletedProcess, code: int, *words: str) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(err.splitlines()) == 1, proc.stderr
+    assert err.startswith("flashnorm-onnx: error:"), err
+    for w in words:
+        assert w.lower() in err.lower(), (w, err)
+    return err
+
+
+def refused(tmp_path: Path, src: Path, code: int, *words: str, extra=(), command: str = "optimize") -> str:
+    """Run optimize (and inspect) on src; assert a clean error and that nothing changed on disk."""
+    before = snapshot(tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    args = [command, src, *(["-o", out] if command == "optimize" else []), *extra]
+    err = assert_clean_error(cli(*args), code, *words)
+    assert snapshot(tmp_path) == before
+    return err
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    refused(tmp_path, tmp_path / "nope.onnx", BAD_INPUT, "nope.onnx", "no such file")
+    refused(tmp_path, tmp_path / "nope.onnx", BAD_INPUT, "no such file", command="inspect")
+
+
+def test_empty_file(tmp_path):
+    src = tmp_path / "empty.onnx"
+    src.touch()
+    refused(tmp_path, src, BAD_INPUT, "empty")
+
+
+@pytest.mark.parametrize("content", [b"hello, this is not a model\n" * 10, bytes(range(256)) * 8,
+                                     b"\x08\x07" + b"\xff" * 100])
+def test_not_onnx(tmp_path, content):
+    src = tmp_path / "junk.onnx"
+    src.write_bytes(content)
+    refused(tmp_path, src, BAD_INPUT, "not a valid ONNX model")
+
+
+def test_folder_is_not_a_model(tmp_path):
+    (tmp_path / "d").mkdir()
+    refused(tmp_path, tmp_path / "d", BAD_INPUT, "no .onnx model")
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9, 0.99])
+def test_truncated_file(tmp_path, fraction):
+    full = rms_model().SerializeToString()
+    src = tmp_path / "cut.onnx"
+    src.write_bytes(full[: int(len(full) * fraction)])
+    refused(tmp_path, src, BAD_INPUT, "cut.onnx")
+
+
+def test_external_data_missing(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    (src.parent / "model.onnx.data").unlink()
+    refused(tmp_path, src, BAD_INPUT, "model.onnx.data", "missing")
+
+
+def test_external_data_shorter_than_declared(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    data = src.parent / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-17])
+    refused(tmp_path, src, BAD_INPUT, "shorter than declared")
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/etc/passwd", "sub/../../outside.data"])
+def test_external_data_outside_the_folder(tmp_path, location):
+    model = rms_model()
+    src = save(model, tmp_path / "m" / "model.onnx", external=True)
+    (tmp_path / "outside.data").write_bytes((src.parent / "model.onnx.data").read_bytes())
+    proto = onnx.load(str(src), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    src.write_bytes(proto.SerializeToString())
+    refused(tmp_path, src, BAD_INPUT, "outside the model's folder")
+    refused(tmp_path, src, BAD_INPUT, "outside the model's folder", command="inspect")
+
+
+def test_symlinked_data_outside_the_folder(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    data = src.parent / "model.onnx.data"
+    data.rename(tmp_path / "elsewhere.data")
+    data.symlink_to(tmp_path / "elsewhere.data")
+    refused(tmp_path, src, BAD_INPUT, "outside the model's folder")
+
+
+def test_over_protobuf_limit_without_external_data(tmp_path):
+    src = tmp_path / "huge.onnx"
+    with open(src, "wb") as f:
+        f.truncate(2**31 + 4096)  # sparse: no disk used
+    refused(tmp_path, src, BAD_INPUT, "2 GB protobuf limit", "external data")
+
+
+# -- bad output ----------------------------------------------------------------------------------
+
+
+def test_output_equal_to_input(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx")
+    before = snapshot(tmp_path)
+    err = assert_clean_error(cli("optimize", src, "-o", src), BAD_OUTPUT, "overwrite the input model", "--in-place")
+    assert snapshot(tmp_path) == before
+    # the same file by another spelling
+    other = src.parent / "." / ".." / "m" / "model.onnx"
+    assert_clean_error(cli("optimize", src, "-o", other), BAD_OUTPUT, "overwrite the input model")
+    assert snapshot(tmp_path) == before
+    assert err
+
+
+def test_output_equal_to_input_data_file(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    before = snapshot(tmp_path)
+    data = src.parent / "model.onnx.data"
+    assert_clean_error(cli("optimize", src, "-o", data), BAD_OUTPUT, "external data")
+    assert snapshot(tmp_path) == before
+    # an output whose own data file (NAME.data) would be the input's data file
+    (src.parent / "other.onnx.data").write_bytes(data.read_bytes())
+    proto = onnx.load(str(src), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "other.onnx.data"
+    src.write_bytes(proto.SerializeToString())
+    before = snapshot(tmp_path)
+    assert_clean_error(cli("optimize", src, "-o", src.parent / "other.onnx"), BAD_OUTPUT, "external data")
+    assert snapshot(tmp_path) == before
+
+
+def test_in_place_writes_atomically(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    old = onnx.load(str(src))
+    proc = cli("optimize", src, "--in-place")
+    assert proc.returncode == 0, proc.stderr
+    assert "PASSED" in proc.stdout
+    new = onnx.load(str(src))
+    assert "already weightless" in cli("inspect", src).stdout
+    assert old.SerializeToString() != new.SerializeToString()
+    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # -o with another path and --in-place together is refused
+    before = snapshot(tmp_path)
+    assert_clean_error(cli("optimize", src, "-o", tmp_path / "x.onnx", "--in-place"), BAD_OUTPUT, "--in-place")
+    assert snapshot(tmp_path) == before
+
+
+def test_output_folder_missing_is_created(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    before = snapshot(src.parent)
+    out = tmp_path / "a" / "b" / "c" / "out.onnx"
+    proc = cli("optimize", src, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and (out.parent / "out.onnx.data").is_file()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert snapshot(src.parent) == before
+
+
+def test_output_folder_is_a_file(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx")
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    assert_clean_error(cli("optimize", src, "-o", tmp_path / "afile" / "out.onnx"), BAD_OUTPUT, "not a folder")
+    assert_clean_error(cli("optimize", src, "-o", tmp_path / "afile" / "deeper" / "out.onnx"), BAD_OUTPUT,
+                       "not a folder")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_disk_full_during_write(tmp_path, external):
+    """RLIMIT_FSIZE makes the write fail with EFBIG mid-file (Python ignores SIGXFSZ)."""
+    src = save(rms_model(k=256, n=512), tmp_path / "m" / "model.onnx", external=external)
+    limit = 256 * 1024  # the output is ~1 MB; the input is only read
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = snapshot(tmp_path)
+    err = assert_clean_error(cli("optimize", src, "-o", tmp_path / "out" / "o.onnx", preexec_fn=cap), BAD_OUTPUT,
+                             "writing the output failed", "nothing was written")
+    assert snapshot(tmp_path) == before, err  # no partial file, no staging folder, no new folder
+
+
+# -- --debug, nothing to fold ----------------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    src = tmp_path / "junk.onnx"
+    src.write_bytes(b"garbage" * 10)
+    proc = cli("--debug", "optimize", src)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "InputModelError" in proc.stderr
+
+
+@pytest.mark.parametrize("builder", ["plain", "weightless"])
+def test_nothing_to_fold(tmp_path, builder):
+    model = plain_model() if builder == "plain" else rms_model(scale=np.ones(16))
+    src = save(model, tmp_path / "m" / "model.onnx")
+    out = tmp_path / "out" / "o.onnx"
+    before, inputs = snapshot(tmp_path), snapshot(src.parent)
+    proc = cli("optimize", src, "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to fold" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    if builder == "plain":
+        assert "no normalization" in proc.stdout
+    assert snapshot(tmp_path) == before
+    forced = cli("optimize", src, "-o", out, "--force-write")
+    assert forced.returncode == 0, forced.stderr
+    assert out.is_file()
+    assert snapshot(src.parent) == inputs
