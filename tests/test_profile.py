@@ -1,0 +1,197 @@
+"""``flashnorm-onnx profile`` on a tiny Llama (CPU, few runs). No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashnorm_onnx.cli import main
+from flashnorm_onnx.profiling import GROUPS, bootstrap_ratio, norm_chain_nodes, parse_shape
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def _tiny_llama_dynamo(path: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # trained-like scales: something to fold
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, 256, (1, 8))
+    batch, seq = torch.export.Dim("batch", max=8), torch.export.Dim("sequence", max=256)
+    program = torch.onnx.export(
+        Wrapper(model), (ids, torch.ones_like(ids)), dynamo=True,
+        input_names=["input_ids", "attention_mask"], output_names=["logits"],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+    )
+    program.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("profile")
+    source = None
+    try:
+        from models import fixtures  # built by the fixtures module when present
+
+        source = Path(fixtures.build("llama_dynamo"))
+    except Exception:
+        source = _tiny_llama_dynamo(tmp / "tiny.onnx")
+    folded = tmp / "tiny.flashnorm.onnx"
+    assert main(["optimize", str(source), "-o", str(folded), "-q", "--force-write"]) == 0
+    return source, folded
+
+
+@pytest.fixture(scope="module")
+def report(pair, tmp_path_factory):
+    source, folded = pair
+    out = tmp_path_factory.mktemp("profile-out")
+    rc = main(["profile", str(folded), "--baseline", str(source), "--shape", "prefill=1x16",
+               "--shape", "decode=1x1,past=32", "--runs", "6", "--warmup", "1", "--ops", "--ops-runs", "3",
+               "--json", str(out / "p.json"), "--plot", str(out / "p.png"), "--no-progress"])
+    assert rc == 0
+    return json.loads((out / "p.json").read_text()), out
+
+
+def test_json_has_all_fields(report):
+    data, _ = report
+    for key in ("tool", "version", "models", "settings", "machine", "results", "skipped", "ops", "notes"):
+        assert key in data
+    assert data["machine"]["onnxruntime"]
+    assert "CPUExecutionProvider" in data["machine"]["session_providers"]
+    assert data["results"], "no shape was measured"
+    for r in data["results"]:
+        for key in ("shape", "batch", "sequence", "past", "tokens", "provider", "A", "B", "ratio"):
+            assert key in r
+        for label in ("A", "B"):
+            s = r[label]
+            for key in ("median_ms", "p90_ms", "p99_ms", "mean_ms", "tokens_per_s", "runs", "samples_ms"):
+                assert key in s
+            assert s["runs"] == 6 and len(s["samples_ms"]) == 6
+            assert all(v > 0 and math.isfinite(v) for v in s["samples_ms"])
+            assert s["median_ms"] <= s["p90_ms"] <= s["p99_ms"]
+        ratio = r["ratio"]
+        lo, hi = ratio["ci95"]
+        assert math.isfinite(ratio["median"]) and ratio["median"] > 0
+        assert 0 < lo <= hi and math.isfinite(hi)
+        assert ratio["verdict"] in ("no significant difference", "B faster", "B slower")
+
+
+def test_decode_without_cache_is_skipped_with_reason(report):
+    data, _ = report
+    shapes = {r["shape"] for r in data["results"]}
+    skipped = {s["shape"]: s["reason"] for s in data["skipped"]}
+    assert "prefill" in shapes
+    # the tiny dynamo export has no KV cache: decode is skipped, and says why
+    if "decode" not in shapes:
+        assert "KV-cache" in skipped["decode"]
+
+
+def test_plot_is_a_valid_png(report):
+    _, out = report
+    data = (out / "p.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width > 100 and height > 100
+
+
+def test_op_groups_add_up(report):
+    data, _ = report
+    assert data["ops"]
+    for entry in data["ops"]:
+        for label in ("A", "B"):
+            prof = entry[label]
+            groups = prof["by_group_ms"]
+            assert set(groups) == set(GROUPS)
+            assert sum(groups.values()) == pytest.approx(prof["kernel_total_ms"], rel=1e-6)
+            assert sum(prof["by_op_ms"].values()) == pytest.approx(prof["kernel_total_ms"], rel=1e-6)
+            assert prof["kernel_total_ms"] > 0
+            # kernels run inside model_run: their sum cannot exceed the whole run by much
+            assert prof["kernel_total_ms"] <= prof["run_total_ms"] * 1.05
+            assert prof["kernel_total_ms"] >= 0.2 * prof["run_total_ms"]
+        # the dynamo baseline runs its RMSNorm chains as separate kernels
+        assert entry["A"]["by_group_ms"]["normalization"] > 0
+
+
+def test_cuda_on_cpu_machine_is_a_clear_error(pair, capsys):
+    import onnxruntime as ort
+
+    source, folded = pair
+    probe = ort.InferenceSession(str(source), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" in probe.get_providers():
+        pytest.skip("a working CUDA provider is present")
+    rc = main(["profile", str(folded), "--baseline", str(source), "--provider", "cuda", "--runs", "2",
+               "--warmup", "0", "--no-progress", "--shape", "p=1x4"])
+    err = capsys.readouterr().err
+    assert rc == 7
+    assert "CUDA" in err and "--fallback-cpu" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_fallback_cpu_measures_and_says_so(pair, tmp_path):
+    import onnxruntime as ort
+
+    source, folded = pair
+    probe = ort.InferenceSession(str(source), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    if "CUDAExecutionProvider" in probe.get_providers():
+        pytest.skip("a working CUDA provider is present")
+    rc = main(["profile", str(folded), "--baseline", str(source), "--provider", "cuda", "--fallback-cpu",
+               "--runs", "2", "--warmup", "0", "--no-progress", "--shape", "p=1x4", "--json", str(tmp_path / "j.json")])
+    assert rc == 0
+    data = json.loads((tmp_path / "j.json").read_text())
+    assert data["results"][0]["provider"] == "cpu"
+    assert any("fallback-cpu" in n for n in data["notes"])
+
+
+@pytest.mark.parametrize("bad", ["prefill", "prefill=512", "x=1x0", "d=1x1,cache=3"])
+def test_bad_shape_is_a_usage_error(pair, bad, capsys):
+    source, folded = pair
+    assert main(["profile", str(folded), "--baseline", str(source), "--shape", bad, "--no-progress"]) == 2
+
+
+def test_parse_shape():
+    case = parse_shape("decode=1x1,past=1024")
+    assert (case.name, case.batch, case.sequence, case.past) == ("decode", 1, 1, 1024)
+    assert parse_shape("prefill=2x512").sequence == 512
+
+
+def test_bootstrap_interval():
+    rng = np.random.default_rng(1)
+    a = 1.0 + 0.01 * rng.standard_normal(200)
+    same = bootstrap_ratio(a, a * (1 + 0.0 * a))
+    assert same["ci95"][0] <= 1.0 <= same["ci95"][1]
+    assert same["verdict"] == "no significant difference"
+    faster = bootstrap_ratio(a, 0.8 * a)
+    assert faster["ci95"][1] < 1.0 and faster["verdict"] == "B faster"
+    assert faster["median"] == pytest.approx(0.8)
+
+
+def test_norm_chain_finder(pair):
+    import onnx
+
+    source, _ = pair
+    chains = norm_chain_nodes(onnx.load(str(source), load_external_data=False).graph)
+    assert len(chains) == 5  # 2 layers x 2 norms + final norm
