@@ -115,6 +115,12 @@ def other_input(node: ir.Node, value: ir.Value) -> ir.Value | None:
 
 
 def rank_of(value: ir.Value | None) -> int | None:
+    # A Cast keeps its input's shape: look through it when the graph has no shape for its output.
+    while value is not None and value.shape is None:
+        producer = value.producer()
+        if producer is None or producer.op_type != "Cast" or producer.domain not in ("", "ai.onnx"):
+            return None
+        value = producer.inputs[0]
     if value is None or value.shape is None:
         return None
     return len(value.shape)
