@@ -151,7 +151,7 @@ def session_options(settings: Settings, profile_prefix: str | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # failures come back as exceptions
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     if settings.threads:
@@ -205,6 +205,8 @@ def make_session(path: str | Path, settings: Settings, profile_prefix: str | Non
         reason = cuda_available_reason()
         if reason:
             raise ProviderUnavailable(f"CUDA provider unavailable: {reason} (use --provider cpu, or --fallback-cpu)")
+        if not logger.isEnabledFor(logging.DEBUG):
+            ort.set_default_logger_severity(4)  # the failed-load log; the error below says it in one line
     try:
         session = ort.InferenceSession(str(path), session_options(settings, profile_prefix),
                                        providers=providers_for(settings))
@@ -701,6 +703,7 @@ def profile(
     seed: int = 0,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    skip_failing: bool = False,
 ) -> dict:
     """Measure A (baseline) against B (candidate); returns the report as a JSON-ready dict."""
     from flashnorm_onnx import __version__, model_io
@@ -782,8 +785,14 @@ def profile(
         for settings, models, case in todo:
             if bar is not None:
                 bar.set_postfix_str(f"{case.name} {settings.provider}")
-            result = measure_pair(models[0], models[1], case, settings, vocab, dims,
-                                  progress=bar.update if bar is not None else None)
+            try:
+                result = measure_pair(models[0], models[1], case, settings, vocab, dims,
+                                      progress=bar.update if bar is not None else None)
+            except VerificationUnavailable as e:
+                if not skip_failing:
+                    raise
+                report["skipped"].append({"shape": case.name, "provider": settings.provider, "reason": str(e)})
+                continue
             report["results"].append(result)
             if ops:
                 n = ops_runs or max(3, min(runs, 10))

@@ -81,11 +81,12 @@ def hf_folder() -> Path:
     return HF_DIR
 
 
-def _load_model():
+def _load_model(attn: str | None = None):
     import torch
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(str(hf_folder()), dtype=torch.float32)
+    extra = {"attn_implementation": attn} if attn else {}
+    model = LlamaForCausalLM.from_pretrained(str(hf_folder()), dtype=torch.float32, **extra)
     model.config.use_cache = False
     return model.eval()
 
@@ -119,8 +120,11 @@ def _torch_export(target: Path, dynamo: bool, opset: int | None) -> None:
         else:
             axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
                     "logits": {0: "batch", 1: "sequence"}}
-            torch.onnx.export(wrapper, (ids, mask), str(target), dynamo=False, opset_version=opset or 17,
-                              dynamic_axes=axes, **kwargs)
+            from models.fixtures import _legacy_mask_patch  # optimum's vmap-free mask functions
+
+            with _legacy_mask_patch():
+                torch.onnx.export(wrapper, (ids, mask), str(target), dynamo=False, opset_version=opset or 17,
+                                  dynamic_axes=axes, **kwargs)
 
 
 def _optimum_export(out_dir: Path) -> None:

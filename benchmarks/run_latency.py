@@ -1,0 +1,326 @@
+"""Latency matrix: folded (flashnorm) vs input, vs ORT's optimizer, vs a 'no norm' lower bound.
+
+``make bench`` runs ``python -m benchmarks.run_latency`` and writes ``benchmarks/RESULTS.md``
+and one JSON report per comparison under ``benchmarks/results/``.
+
+Models: a tiny Llama (models.fixtures, random weights) and SmolLM2-135M-Instruct (real weights,
+models.smollm2), each in the export forms dynamo (default opset), dynamo opset 23,
+legacy TorchScript, optimum with KV cache, ORT transformers optimizer, genai builder (fp32).
+For each form X:
+
+* ``fold/input``: flashnorm(X) against X -- the product's claim;
+* ``fold/ort-opt``: flashnorm(X) against ORT's transformers optimizer run on X (model_type
+  gpt2, opt_level 0) -- is folding worth more than what ORT's own tool already does;
+* ``no-norm/input``: X with every normalization replaced by identity (a WRONG function, used
+  only as the lower bound of what removing norm work could save) against X.
+
+Shapes: prefill 1x128 and 1x512; decode = 1 token on a 256-token cache where the export has one.
+CPU provider always; CUDA too when a CUDA provider loads (never on the machine that wrote the
+current RESULTS.md: see its header).
+
+Options: ``--models tiny,smollm2``, ``--forms ...``, ``--runs N`` (interleaved pairs per shape),
+``--smollm2-runs N``, ``--quick`` (tiny only, few runs), ``--skip-extra`` (fold/input only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from flashnorm_onnx.profiling import norm_chain_nodes, parse_shape, profile
+
+ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / "build" / "bench"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+FORMS = ("dynamo", "dynamo_opset23", "legacy", "optimum_past", "ort_opt", "genai")
+TINY = {
+    "dynamo": "llama_dynamo",
+    "dynamo_opset23": "llama_dynamo_opset23",
+    "legacy": "llama_legacy",
+    "optimum_past": "llama_optimum_past",
+    "ort_opt": "llama_ort_opt",
+    "genai": "llama_genai_fp32",
+}
+SHAPES = ("prefill128=1x128", "prefill512=1x512", "decode=1x1,past=256")
+
+
+def source_model(family: str, form: str) -> Path:
+    if family == "tiny":
+        from models import fixtures
+
+        return Path(fixtures.build(TINY[form]))
+    from models import smollm2
+
+    return Path(smollm2.export(form))
+
+
+# --------------------------------------------------------------------------- variants
+
+
+def _save(model: onnx.ModelProto, target: Path, external: bool) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    data = target.with_name(target.name + ".data")
+    if data.exists():
+        data.unlink()
+    if external:
+        onnx.save(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=data.name, size_threshold=1024)
+    else:
+        onnx.save(model, str(target))
+    return target
+
+
+def _dead_code(graph: onnx.GraphProto) -> None:
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) or not node.output:
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+            for attr in node.attribute:  # subgraph inputs (If/Loop) use outer names
+                for g in list(attr.g.node if attr.HasField("g") else []):
+                    needed.update(g.input)
+    keep.reverse()
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in n.input}
+    inits = [t for t in graph.initializer if t.name in used or t.name in {o.name for o in graph.output}]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def no_norm_variant(source: Path, target: Path) -> tuple[Path, int]:
+    """``source`` with every RMSNorm/LayerNorm replaced by identity (Skip forms: by the add)."""
+    if target.exists():
+        return target, -1
+    model = onnx.load(str(source))
+    graph = model.graph
+    count = 0
+    new_nodes = []
+    chains = {end: x for x, _names, end in norm_chain_nodes(graph)}
+    for node in graph.node:
+        if node.op_type in ("SimplifiedLayerNormalization", "RMSNormalization", "LayerNormalization"):
+            new_nodes.append(helper.make_node("Identity", [node.input[0]], [node.output[0]], name=node.name + "_nonorm"))
+            count += 1
+        elif node.op_type in ("SkipSimplifiedLayerNormalization", "SkipLayerNormalization"):
+            out0 = node.output[0] or node.name + "_nonorm_sum"
+            new_nodes.append(helper.make_node("Add", [node.input[0], node.input[1]], [out0], name=node.name + "_nonorm"))
+            if len(node.output) > 3 and node.output[3]:
+                new_nodes.append(helper.make_node("Identity", [out0], [node.output[3]], name=node.name + "_nonorm_sum"))
+            count += 1
+        elif node.output and node.output[0] in chains:
+            new_nodes.append(helper.make_node("Identity", [chains[node.output[0]]], [node.output[0]],
+                                              name=node.name + "_nonorm"))
+            count += 1
+        else:
+            new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    _dead_code(graph)
+    big = sum(t.ByteSize() for t in graph.initializer) > 200 * 2**20
+    return _save(model, target, external=big), count
+
+
+def ort_optimizer_variant(source: Path, target: Path) -> Path:
+    """ORT's transformers optimizer (model_type gpt2, opt_level 0) on ``source``."""
+    if target.exists():
+        return target
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(source), model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    big = source.stat().st_size > 200 * 2**20 or source.with_name(source.name + ".data").exists() or any(
+        source.parent.glob("*.data"))
+    opt.save_model_to_file(str(target), use_external_data_format=big, all_tensors_to_one_file=True)
+    return target
+
+
+def genai_dims(source: Path) -> dict[str, int]:
+    """onnxruntime-genai names the cache's head dimension 'kv_cache_dim', which the input
+    generator would read as a cache length: give its value from genai_config.json."""
+    config = source.parent / "genai_config.json"
+    if not config.exists():
+        return {}
+    decoder = json.loads(config.read_text()).get("model", {}).get("decoder", {})
+    return {"kv_cache_dim": int(decoder["head_size"])} if "head_size" in decoder else {}
+
+
+def folded_variant(source: Path, target: Path, dims: dict[str, int]) -> tuple[Path | None, str]:
+    from flashnorm_onnx.api import optimize
+
+    if target.exists():
+        return target, "cached"
+    report = optimize(source, target, force_write=True, dims=dims)
+    return target, report.summary_line()
+
+
+# --------------------------------------------------------------------------- matrix
+
+
+def machine() -> dict:
+    import onnxruntime as ort
+
+    from flashnorm_onnx.profiling import _cpu_name, cuda_available_reason, gpu_info
+
+    return {
+        "cpu": _cpu_name(),
+        "cores": __import__("os").cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "cuda": cuda_available_reason() or "listed",
+        "gpu": gpu_info(),
+    }
+
+
+def cuda_works(model: Path) -> bool:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    ort.set_default_logger_severity(4)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    try:
+        s = ort.InferenceSession(str(model), options, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception:
+        return False
+    return "CUDAExecutionProvider" in s.get_providers()
+
+
+def run(args) -> int:
+    families = [f.strip() for f in args.models.split(",") if f.strip()]
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    shapes = [parse_shape(s) for s in args.shapes]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    rows, notes = [], []
+    started = time.time()
+    for family in families:
+        runs = args.runs if family == "tiny" else args.smollm2_runs
+        for form in forms:
+            label = f"{family}/{form}"
+            try:
+                src = source_model(family, form)
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                notes.append(f"{label}: not built ({msg[:200]})")
+                print(f"[bench] {label}: not built: {msg[:200]}", flush=True)
+                continue
+            work = BUILD / family / form
+            dims = genai_dims(src)
+            try:
+                folded, summary = folded_variant(src, work / "folded" / "model.onnx", dims)
+            except Exception as e:
+                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                notes.append(f"{label}: flashnorm-onnx optimize failed ({msg})")
+                print(f"[bench] {label}: optimize failed: {msg}", flush=True)
+                continue
+            print(f"[bench] {label}: {summary}", flush=True)
+            comparisons = [("fold/input", src, folded)]
+            if not args.skip_extra:
+                if form != "ort_opt":
+                    try:
+                        comparisons.append(("fold/ort-opt", ort_optimizer_variant(src, work / "ortopt" / "model.onnx"),
+                                            folded))
+                    except Exception as e:
+                        notes.append(f"{label}: ORT transformers optimizer failed ({str(e).splitlines()[0][:160]})")
+                nonorm, count = no_norm_variant(src, work / "nonorm" / "model.onnx")
+                comparisons.append(("no-norm/input", src, nonorm))
+            providers = ["cpu"] + (["cuda"] if args.cuda and cuda_works(src) else [])
+            for name, a, b in comparisons:
+                t0 = time.time()
+                try:
+                    rep = profile(a, b, shapes=shapes, providers=tuple(providers), runs=runs, warmup=args.warmup,
+                                  progress=not args.no_progress, dims=dims, skip_failing=True)
+                except Exception as e:
+                    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    notes.append(f"{label} {name}: not measured ({msg})")
+                    print(f"[bench] {label} {name}: not measured: {msg}", flush=True)
+                    continue
+                rep["benchmark"] = {"family": family, "form": form, "comparison": name}
+                out = RESULTS_DIR / f"{family}_{form}_{name.replace('/', '_vs_')}.json"
+                for sk in rep["skipped"]:
+                    reason = sk["reason"] if len(sk["reason"]) < 260 else sk["reason"][:90] + " ... " + sk["reason"][-160:]
+                    notes.append(f"{label} {name} {sk['shape']}: skipped ({reason})")
+                for r in rep["results"]:  # keep the JSON readable: samples stay, rounded
+                    for k in ("A", "B"):
+                        r[k]["samples_ms"] = [round(v, 4) for v in r[k]["samples_ms"]]
+                out.write_text(json.dumps(rep, indent=1))
+                for r in rep["results"]:
+                    rows.append({"family": family, "form": form, "comparison": name, "shape": r["shape"],
+                                 "dims": f"{r['batch']}x{r['sequence']}" + (f" past {r['past']}" if r["past"] else ""),
+                                 "provider": r["provider"], "A_ms": r["A"]["median_ms"], "B_ms": r["B"]["median_ms"],
+                                 "ratio": r["ratio"]["median"], "lo": r["ratio"]["ci95"][0],
+                                 "hi": r["ratio"]["ci95"][1], "verdict": r["ratio"]["verdict"], "runs": runs})
+                    print(f"[bench] {label} {name} {r['shape']} {r['provider']}: "
+                          f"{r['ratio']['median']:.3f} [{r['ratio']['ci95'][0]:.3f}, {r['ratio']['ci95'][1]:.3f}] "
+                          f"({time.time() - t0:.0f}s)", flush=True)
+                write_results(rows, notes, args, started)
+    write_results(rows, notes, args, started)
+    return 0
+
+
+def write_results(rows: list[dict], notes: list[str], args, started: float) -> None:
+    m = machine()
+    lines = [
+        "# Latency benchmarks",
+        "",
+        "Written by `make bench` (`python -m benchmarks.run_latency "
+        + " ".join(sys.argv[1:]) + "`). Raw reports (every sample): `benchmarks/results/*.json`.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}; GPU: {m['gpu']['name'] + ' driver ' + m['gpu']['driver'] if m['gpu'] else 'none'}.",
+        f"- CUDA: {'measured' if any(r['provider'] == 'cuda' for r in rows) else 'not measured: ' + ('no GPU on this machine (the CUDA provider does not load)' if m['cuda'] == 'listed' else m['cuda'])}.",
+        f"- Method: `flashnorm_onnx.profiling.profile` -- A and B in one process, {args.warmup} warm-up runs each, "
+        "then N interleaved pairs (A B / B A alternating); IO binding; ratio = median(B)/median(A) with a "
+        "paired-bootstrap 95% interval (2000 resamples). Ratio < 1: B is faster.",
+        f"- Runs (pairs) per shape: tiny {args.runs}, SmolLM2 {args.smollm2_runs}. "
+        f"Total wall time {time.time() - started:.0f} s, finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "- Comparisons: `fold/input` = flashnorm output vs the export itself; `fold/ort-opt` = flashnorm output "
+        "vs ORT's transformers optimizer (gpt2, opt_level 0) on the same export; `no-norm/input` = every norm "
+        "replaced by identity (wrong function; the lower bound of what removing norm work could save) vs the export.",
+        "",
+        "| model | form | comparison | shape | provider | A median ms | B median ms | B/A | 95% CI | verdict |",
+        "|---|---|---|---|---|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['family']} | {r['form']} | {r['comparison']} | {r['shape']} ({r['dims']}) | {r['provider']} | "
+                     f"{r['A_ms']:.3f} | {r['B_ms']:.3f} | {r['ratio']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] | {r['verdict']} |")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    RESULTS_MD.write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / "summary.json").write_text(json.dumps({"machine": m, "rows": rows, "notes": notes}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run_latency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,smollm2")
+    p.add_argument("--forms", default=",".join(FORMS))
+    p.add_argument("--shape", dest="shapes", action="append", help="override the shapes (NAME=BxT[,past=N])")
+    p.add_argument("--runs", type=int, default=60, help="interleaved pairs per shape, tiny model")
+    p.add_argument("--smollm2-runs", type=int, default=20, help="interleaved pairs per shape, SmolLM2")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny model only, 10 runs")
+    p.add_argument("--skip-extra", action="store_true", help="only fold/input (no ORT-optimizer, no no-norm)")
+    p.add_argument("--no-cuda", dest="cuda", action="store_false", help="CPU only even when CUDA works")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.shapes = args.shapes or list(SHAPES)
+    if args.quick:
+        args.models, args.runs = "tiny", 10
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
