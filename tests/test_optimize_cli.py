@@ -103,7 +103,7 @@ def test_no_untie_skips_the_tied_norm(model_file, tmp_path):
 def test_wrong_fold_fails_verification_and_writes_nothing(model_file, tmp_path, monkeypatch):
     """If the arithmetic were wrong, verification must catch it and leave no output."""
     real = fold_math.fold_scale
-    monkeypatch.setattr(fold_math, "fold_scale", lambda w, g, k: real(w, np.asarray(g) * 1.01, k))
+    monkeypatch.setattr(fold_math, "fold_scale", lambda w, g, k, **kw: real(w, np.asarray(g) * 1.01, k, **kw))
     out = tmp_path / "bad" / "model.onnx"
     with pytest.raises(VerificationFailed) as err:
         flashnorm_onnx.optimize(model_file, out)

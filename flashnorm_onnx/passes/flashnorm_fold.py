@@ -377,7 +377,7 @@ def _lazy_fold(original: ir.TensorProtocol, g: np.ndarray, k_axis: int, name: st
 
     def compute() -> ir.Tensor:
         try:
-            return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis), name=name)
+            return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis, check=False), name=name)
         finally:
             _release(original)
 

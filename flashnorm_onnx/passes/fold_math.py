@@ -70,13 +70,13 @@ def check_fold(weight: np.ndarray, g: np.ndarray, k_axis: int) -> None:
     """Raise FoldRefused if g*weight overflows the weight's dtype (block by block)."""
     g = np.asarray(g, dtype=np.float64).reshape(-1)
     _check_shapes(weight, g, k_axis)
-    work = compute_dtype(weight.dtype)
     limit = _finfo_max(weight.dtype)
     g_abs = np.abs(g)
     worst = 0.0
     col_max = None
     for rows in _row_blocks(weight):
-        block = np.abs(weight[rows].astype(work))
+        # |w| max is exact in the weight's own dtype: no conversion of the whole block
+        block = np.abs(weight[rows])
         if k_axis == 0:  # g indexes rows: max over each row, times its g
             row_max = block.max(axis=1).astype(np.float64) if block.size else np.zeros(0)
             gr = g_abs if g.size == 1 else g_abs[rows]
@@ -95,9 +95,14 @@ def check_fold(weight: np.ndarray, g: np.ndarray, k_axis: int) -> None:
         )
 
 
-def fold_scale(weight: np.ndarray, g: np.ndarray, k_axis: int) -> np.ndarray:
-    """Return weight scaled by g along k_axis, in weight's dtype (computed block by block)."""
-    check_fold(weight, g, k_axis)
+def fold_scale(weight: np.ndarray, g: np.ndarray, k_axis: int, check: bool = True) -> np.ndarray:
+    """Return weight scaled by g along k_axis, in weight's dtype (computed block by block).
+
+    ``check=False`` when :func:`check_fold` already ran on the same tensor."""
+    if check:
+        check_fold(weight, g, k_axis)
+    else:
+        _check_shapes(weight, np.asarray(g).reshape(-1), k_axis)
     work = compute_dtype(weight.dtype)
     g = np.asarray(g).astype(work).reshape(-1)
     out = np.empty(weight.shape, dtype=weight.dtype)
