@@ -55,7 +55,7 @@ bench-scale: $(STAMP)
 	$(PY) -m benchmarks.run_scale
 
 fuzz: $(STAMP)
-	FLASHNORM_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q tests/test_fuzz.py -p no:cacheprovider
+	FLASHNORM_FUZZ_EXAMPLES=2000 $(PY) -m benchmarks.fuzz_report
 
 clean:
 	rm -rf build .pytest_cache
