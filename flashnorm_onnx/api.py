@@ -20,7 +20,7 @@ import onnx_ir as ir
 from flashnorm_onnx import model_io
 from flashnorm_onnx.checker import check_model
 from flashnorm_onnx.errors import VerificationFailed
-from flashnorm_onnx.inputs import vocab_sizes
+from flashnorm_onnx.inputs import dims_from_configs, vocab_sizes
 from flashnorm_onnx.passes import FlashNormFoldPass
 from flashnorm_onnx.report import FoldReport, VerificationResult
 
@@ -115,7 +115,10 @@ def optimize(
         else:
             from flashnorm_onnx.verify import compare_models
 
-            report.verification = compare_models(info.path, staged.model_path, dims=dims, vocab=vocab, rtol=rtol)
+            all_dims = {**dims_from_configs(info.path), **(dims or {})}
+            report.verification = compare_models(
+                info.path, staged.model_path, dims=all_dims, vocab=vocab, rtol=rtol
+            )
         problem = check_model(staged.model_path)
         if problem is not None:
             if check_model(info.path) is None:

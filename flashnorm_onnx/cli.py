@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"flashnorm-onnx: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # output piped into `head`
+        return 0
     except KeyboardInterrupt:
         print("flashnorm-onnx: interrupted; nothing was written", file=sys.stderr)
         return 130

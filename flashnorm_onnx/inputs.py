@@ -94,8 +94,10 @@ def _dim_value(dim, case: Case, dims: dict[str, int], position: int, spec: Input
         return case.batch
     if "+" in low or "total" in low or "all" in low:
         return total
-    if "past" in low or "cache" in low:
+    if "past" in low or ("cache" in low and ("len" in low or "seq" in low)):
         return case.past
+    if low in ("kv_cache_dim", "head_size", "head_dim") and "head_size" in dims:
+        return dims["head_size"]
     if low in ("", "none") or not name:
         # unnamed dynamic dim: batch first, then the sequence
         if position == 0:
@@ -184,3 +186,26 @@ def vocab_sizes(model) -> dict[str, int]:
                 elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity") and use.idx == 0:
                     frontier.extend(node.outputs)
     return bounds
+
+
+def dims_from_configs(model_path) -> dict[str, int]:
+    """Dimension values a runtime config beside the model states (genai's head_size, HF's head_dim)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(model_path).parent
+    dims: dict[str, int] = {}
+    try:
+        genai = json.loads((folder / "genai_config.json").read_text())
+        head = genai["model"]["decoder"]["head_size"]
+        dims.update({"head_size": int(head), "kv_cache_dim": int(head)})
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+        head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        dims.setdefault("head_size", int(head))
+        dims.setdefault("head_dim", int(head))
+    except (OSError, KeyError, ValueError, TypeError, ZeroDivisionError):
+        pass
+    return dims

@@ -95,11 +95,37 @@ def check_input(path: str | os.PathLike) -> InputInfo:
     data_files: set[Path] = set()
     tensor_bytes = 0
     file_sizes: dict[Path, int] = {}
+    bad_name = _first_undecodable_name(proto)
+    if bad_name is not None:
+        raise InputModelError(f"{p}: not a valid ONNX model ({bad_name} is not valid UTF-8; corrupt file?)")
+    bad_node = _first_bad_arity(proto)
+    if bad_node is not None:
+        raise InputModelError(f"{p}: not a valid ONNX model ({bad_node}; corrupt file?)")
     for tensor in _all_tensors(proto):
+        if any(d < 0 for d in tensor.dims):
+            raise InputModelError(f"{p}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
+        expected = _expected_bytes(tensor) if _fixed_size(tensor) else None
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
+                raise InputModelError(
+                    f"{p}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its shape "
+                    f"{list(tensor.dims)} needs {expected} (corrupt or truncated file?)"
+                )
             tensor_bytes += len(tensor.raw_data) or _typed_bytes(tensor)
             continue
         info = {e.key: e.value for e in tensor.external_data}
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info.get("length", expected if expected is not None else _expected_bytes(tensor)))
+        except ValueError:
+            raise InputModelError(
+                f"{p}: tensor '{tensor.name}' has a malformed external data offset or length"
+            ) from None
+        if offset < 0 or length < 0 or (expected is not None and length != expected):
+            raise InputModelError(
+                f"{p}: tensor '{tensor.name}' declares {length} bytes of external data at offset {offset}, "
+                f"but its shape {list(tensor.dims)} needs {expected}"
+            )
         location = info.get("location", "")
         if not location:
             raise InputModelError(f"{p}: tensor '{tensor.name}' has external data with no location")
@@ -112,8 +138,6 @@ def check_input(path: str | os.PathLike) -> InputInfo:
             raise InputModelError(f"{p}: external data file '{location}' is missing")
         if target not in file_sizes:
             file_sizes[target] = target.stat().st_size
-        offset = int(info.get("offset", 0))
-        length = int(info.get("length", _expected_bytes(tensor)))
         if offset + length > file_sizes[target]:
             raise InputModelError(
                 f"{p}: external data file '{location}' is shorter than declared "
@@ -272,6 +296,82 @@ def _all_tensors(proto: onnx.ModelProto):
                         yield from walk(g)
 
     yield from walk(proto.graph)
+
+
+def _first_undecodable_name(proto: onnx.ModelProto) -> str | None:
+    """Protobuf hands back ``bytes`` for a string field that is not valid UTF-8: find one.
+
+    Walks every message except tensor payloads (only a tensor's name and external data entries
+    are strings that matter)."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    string, message = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE
+    stack: list = [proto]
+    while stack:
+        msg = stack.pop()
+        if isinstance(msg, onnx.TensorProto):
+            values = [("name", msg.name), ("doc_string", msg.doc_string)]
+            values += [("external_data", v) for e in msg.external_data for v in (e.key, e.value)]
+            for field, value in values:
+                if not isinstance(value, str):
+                    return f"a tensor's {field}"
+            continue
+        for field, value in msg.ListFields():
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+            if field.type == string:
+                if any(not isinstance(v, str) for v in (value if repeated else [value])):
+                    return f"a {type(msg).__name__.replace('Proto', '')} {field.name}"
+            elif field.type == message:
+                stack.extend(value if repeated else [value])
+    return None
+
+
+def _first_bad_arity(proto: onnx.ModelProto) -> str | None:
+    """A standard-domain node with fewer or more inputs/outputs than its schema allows."""
+    versions = {o.domain or "": o.version for o in proto.opset_import}
+    version = versions.get("", versions.get("ai.onnx"))
+    if version is None:
+        return None
+    schemas: dict[str, object] = {}
+
+    def walk(graph):
+        for node in graph.node:
+            if node.domain in ("", "ai.onnx"):
+                if node.op_type not in schemas:
+                    try:
+                        schemas[node.op_type] = onnx.defs.get_schema(node.op_type, version, "")
+                    except Exception:  # unknown op or version: ONNX Runtime will say
+                        schemas[node.op_type] = None
+                schema = schemas[node.op_type]
+                if schema is not None:
+                    n_in, n_out = len(node.input), len(node.output)
+                    label = node.name or (f"-> {node.output[0]}" if node.output else "")
+                    if not schema.min_input <= n_in <= schema.max_input:
+                        return f"{node.op_type} node '{label}' has {n_in} input(s)"
+                    if not schema.min_output <= n_out <= schema.max_output:
+                        return f"{node.op_type} node '{label}' has {n_out} output(s)"
+                    for a in node.attribute:
+                        if a.name not in schema.attributes:
+                            return f"{node.op_type} node '{label}' has an unknown attribute '{a.name}'"
+                        if int(a.type) != int(schema.attributes[a.name].type.value):
+                            return f"{node.op_type} node '{label}' has attribute '{a.name}' of the wrong type"
+            for a in node.attribute:
+                for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    found = walk(g)
+                    if found:
+                        return found
+        return None
+
+    return walk(proto.graph)
+
+
+def _fixed_size(tensor: onnx.TensorProto) -> bool:
+    """A dtype whose raw bytes are exactly count * itemsize (not strings, not 4-bit packed)."""
+    try:
+        itemsize = ir.DataType(tensor.data_type).itemsize
+    except Exception:
+        return False
+    return tensor.data_type != onnx.TensorProto.STRING and float(itemsize).is_integer() and itemsize >= 1
 
 
 def _expected_bytes(tensor: onnx.TensorProto) -> int:

@@ -227,7 +227,7 @@ def make_session(path: str | Path, settings: Settings, profile_prefix: str | Non
 class Runner:
     """One model, one shape: feeds bound once, outputs bound to preallocated buffers."""
 
-    def __init__(self, session, feeds: dict[str, np.ndarray], settings: Settings):
+    def __init__(self, session, feeds: dict[str, np.ndarray], settings: Settings, path: str | Path | None = None):
         import onnxruntime as ort
 
         self.session = session
@@ -240,16 +240,22 @@ class Runner:
             value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, settings.device_id)
             self._inputs[name] = value  # keep alive
             self.binding.bind_ortvalue_input(name, value)
-        # one plain run to learn the output shapes, then bind fixed buffers (needed by CUDA graphs)
-        for out in session.get_outputs():
-            self.binding.bind_output(out.name, device, settings.device_id)
-        session.run_with_iobinding(self.binding)
-        produced = self.binding.get_outputs()
+        # learn the output shapes, then bind buffers allocated once (CUDA graphs need fixed addresses)
+        if settings.cuda_graph and path is not None:
+            # a CUDA-graph session captures on its first runs: learn the shapes on a CPU session
+            cpu = ort.InferenceSession(str(path), session_options(dataclasses.replace(settings, cuda_graph=False)),
+                                       providers=["CPUExecutionProvider"])
+            shapes = [(np.asarray(v).shape, np.asarray(v).dtype) for v in cpu.run(None, feeds)]
+            del cpu
+        else:
+            for out in session.get_outputs():
+                self.binding.bind_output(out.name, device, settings.device_id)
+            session.run_with_iobinding(self.binding)
+            shapes = [(tuple(v.shape()), _np_dtype(v.data_type())) for v in self.binding.get_outputs()]
+            self.binding.clear_binding_outputs()
         self._outputs = []
-        self.binding.clear_binding_outputs()
-        for out, value in zip(session.get_outputs(), produced):
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(value.shape(), _np_dtype(value.data_type()), device,
-                                                               settings.device_id)
+        for out, (shape, dtype) in zip(session.get_outputs(), shapes):
+            buffer = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, device, settings.device_id)
             self._outputs.append(buffer)
             self.binding.bind_ortvalue_output(out.name, buffer)
         self.run_options = ort.RunOptions()
@@ -302,7 +308,7 @@ def measure_pair(
     for info in (a, b):
         feeds = feeds_for(info.specs, case, vocab, dims, settings.seed)
         try:
-            runners[info.label] = Runner(info.session, feeds, settings)
+            runners[info.label] = Runner(info.session, feeds, settings, info.path)
         except Exception as e:
             shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
             raise VerificationUnavailable(
@@ -484,7 +490,7 @@ def profile_ops(info: ModelInfo, case: Case, settings: Settings, vocab: dict[str
     tmp = Path(tempfile.mkdtemp(prefix="flashnorm-prof-"))
     try:
         session = make_session(info.path, settings, profile_prefix=str(tmp / "ort"))
-        runner = Runner(session, feeds_for(info.specs, case, vocab, dims, settings.seed), settings)
+        runner = Runner(session, feeds_for(info.specs, case, vocab, dims, settings.seed), settings, info.path)
         for _ in range(min(settings.warmup, 2)):
             runner.run()
         # the profile holds every run since the session started: count them all

@@ -119,6 +119,7 @@ class FoldReport:
             "tensors_written": self.tensors_written,
             "bytes_rewritten": self.bytes_rewritten,
             "bytes_added_by_untying": self.bytes_added,
+            "bytes_added_note": "new tensors: untied copies of shared weights, and LayerNorm biases created for linears that had none",
         }
 
     def summary_line(self) -> str:
@@ -127,7 +128,7 @@ class FoldReport:
             f"{s['norms']} norms: {s['folded']} folded, {s['skipped']} skipped, "
             f"{s['already_weightless']} already weightless; {s['tensors_written']} tensors written "
             f"({_fmt_bytes(s['bytes_rewritten'])} rewritten, {_fmt_bytes(s['bytes_added_by_untying'])} "
-            "added by untying)"
+            "added as untied copies or new biases)"
         )
 
     def to_json(self) -> dict[str, Any]:

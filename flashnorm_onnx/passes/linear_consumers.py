@@ -138,11 +138,65 @@ def _describe_refusal(node: ir.Node, index: int, value: ir.Value) -> tuple[str, 
         )
     if node.op_type in ("MatMul", "Gemm") and index != 0:
         return f"feeds {label} as its second operand", False
+    if node.op_type in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization") and index in (0, 1):
+        return f"feeds the residual stream ({label})", True
     if node.op_type in ("Add", "Sub") and node.domain in ONNX_DOMAINS:
         other = other_input(node, value)
         if other is not None and const_tensor(other) is None:
             return f"feeds the residual stream ({label})", True
     return f"feeds {label} (input {index}), which is not a linear layer", False
+
+
+def _last_dim(value: ir.Value) -> int | None:
+    if value.shape is None or len(value.shape) == 0:
+        return None
+    dim = value.shape[-1]
+    return dim if isinstance(dim, int) else None
+
+
+_SHAPE_KEEPING = ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization",
+                  "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "Cast", "Identity")
+
+
+def _same_last_dim(src: ir.Value, x: ir.Value) -> bool:
+    """src's last dimension is x's: src is x, or x is a norm (or Cast) of src."""
+    if src is x:
+        return True
+    producer = x.producer()
+    return producer is not None and producer.op_type in _SHAPE_KEEPING and producer.inputs[0] is src
+
+
+def _shape_ends_with_last_dim_of(shape: ir.Value, x: ir.Value, depth: int = 8) -> bool:
+    """``shape`` is a computed shape whose last element is ``x.shape[-1]``:
+    Concat(..., Unsqueeze(Gather(Shape(x), -1))) or with Slice(Shape(x), -1) / Shape(x, start=-1)."""
+    value = shape
+    for _ in range(depth):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return False
+        if is_op(node, "Concat"):
+            value = node.inputs[-1]
+        elif node.op_type in ("Unsqueeze", "Squeeze", "Cast", "Reshape", "Identity") and node.domain in ONNX_DOMAINS:
+            value = node.inputs[0]
+        elif is_op(node, "Gather") or is_op(node, "Slice"):
+            src = node.inputs[0].producer()
+            if not is_op(src, "Shape") or not _same_last_dim(src.inputs[0], x) or attr(src, "start", 0) != 0:
+                return False
+            index = small_const_array(node.inputs[1])
+            if index is None or index.size != 1:
+                return False
+            i = int(index.reshape(-1)[0])
+            rank = rank_of(x)
+            if is_op(node, "Slice"):
+                ends = small_const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+                if ends is None or (int(ends.reshape(-1)[0]) < (rank or 0) and int(ends.reshape(-1)[0]) < 2**31):
+                    return False
+            return i == -1 or (rank is not None and i == rank - 1)
+        elif is_op(node, "Shape"):
+            return _same_last_dim(node.inputs[0], x) and attr(node, "start", 0) == -1 and attr(node, "end", None) is None
+        else:
+            return False
+    return False
 
 
 def _keeps_channels(node: ir.Node, index: int, channels: int | None) -> bool:
@@ -163,8 +217,16 @@ def _keeps_channels(node: ir.Node, index: int, channels: int | None) -> bool:
         axis = int(attr(node, "axis", 0))
         return rank is not None and axis % rank != rank - 1
     if is_op(node, "Reshape"):
+        if channels is None or channels <= 1:
+            return False
         shape = small_const_array(node.inputs[1])
-        return channels is not None and channels > 1 and shape is not None and shape.size > 0 and int(shape.reshape(-1)[-1]) == channels
+        if shape is not None and shape.size > 0 and int(shape.reshape(-1)[-1]) == channels:
+            return True
+        # a run-time shape: x.view(-1, x.size(-1)) keeps the channels
+        if _shape_ends_with_last_dim_of(node.inputs[1], node.inputs[0]):
+            return True
+        # otherwise trust inferred shapes whose last dims are K
+        return _last_dim(node.inputs[0]) == channels and _last_dim(node.outputs[0]) == channels
     if is_op(node, "Transpose"):
         perm = attr(node, "perm", None)
         return perm is not None and rank is not None and perm[-1] in (-1, rank - 1)
@@ -217,7 +279,9 @@ def find_linear_uses(
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = node.inputs[2]
                 path: list[ir.Node] = []
-                while const_tensor(c) is None and c.producer() is not None and is_op(c.producer(), "Cast"):
+                while const_tensor(c) is None and c.producer() is not None and (
+                    is_op(c.producer(), "Cast") or is_op(c.producer(), "Identity")
+                ):
                     path.insert(0, c.producer())
                     c = c.producer().inputs[0]
                 if const_tensor(c) is None or c.is_graph_input():
