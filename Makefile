@@ -34,9 +34,8 @@ $(GENAI_STAMP): models/fixtures.py | $(STAMP)
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m models.fixtures build llama_dynamo
 	mkdir -p $(DEMO_DIR)
-	$(VENV)/bin/flashnorm-onnx optimize "$$($(PY) -m models.fixtures path llama_dynamo)" \
+	$(VENV)/bin/flashnorm-onnx optimize "$$($(PY) -c 'from models.fixtures import build; print(build("llama_dynamo"))')" \
 		-o $(DEMO_DIR)/llama.flashnorm.onnx --report $(DEMO_DIR)/report.json
 
 fixtures: $(STAMP) $(GENAI_STAMP)

@@ -1,0 +1,316 @@
+"""Each fixture of models/fixtures.py really has the export form it claims, and runs.
+
+Checks are written against the raw graph (op types, domains, initializers) where possible, so
+they do not only trust models.fixtures.find_norms; the expected counts are what the exporters
+were observed to produce (see each recipe's doc), for 2 layers:
+decoder norms = 2 per layer + final = 5; Qwen3 adds q_norm + k_norm per layer = 9.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+
+from models import fixtures as F
+
+# name -> (norm forms with their counts, embedding shared with lm_head in the graph, opset)
+EXPECTED: dict[str, tuple[dict[str, int], bool, int]] = {
+    "llama_dynamo": ({"rms_chain_reciprocal": 5}, False, 20),
+    "llama_dynamo_opset23": ({"RMSNormalization": 5}, False, 23),
+    "llama_dynamo_noopt": ({"rms_chain_reciprocal": 5}, True, 20),
+    "llama_legacy": ({"rms_chain_div": 5}, False, 17),
+    "llama_dynamo_fp16": ({"rms_chain_reciprocal": 5}, False, 20),
+    "llama_legacy_fp16": ({"rms_chain_div": 5}, False, 17),
+    "qwen3_tied_dynamo": ({"rms_chain_reciprocal": 9}, True, 20),
+    "qwen3_untied_dynamo": ({"rms_chain_reciprocal": 9}, False, 20),
+    "qwen3_tied_legacy": ({"rms_chain_div": 9}, False, 17),
+    "qwen3_untied_dynamo_opset23": ({"RMSNormalization": 9}, False, 23),
+    "mistral_dynamo": ({"rms_chain_reciprocal": 5}, False, 20),
+    "llama_optimum": ({"rms_chain_div": 5}, False, 18),
+    "llama_optimum_past": ({"rms_chain_div": 5}, True, 18),
+    "qwen3_optimum_past": ({"rms_chain_div": 9}, True, 18),
+    "qwen3_ort_opt": ({"SimplifiedLayerNormalization": 5, "SkipSimplifiedLayerNormalization": 4}, True, 20),
+    "llama_ort_opt": ({"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}, False, 17),
+    "qwen3_genai_fp32": ({"SimplifiedLayerNormalization": 5, "SkipSimplifiedLayerNormalization": 4}, True, 22),
+    "qwen3_genai_int4": ({"SimplifiedLayerNormalization": 5, "SkipSimplifiedLayerNormalization": 4}, True, 22),
+    "llama_genai_fp32": ({"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 4}, True, 22),
+    "bert_dynamo": ({"LayerNormalization": 5}, False, 20),
+    "bert_legacy": ({"LayerNormalization": 5}, False, 17),
+    "gpt2_dynamo": ({"LayerNormalization": 5}, True, 20),
+    "gpt2_legacy": ({"LayerNormalization": 5}, False, 17),
+    "bert_ort_opt": ({"EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}, False, 17),
+    "gpt2_ort_opt": ({"LayerNormalization": 1, "SkipLayerNormalization": 4}, False, 17),
+    "vit_dynamo": ({"LayerNormalization": 5}, False, 20),
+}
+
+RMS_FUSED = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization"}
+
+
+def _params(names):
+    out = []
+    for name in names:
+        marks = [pytest.mark.genai] if F.FIXTURES[name].exporter == "genai" else []
+        out.append(pytest.param(name, marks=marks, id=name))
+    return out
+
+
+ALL = _params(F.FIXTURES)
+
+
+def _ops(model: onnx.ModelProto) -> Counter:
+    return Counter((n.domain if n.domain != "ai.onnx" else "", n.op_type) for n in model.graph.node)
+
+
+def _load(path, external=True) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=external)
+
+
+def test_registry_matches_expectations():
+    assert set(EXPECTED) == set(F.FIXTURES)
+    for name, recipe in F.FIXTURES.items():
+        assert recipe.name == name
+        if recipe.source:
+            assert recipe.source in F.FIXTURES
+            src = F.FIXTURES[recipe.source]
+            assert (src.family, src.tied) == (recipe.family, recipe.tied), name
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_form(name, build_fixture, fixture_info):
+    path = build_fixture(name)
+    info = fixture_info(name)
+    recipe = F.FIXTURES[name]
+    model = _load(path, external=False)
+    ops = _ops(model)
+    expected_forms, expected_shared, expected_opset = EXPECTED[name]
+
+    # fixture.json describes this fixture and agrees with the graph
+    assert info["name"] == name and info["family"] == recipe.family and info["exporter"] == recipe.exporter
+    assert info["num_layers"] == F.LAYERS
+    assert info["tied"] == recipe.tied
+    assert info["vocab_size"] == (None if recipe.family == "vit" else F.VOCAB)
+    norm_counts = {k: v for k, v in info["norm_counts"].items() if v}
+    assert norm_counts == expected_forms
+    assert Counter(n["form"] for n in F.find_norms(model)) == Counter(expected_forms)
+    assert info["tied_in_graph"] is expected_shared
+    assert info["opset"] == expected_opset
+    assert model.ir_version <= F.MAX_IR_VERSION
+    assert info["has_past"] == recipe.has_past == any(i.name.startswith("past_key_values") for i in model.graph.input)
+
+    # raw-graph checks of the claimed form
+    n_rms_chain = expected_forms.get("rms_chain_reciprocal", 0) + expected_forms.get("rms_chain_div", 0)
+    if n_rms_chain:
+        assert ops[("", "ReduceMean")] == n_rms_chain
+        assert ops[("", "Sqrt")] >= n_rms_chain  # unoptimized SDPA adds its own Sqrt
+        assert ops[("", "Pow")] >= n_rms_chain
+        assert not any(op in RMS_FUSED for _, op in ops)
+        if "rms_chain_reciprocal" in expected_forms:
+            assert ops[("", "Reciprocal")] == n_rms_chain
+        else:
+            assert ops[("", "Reciprocal")] == 0
+            one = _constant_div_numerators(model)
+            assert one.count(1.0) >= n_rms_chain
+    for form, count in expected_forms.items():
+        if form.startswith("rms_chain"):
+            continue
+        domain = "com.microsoft" if form.startswith(("Skip", "Embed")) else ""
+        assert ops[(domain, form)] == count, (form, ops)
+    if "SimplifiedLayerNormalization" in expected_forms:
+        # ORT writes it in the default domain (a quirk of ORT), not com.microsoft
+        assert ops[("com.microsoft", "SimplifiedLayerNormalization")] == 0
+    if recipe.exporter == "ort_opt" and recipe.family in ("llama", "qwen3"):
+        assert ops[("", "SimplifiedLayerNormalization")] >= 1
+        assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] >= 1
+    if recipe.dtype == "float16":
+        # chains computed in float32 between Casts; the scales are fp16
+        casts_to = Counter(
+            onnx.helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "Cast" for a in n.attribute
+        )
+        assert casts_to[onnx.TensorProto.FLOAT] >= 5 and casts_to[onnx.TensorProto.FLOAT16] >= 5
+
+
+def _constant_div_numerators(model: onnx.ModelProto) -> list[float]:
+    """Values of scalar constant first inputs of Div nodes (the legacy chains' Div(1, .))."""
+    values = {}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            t = onnx.helper.get_attribute_value(n.attribute[0])
+            if isinstance(t, onnx.TensorProto):
+                values[n.output[0]] = onnx.numpy_helper.to_array(t)
+    for t in model.graph.initializer:
+        if not t.dims or list(t.dims) in ([1], []):
+            values[t.name] = onnx.numpy_helper.to_array(t)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "Div" and n.input[0] in values and values[n.input[0]].size == 1:
+            out.append(float(values[n.input[0]].reshape(())))
+    return out
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_norm_scales_are_random(name, build_fixture):
+    """Every norm has an initializer scale, none is all ones (a wrong fold would show)."""
+    model = _load(build_fixture(name))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    norms = F.find_norms(model)
+    assert norms
+    for norm in norms:
+        assert norm["scale"] in inits, norm
+        scale = inits[norm["scale"]].astype(np.float32)
+        assert scale.ndim == 1 and scale.size in (F.HIDDEN, F.HEAD_DIM), norm
+        assert not np.allclose(scale, 1.0), norm
+        assert 0.45 <= scale.min() and scale.max() <= 1.55, norm
+    # distinct norms have distinct scales (no exporter deduplicated them)
+    scales = [n["scale"] for n in norms]
+    assert len(set(scales)) == len(scales)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_runs_in_onnxruntime(name, build_fixture):
+    import onnxruntime as ort
+
+    path = build_fixture(name)
+    recipe = F.FIXTURES[name]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    feeds = F.fixture_feeds(name, batch=2, seq=5)
+    out = sess.run(None, feeds)[0]
+    batch = feeds[next(iter(feeds))].shape[0]
+    if recipe.family == "vit":
+        assert out.shape == (batch, (F.IMAGE_SIZE // F.PATCH_SIZE) ** 2 + 1, F.HIDDEN)
+    elif recipe.family == "bert":
+        assert out.shape == (batch, 5, F.HIDDEN)
+    else:
+        assert out.shape == (batch, 5, F.VOCAB)
+    assert np.isfinite(out.astype(np.float32)).all()
+    # the exported graph computes what the transformers model computes
+    ref = F.reference_output(name, feeds)
+    if recipe.precision == "int4":
+        tol = 0.5  # 4-bit weights: only a sanity bound
+    elif recipe.dtype == "float16":
+        tol = 5e-3
+    else:
+        tol = 1e-4
+    np.testing.assert_allclose(out.astype(np.float32), ref, atol=tol, rtol=0)
+
+
+def test_opset23_batch_limit(build_fixture):
+    """Documented limitation: ORT runs the opset-23 RotaryEmbedding export at batch 1 only."""
+    import onnxruntime as ort
+
+    path = build_fixture("llama_dynamo_opset23")
+    so = ort.SessionOptions()
+    so.log_severity_level = 4
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess.run(None, F.feeds_for(path, batch=1))
+    with pytest.raises(Exception, match="cos_cache"):
+        sess.run(None, F.feeds_for(path, batch=2))
+
+
+# -- specific consumer forms ------------------------------------------------------------------
+
+
+def test_noopt_every_linear_reads_a_transpose(build_fixture):
+    model = _load(build_fixture("llama_dynamo_noopt"), external=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    inits = {t.name for t in model.graph.initializer}
+    weights = [n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in producer]
+    transposed = [producer[w] for w in weights if producer[w].op_type == "Transpose" and producer[w].input[0] in inits]
+    assert len(transposed) == 2 * 7 + 1  # q,k,v,o,gate,up,down per layer + lm_head
+    for t in transposed:
+        assert list(onnx.helper.get_attribute_value(t.attribute[0])) == [1, 0]
+    # the tied weight: embedding Gather and lm_head Transpose read the same initializer
+    gathers = {n.input[0] for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits}
+    assert gathers & {t.input[0] for t in transposed}
+
+
+def test_optimum_tied_transpose_without_perm(build_fixture):
+    model = _load(build_fixture("llama_optimum_past"), external=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    head = next(n for n in model.graph.node if n.output[0] == "logits")
+    assert head.op_type == "MatMul"
+    tr = producer[head.input[1]]
+    assert tr.op_type == "Transpose" and not tr.attribute  # default perm (reverse)
+    gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == tr.input[0])
+    assert gather is not None
+
+
+@pytest.mark.genai
+def test_genai_int4_uses_matmulnbits(build_fixture):
+    model = _load(build_fixture("qwen3_genai_int4"), external=False)
+    ops = _ops(model)
+    assert ops[("com.microsoft", "MatMulNBits")] == 2 * 5 + 1  # qkv, o, gate, up, down + lm_head
+    assert ops[("", "MatMul")] == 0
+    assert ops[("com.microsoft", "GatherBlockQuantized")] == 1
+
+
+@pytest.mark.genai
+def test_genai_fp32_packs_qkv(build_fixture):
+    model = _load(build_fixture("qwen3_genai_fp32"), external=False)
+    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    qkv = [n for n in model.graph.node if n.op_type == "MatMul" and "qkv_proj" in n.name]
+    assert len(qkv) == 2
+    assert dims[qkv[0].input[1]] == [F.HIDDEN, (F.HEADS + 2 * F.KV_HEADS) * F.HEAD_DIM]
+    assert (build_fixture("qwen3_genai_fp32").parent / "genai_config.json").is_file()
+
+
+# -- cache / atomic build ----------------------------------------------------------------------
+
+
+def test_cache_and_rebuild(tmp_path, monkeypatch):
+    path = F.build("bert_legacy", tmp_path)
+    assert path == tmp_path / "bert_legacy" / "model.onnx"
+    stamp = (path.parent / F.STAMP).read_text().strip()
+    assert stamp == F.recipe_hash("bert_legacy")
+    mtime = path.stat().st_mtime_ns
+    assert F.build("bert_legacy", tmp_path) == path
+    assert path.stat().st_mtime_ns == mtime  # cached
+    monkeypatch.setattr(F, "RECIPE_VERSION", F.RECIPE_VERSION + 1000)
+    assert F.recipe_hash("bert_legacy") != stamp
+    F.build("bert_legacy", tmp_path)
+    assert (path.parent / F.STAMP).read_text().strip() == F.recipe_hash("bert_legacy")
+    info = json.loads((path.parent / "fixture.json").read_text())
+    assert info["recipe_hash"] == F.recipe_hash("bert_legacy")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".tmp-", ".old-"))]
+
+
+def test_env_var_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLASHNORM_FIXTURES", str(tmp_path / "fx"))
+    assert F.fixtures_root() == tmp_path / "fx"
+    assert F.fixtures_root(tmp_path) == tmp_path
+
+
+def test_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    def broken(recipe, out, root):
+        (out / "model.onnx").write_bytes(b"half a model")
+        raise RuntimeError("killed")
+
+    monkeypatch.setitem(F._BUILDERS, "legacy", broken)
+    with pytest.raises(RuntimeError, match="killed"):
+        F.build("gpt2_legacy", tmp_path)
+    assert not (tmp_path / "gpt2_legacy").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_genai_unavailable_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(F, "GENAI_VENV", tmp_path / "no-venv")
+    with pytest.raises(F.FixtureUnavailable, match="genai-env"):
+        F.build("qwen3_genai_fp32", tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_fixture():
+    with pytest.raises(KeyError):
+        F.build("no_such_fixture")
+
+
+def test_cli_list(capsys):
+    assert F.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in F.FIXTURES:
+        assert name in out
