@@ -447,19 +447,30 @@ def op_group(op_type: str, node_name: str, input_shapes: list, norm_names: set[s
     return "other"
 
 
-def parse_profile(path: Path, runs: int, norm_names: set[str]) -> dict:
+def parse_profile(path: Path, runs: int, norm_names: set[str], skip_runs: int = 0) -> dict:
+    """Kernel time per run by op type and group from an ORT profile (JSON trace events).
+
+    Kernel events are assigned to the ``model_run`` that contains them; the first
+    ``skip_runs`` runs (shape discovery, warm-up) are left out; the rest are averaged.
+    """
     events = json.loads(Path(path).read_text())
     if isinstance(events, dict):
         events = events.get("traceEvents", [])
+    windows = sorted((float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0)))
+                     for ev in events if ev.get("cat") == "Session" and ev.get("name") == "model_run")
+    measured = windows[skip_runs:] if len(windows) > skip_runs else windows
+    starts = np.array([w[0] for w in measured])
     by_op: dict[str, float] = {}
     by_group = {g: 0.0 for g in GROUPS}
-    run_total = []
     for ev in events:
-        cat, name = ev.get("cat"), ev.get("name", "")
-        if cat == "Session" and name == "model_run":
-            run_total.append(float(ev.get("dur", 0)))
-        if cat != "Node" or not name.endswith("_kernel_time"):
+        name = ev.get("name", "")
+        if ev.get("cat") != "Node" or not name.endswith("_kernel_time"):
             continue
+        if measured:
+            ts = float(ev.get("ts", 0))
+            i = int(np.searchsorted(starts, ts, side="right")) - 1
+            if i < 0 or ts > measured[i][1]:
+                continue  # a run that is not measured
         args = ev.get("args", {})
         op = args.get("op_name", "?")
         node = name[: -len("_kernel_time")]
@@ -472,15 +483,14 @@ def parse_profile(path: Path, runs: int, norm_names: set[str]) -> dict:
         dur = float(ev.get("dur", 0))
         by_op[op] = by_op.get(op, 0.0) + dur
         by_group[op_group(op, node, shapes, norm_names)] += dur
-    n_runs = max(len(run_total), 1) if run_total else max(runs, 1)
+    n_runs = len(measured) if measured else max(runs, 1)
     scale = 1e-3 / n_runs  # microseconds summed over runs -> ms per run
-    kernel_total = sum(by_op.values()) * scale
     return {
         "runs": n_runs,
         "by_op_ms": dict(sorted(((k, v * scale) for k, v in by_op.items()), key=lambda kv: -kv[1])),
         "by_group_ms": {k: v * scale for k, v in by_group.items()},
-        "kernel_total_ms": kernel_total,
-        "run_total_ms": (sum(run_total) * 1e-3 / len(run_total)) if run_total else None,
+        "kernel_total_ms": sum(by_op.values()) * scale,
+        "run_total_ms": (sum(b - a for a, b in measured) * 1e-3 / len(measured)) if measured else None,
     }
 
 
@@ -493,12 +503,12 @@ def profile_ops(info: ModelInfo, case: Case, settings: Settings, vocab: dict[str
         runner = Runner(session, feeds_for(info.specs, case, vocab, dims, settings.seed), settings, info.path)
         for _ in range(min(settings.warmup, 2)):
             runner.run()
-        # the profile holds every run since the session started: count them all
-        total_runs = 1 + min(settings.warmup, 2) + runs
+        # the profile holds every run since the session started: leave out shape discovery and warm-up
+        skip = (0 if settings.cuda_graph else 1) + min(settings.warmup, 2)
         for _ in range(runs):
             runner.run()
         profile_file = Path(session.end_profiling())
-        result = parse_profile(profile_file, total_runs, _norm_names(info.path))
+        result = parse_profile(profile_file, runs, _norm_names(info.path), skip_runs=skip)
         result["profiled_runs"] = result.pop("runs")
         return result
     finally:

@@ -131,7 +131,8 @@ def test_op_groups_add_up(report):
             assert prof["kernel_total_ms"] > 0
             # kernels run inside model_run: their sum cannot exceed the whole run by much
             assert prof["kernel_total_ms"] <= prof["run_total_ms"] * 1.05
-            assert prof["kernel_total_ms"] >= 0.2 * prof["run_total_ms"]
+            assert prof["kernel_total_ms"] >= 0.05 * prof["run_total_ms"]  # loose: a shared CI machine
+            assert prof["profiled_runs"] == 3
         # the dynamo baseline runs its RMSNorm chains as separate kernels
         assert entry["A"]["by_group_ms"]["normalization"] > 0
 
