@@ -326,6 +326,14 @@ def _first_undecodable_name(proto: onnx.ModelProto) -> str | None:
     return None
 
 
+#: Attributes of ONNX Runtime's fused norms (not in onnx.defs) that the fold reads.
+_ATTRIBUTE_TYPES = {
+    (op, name): kind
+    for op in ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "SkipLayerNormalization")
+    for name, kind in (("epsilon", onnx.AttributeProto.FLOAT), ("axis", onnx.AttributeProto.INT))
+}
+
+
 def _first_bad_arity(proto: onnx.ModelProto) -> str | None:
     """A standard-domain node with fewer or more inputs/outputs than its schema allows."""
     versions = {o.domain or "": o.version for o in proto.opset_import}
@@ -336,6 +344,10 @@ def _first_bad_arity(proto: onnx.ModelProto) -> str | None:
 
     def walk(graph):
         for node in graph.node:
+            for a in node.attribute:
+                expected = _ATTRIBUTE_TYPES.get((node.op_type, a.name))
+                if a.type == onnx.AttributeProto.UNDEFINED or (expected is not None and a.type != expected):
+                    return f"{node.op_type} node '{node.name}' has attribute '{a.name}' of the wrong type"
             if node.domain in ("", "ai.onnx"):
                 if node.op_type not in schemas:
                     try:

@@ -307,3 +307,79 @@ def test_nothing_to_fold(tmp_path, builder):
     assert forced.returncode == 0, forced.stderr
     assert out.is_file()
     assert snapshot(src.parent) == inputs
+
+
+# -- corrupt but parseable files -------------------------------------------------------------------
+
+
+def _corrupt(tmp_path: Path, edit) -> Path:
+    proto = rms_model()
+    edit(proto)
+    src = tmp_path / "m" / "model.onnx"
+    src.parent.mkdir(parents=True, exist_ok=True)
+    src.write_bytes(proto.SerializeToString())
+    return src
+
+
+def test_tensor_bytes_do_not_match_its_shape(tmp_path):
+    def edit(p):
+        g = next(t for t in p.graph.initializer if t.name == "g")
+        g.raw_data = g.raw_data[:-4]
+    refused(tmp_path, _corrupt(tmp_path, edit), BAD_INPUT, "tensor 'g'", "needs 64")
+
+
+def test_external_length_does_not_match_the_shape(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
+    proto = onnx.load(str(src), load_external_data=False)
+    for e in proto.graph.initializer[-1].external_data:
+        if e.key == "length":
+            e.value = "8"
+    src.write_bytes(proto.SerializeToString())
+    refused(tmp_path, src, BAD_INPUT, "declares 8 bytes")
+
+
+def test_node_with_too_few_inputs(tmp_path):
+    def edit(p):
+        node = next(n for n in p.graph.node if n.op_type == "Mul")
+        del node.input[1]
+    refused(tmp_path, _corrupt(tmp_path, edit), BAD_INPUT, "Mul node", "1 input")
+
+
+def test_unknown_or_mistyped_attribute(tmp_path):
+    def edit(p):
+        next(n for n in p.graph.node if n.op_type == "ReduceMean").attribute[0].name = "keepdimz"
+    refused(tmp_path, _corrupt(tmp_path, edit), BAD_INPUT, "unknown attribute 'keepdimz'")
+
+
+def test_name_not_utf8(tmp_path):
+    full = rms_model().SerializeToString()
+    src = tmp_path / "m" / "model.onnx"
+    src.parent.mkdir()
+    src.write_bytes(full.replace(b"mse", b"m\xffe"))
+    refused(tmp_path, src, BAD_INPUT, "not valid UTF-8")
+
+
+def test_random_corruption_is_never_an_internal_error(tmp_path, capsys):
+    """Flipped bytes: a clean error (3, or 6 when ORT cannot run the input), or a verified fold."""
+    import random
+
+    from flashnorm_onnx import cli as cli_module
+
+    full = rms_model().SerializeToString()
+    rnd = random.Random(0)
+    src, out = tmp_path / "m.onnx", tmp_path / "o.onnx"
+    codes = []
+    for _ in range(150):
+        data = bytearray(full)
+        for _ in range(rnd.randint(1, 3)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        src.write_bytes(bytes(data))
+        code = cli_module.main(["optimize", str(src), "-o", str(out), "-q"])
+        err = capsys.readouterr().err.strip()
+        assert code in (0, 3, 6), err
+        assert "Traceback" not in err and len(err.splitlines()) <= 1, err
+        if code != 0:
+            assert not out.exists()
+        out.unlink(missing_ok=True)
+        codes.append(code)
+    assert codes.count(3) > 10
