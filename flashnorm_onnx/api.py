@@ -64,6 +64,7 @@ def optimize(
     bad input, unwritable output and failed verification (nothing is written then).
     """
     info = model_io.check_input(model)
+    model_io.check_report_path(report_path, info)
     if in_place:
         target = model_io.check_output(output or info.path, info, in_place=True)
     else:
@@ -167,5 +168,4 @@ def _fits_in_memory(info: model_io.InputInfo) -> bool:
 
 def _write_report(report: FoldReport, path: str | os.PathLike | None) -> None:
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        report.write_json(path)
+        model_io.write_report(report, path)

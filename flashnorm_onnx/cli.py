@@ -175,7 +175,9 @@ def _cmd_inspect(args) -> int:
     report = inspect(args.model, untie=not args.no_untie, keep_structure=args.keep_structure)
     print(report.text().replace(" folded,", " foldable,").replace("tensors written", "tensors to write"))
     if args.report:
-        report.write_json(args.report)
+        from flashnorm_onnx.model_io import write_report
+
+        write_report(report, args.report)
     return 0
 
 

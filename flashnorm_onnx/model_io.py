@@ -187,6 +187,34 @@ def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = Fa
     return out
 
 
+def check_report_path(path: str | os.PathLike | None, info: InputInfo) -> Path | None:
+    """Refuse a --report path that cannot be written, or that is the input, before any work."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir():
+        raise OutputPathError(f"{p}: the report path is a folder")
+    existing = p.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputPathError(f"{existing}: the report's folder is not a folder (it is a file)")
+    resolved = p.resolve()
+    if resolved == info.path.resolve() or resolved in info.data_files:
+        raise OutputPathError(f"{p}: the report would overwrite the input model or its data")
+    return p
+
+
+def write_report(report, path: str | os.PathLike) -> None:
+    """Write the JSON report (creating its folder); an OSError becomes an OutputPathError."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        report.write_json(p)
+    except OSError as e:
+        raise OutputPathError(f"{p}: cannot write the report ({_short(e)})") from e
+
+
 def wants_external_data(info: InputInfo, model_bytes: int) -> bool:
     return info.has_external_data or model_bytes > EXTERNAL_DATA_THRESHOLD
 

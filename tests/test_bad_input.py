@@ -383,3 +383,15 @@ def test_random_corruption_is_never_an_internal_error(tmp_path, capsys):
         out.unlink(missing_ok=True)
         codes.append(code)
     assert codes.count(3) > 10
+
+
+def test_report_path_refused_before_any_work(tmp_path):
+    src = save(rms_model(), tmp_path / "m" / "model.onnx")
+    (tmp_path / "afile").write_text("x")
+    before = snapshot(tmp_path)
+    out = tmp_path / "out" / "o.onnx"
+    assert_clean_error(cli("optimize", src, "-o", out, "--report", tmp_path / "afile" / "r.json"), BAD_OUTPUT,
+                       "not a folder")
+    assert_clean_error(cli("optimize", src, "-o", out, "--report", src), BAD_OUTPUT, "overwrite the input")
+    assert_clean_error(cli("inspect", src, "--report", tmp_path / "afile" / "r.json"), BAD_OUTPUT, "report")
+    assert snapshot(tmp_path) == before
