@@ -395,3 +395,15 @@ def test_report_path_refused_before_any_work(tmp_path):
     assert_clean_error(cli("optimize", src, "-o", out, "--report", src), BAD_OUTPUT, "overwrite the input")
     assert_clean_error(cli("inspect", src, "--report", tmp_path / "afile" / "r.json"), BAD_OUTPUT, "report")
     assert snapshot(tmp_path) == before
+
+
+def test_disk_full_during_in_place_write_keeps_the_input(tmp_path):
+    src = save(rms_model(k=256, n=512), tmp_path / "m" / "model.onnx", external=True)
+    limit = 256 * 1024
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    before = snapshot(tmp_path)
+    assert_clean_error(cli("optimize", src, "--in-place", preexec_fn=cap), BAD_OUTPUT, "writing the output failed")
+    assert snapshot(tmp_path) == before
