@@ -65,7 +65,18 @@ def optimize(
     """
     info = model_io.check_input(model)
     model_io.check_report_path(report_path, info)
-    if in_place:
+    folder_mode = Path(model).is_dir() and not in_place
+    if folder_mode:
+        # A model folder (onnxruntime-genai builder, optimum): the output is a folder too.
+        if output is None:
+            raise model_io.OutputPathError("the input is a folder: name an output folder with -o")
+        out_dir = Path(output)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise model_io.OutputPathError(f"{out_dir}: the input is a folder, so the output must be a folder")
+        if out_dir.resolve() == info.path.parent.resolve():
+            raise model_io.OutputPathError(f"{out_dir}: output folder is the input folder; choose another")
+        target = model_io.check_output(out_dir / info.path.name, info)
+    elif in_place:
         target = model_io.check_output(output or info.path, info, in_place=True)
     else:
         target = model_io.check_output(output or model_io.default_output_path(info.path), info)
@@ -142,6 +153,8 @@ def optimize(
         raise
     finally:
         staged.discard()
+    if folder_mode:
+        written += _copy_companions(info, target.parent)
     report.output = str(target)
     report.notes.append("wrote " + ", ".join(str(p) for p in written))
     _write_report(report, report_path)
@@ -156,6 +169,24 @@ def _has_16bit_floats(model) -> bool:
         n.op_type == "Cast" and n.attributes.get("to") is not None and n.attributes["to"].value in low
         for n in graph
     )
+
+
+def _copy_companions(info: model_io.InputInfo, out_dir: Path) -> list[Path]:
+    """Copy what a runtime needs beside the model (genai_config.json, tokenizer, config)."""
+    import shutil
+
+    skip = {info.path.resolve(), *info.data_files}
+    copied = []
+    for item in sorted(info.path.parent.iterdir()):
+        if item.resolve() in skip or item.name.startswith(".") or item.suffix == ".onnx":
+            continue
+        dest = out_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, dest, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dest)
+        copied.append(dest)
+    return copied
 
 
 def _fits_in_memory(info: model_io.InputInfo) -> bool:

