@@ -116,3 +116,33 @@ def test_export_unknown_hub_id_says_so(tmp_path):
 
     with pytest.raises(InputModelError, match="never downloads"):
         export("no-such-org/no-such-model-xyz", tmp_path / "o")
+
+
+@pytest.mark.genai
+def test_genai_folder_runs_in_onnxruntime_genai_as_before(tmp_path):
+    """optimize GENAI_DIR -o OUT_DIR: onnxruntime-genai generates the same tokens from both."""
+    import subprocess
+
+    from models import fixtures
+
+    try:
+        src = fixtures.build("qwen3_genai_fp32")
+    except fixtures.FixtureUnavailable as e:
+        pytest.skip(str(e))
+    out_dir = tmp_path / "folded"
+    report = flashnorm_onnx.optimize(src.parent, out_dir)
+    assert report.folded == 5 and (out_dir / "genai_config.json").exists()
+    python = Path(__file__).resolve().parent.parent / ".venv-genai" / "bin" / "python"
+    script = (
+        "import sys, onnxruntime_genai as og\n"
+        "m = og.Model(sys.argv[1]); p = og.GeneratorParams(m)\n"
+        "p.set_search_options(max_length=24, do_sample=False)\n"
+        "g = og.Generator(m, p); g.append_tokens([[1, 5, 9, 42, 7]])\n"
+        "while not g.is_done(): g.generate_next_token()\n"
+        "print(list(g.get_sequence(0)))\n"
+    )
+    runs = [subprocess.run([str(python), "-c", script, str(d)], capture_output=True, text=True, timeout=300)
+            for d in (src.parent, out_dir)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > 10
