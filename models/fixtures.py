@@ -13,6 +13,9 @@ Usage::
     python -m models.fixtures build --all
     python -m models.fixtures genai-env      # create <repo>/.venv-genai (genai builder recipes)
 
+``build`` exits 1 if a build failed, 3 if a fixture is unavailable here (the genai recipes
+without .venv-genai; ``--skip-unavailable`` makes that exit 0).
+
 From Python::
 
     from models.fixtures import build
@@ -22,7 +25,8 @@ Layout: ``<root>/<name>/model.onnx`` plus ``fixture.json`` (what the model is an
 forms were observed in it) and ``.recipe-hash`` (the cache stamp). Exporters that write folders
 (optimum, the genai builder) keep their other files (config.json, genai_config.json,
 model.onnx.data ...) next to model.onnx. ``<root>`` defaults to ``<repo>/build/fixtures`` and is
-overridden by the environment variable ``FLASHNORM_FIXTURES``. HF model folders needed by the
+overridden by the environment variable ``FLASHNORM_FIXTURES``; the genai venv by
+``FLASHNORM_GENAI_VENV``. HF model folders needed by the
 optimum and genai recipes are saved under ``<root>/_hf/<family>_<variant>/`` and reused.
 
 Caching: a fixture is rebuilt only when its stamp (a hash of the recipe's parameters,
@@ -59,7 +63,8 @@ ANALYZER_VERSION = 1
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO_ROOT / "build" / "fixtures"
-GENAI_VENV = REPO_ROOT / ".venv-genai"
+#: The onnxruntime-genai venv (override: FLASHNORM_GENAI_VENV).
+GENAI_VENV = Path(os.environ.get("FLASHNORM_GENAI_VENV") or REPO_ROOT / ".venv-genai")
 #: The pins of the onnxruntime-genai environment (the genai builder needs transformers 5.x,
 #: optimum-onnx 0.1.0 pins transformers < 4.58, so the two cannot share one environment).
 GENAI_REQUIREMENTS = [
@@ -363,14 +368,22 @@ def _is_fresh(folder: Path, stamp: str, main_file: str = "model.onnx") -> bool:
 
 
 @contextlib.contextmanager
-def _atomic_folder(target: Path, stamp: str, main_file: str = "model.onnx") -> Iterator[Path]:
-    """Yield an empty temporary folder; on success, stamp it and rename it to ``target``."""
+def _atomic_folder(
+    target: Path, stamp: str, main_file: str = "model.onnx", replace: bool = False
+) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success, stamp it and rename it to ``target``.
+
+    If meanwhile another process put a fresh ``target`` (same stamp) in place, that one is kept
+    unless ``replace``.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     try:
         yield tmp
         (tmp / STAMP).write_text(stamp + "\n")
+        if not replace and _is_fresh(target, stamp, main_file):
+            return  # a concurrent build of the same recipe finished first: keep it
         if target.exists():
             trash = target.parent / f".old-{target.name}-{uuid.uuid4().hex[:8]}"
             try:
@@ -382,7 +395,7 @@ def _atomic_folder(target: Path, stamp: str, main_file: str = "model.onnx") -> I
         try:
             tmp.rename(target)
         except OSError:
-            # Someone else finished the same build concurrently: keep theirs if it is fresh.
+            # Someone else renamed theirs in meanwhile: fine if it is the same recipe.
             if not _is_fresh(target, stamp, main_file):
                 raise
     finally:
@@ -409,7 +422,7 @@ def build(name: str, root: Path | str | None = None, *, force: bool = False) -> 
     if recipe.source:
         build(recipe.source, root)
     t0 = time.perf_counter()
-    with _atomic_folder(target, stamp) as tmp:
+    with _atomic_folder(target, stamp, replace=force) as tmp:
         _BUILDERS[recipe.exporter](recipe, tmp, root)
         model_path = tmp / "model.onnx"
         _cap_ir_version(model_path)
@@ -799,7 +812,8 @@ def _build_genai(recipe: Recipe, out: Path, root: Path) -> None:
         "-i", str(hf), "-o", str(out), "-p", recipe.precision, "-e", "cpu",
         "-c", str(out / "_cache"),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
@@ -1046,7 +1060,10 @@ def main(argv: list[str] | None = None) -> int:
     p_build.add_argument("--all", action="store_true")
     p_build.add_argument("--root", type=Path, default=None)
     p_build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    p_build.add_argument("--skip-unavailable", action="store_true", help="skip genai fixtures without .venv-genai")
+    p_build.add_argument(
+        "--skip-unavailable", action="store_true",
+        help="exit 0 although some fixtures could not be built here (genai without .venv-genai); else exit 3",
+    )
     p_env = sub.add_parser("genai-env", help=f"create {GENAI_VENV.name} for the genai builder recipes")
     p_env.add_argument("--venv", type=Path, default=GENAI_VENV)
     args = parser.parse_args(argv)
@@ -1073,24 +1090,27 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in FIXTURES]
     if unknown:
         parser.error(f"unknown fixtures: {', '.join(unknown)}")
-    failed = 0
+    failed = unavailable = 0
     t_all = time.perf_counter()
     for name in names:
         t0 = time.perf_counter()
         try:
             path = build(name, args.root, force=args.force)
         except FixtureUnavailable as e:
-            if args.skip_unavailable:
-                print(f"skip  {name}: {e}")
-                continue
-            raise
+            print(f"skip  {name}: {e}", file=sys.stderr)
+            unavailable += 1
+            continue
         except Exception as e:  # keep going, report at the end
             failed += 1
             print(f"FAIL  {name}: {type(e).__name__}: {e}", file=sys.stderr)
             continue
         print(f"ok    {name:30s} {time.perf_counter() - t0:6.1f}s  {path}")
     print(f"total {time.perf_counter() - t_all:.1f}s")
-    return 1 if failed else 0
+    if failed:
+        return 1
+    if unavailable and not args.skip_unavailable:
+        return 3
+    return 0
 
 
 if __name__ == "__main__":
