@@ -125,6 +125,8 @@ _FUSED = {
     "SkipSimplifiedLayerNormalization": ((MS_DOMAIN,), "rms", 2, None, 1e-12),
     "LayerNormalization": (ONNX_DOMAINS + (MS_DOMAIN,), "layer", 1, 2, 1e-5),
     "SkipLayerNormalization": ((MS_DOMAIN,), "layer", 2, 3, 1e-12),
+    # ORT's BERT embedding + LayerNorm: gamma = input 5, beta = input 6
+    "EmbedLayerNormalization": ((MS_DOMAIN,), "layer", 5, 6, 1e-12),
 }
 
 
@@ -162,8 +164,8 @@ def match_fused(node: ir.Node) -> NormMatch | None:
         match.bias_source = bias_source
     axis = attr(node, "axis", -1)
     rank = rank_of(node.inputs[0])
-    if node.op_type.startswith("Skip"):
-        axis = -1  # Skip* ops always normalize the last axis
+    if node.op_type.startswith("Skip") or node.op_type == "EmbedLayerNormalization":
+        axis = -1  # these ORT ops always normalize the last axis
     if axis != -1 and not (rank is not None and axis == rank - 1):
         match.problem = f"it normalizes from axis {axis}, not over the last axis only"
         return match
