@@ -204,6 +204,7 @@ def run(args) -> int:
     shapes = [parse_shape(s) for s in args.shapes]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     rows, notes = [], []
+    prefix = "" if args.output == RESULTS_MD else Path(args.output).stem + "_"
     started = time.time()
     for family in families:
         runs = args.runs if family == "tiny" else args.smollm2_runs
@@ -252,7 +253,7 @@ def run(args) -> int:
                     print(f"[bench] {label} {name}: not measured: {msg}", flush=True)
                     continue
                 rep["benchmark"] = {"family": family, "form": form, "comparison": name}
-                out = RESULTS_DIR / f"{family}_{form}_{name.replace('/', '_vs_')}.json"
+                out = RESULTS_DIR / f"{prefix}{family}_{form}_{name.replace('/', '_vs_')}.json"
                 for sk in rep["skipped"]:
                     reason = sk["reason"] if len(sk["reason"]) < 260 else sk["reason"][:90] + " ... " + sk["reason"][-160:]
                     notes.append(f"{label} {name} {sk['shape']}: skipped ({reason})")
@@ -302,9 +303,21 @@ def write_results(rows: list[dict], notes: list[str], args, started: float) -> N
         lines.append(f"| {r['family']} | {r['form']} | {r['comparison']} | {r['shape']} ({r['dims']}) | {r['provider']} | "
                      f"{r['A_ms']:.3f} | {r['B_ms']:.3f} | {r['ratio']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] | {r['verdict']} |")
     if notes:
-        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
-    RESULTS_MD.write_text("\n".join(lines) + "\n")
-    (RESULTS_DIR / "summary.json").write_text(json.dumps({"machine": m, "rows": rows, "notes": notes}, indent=1))
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in _compact(notes)]
+    out = Path(args.output)
+    out.write_text("\n".join(lines) + "\n")
+    stem = "summary" if out == RESULTS_MD else out.stem + "_summary"
+    (RESULTS_DIR / f"{stem}.json").write_text(json.dumps({"machine": m, "rows": rows, "notes": notes}, indent=1))
+
+
+def _compact(notes: list[str]) -> list[str]:
+    """One line for all 'no KV cache' skips; the others as they are."""
+    no_cache = sorted({n.split(" ")[0] for n in notes if "no KV-cache inputs" in n})
+    rest = [n for n in notes if "no KV-cache inputs" not in n]
+    out = []
+    if no_cache:
+        out.append(f"decode not timed for exports without KV-cache inputs: {', '.join(no_cache)}")
+    return out + rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-extra", action="store_true", help="only fold/input (no ORT-optimizer, no no-norm)")
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help="CPU only even when CUDA works")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--output", type=Path, default=RESULTS_MD, help="the Markdown table to write (default RESULTS.md)")
     args = p.parse_args(argv)
     args.shapes = args.shapes or list(SHAPES)
     if args.quick:
