@@ -144,6 +144,12 @@ def build(
             inits += [_init(f"w{i}", w), _init(f"c{i}", rng.standard_normal(n_out).astype(npdt))]
             nodes += [helper.make_node("MatMul", [y, f"w{i}"], [f"mm{i}"]),
                       helper.make_node("Add", [f"mm{i}", f"c{i}"], [out])]
+        elif kind == "attention":  # com.microsoft.Attention with packed qkv weights [k, 3k]
+            ms_opset = True
+            inits += [_init(f"w{i}", (rng.standard_normal((k, 3 * k)) / np.sqrt(k)).astype(npdt)),
+                      _init(f"c{i}", rng.standard_normal(3 * k).astype(npdt))]
+            nodes.append(helper.make_node("Attention", [y, f"w{i}", f"c{i}"], [out], domain="com.microsoft",
+                                          num_heads=2))
         elif kind == "gemm":
             inits += [_init(f"w{i}", w), _init(f"c{i}", rng.standard_normal(n_out).astype(npdt))]
             nodes.append(helper.make_node("Gemm", [y, f"w{i}", f"c{i}"], [out], alpha=0.5, beta=2.0))

@@ -56,3 +56,11 @@ def test_post_ln_residual_is_skipped_and_says_so():
     assert d.status == "skipped"
     assert "feeds the residual stream" in d.reason and "post-LN" in d.reason
     assert_same(model, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["layernorm", "skip_ln", "sln"])
+def test_fold_into_ort_attention_packed_qkv(form):
+    model = graphs.build(form, consumers=("attention",))
+    out, report = fold(model)
+    assert report.folded == 1, report.text()
+    assert_same(model, out, rtol=1e-4, atol=1e-4)

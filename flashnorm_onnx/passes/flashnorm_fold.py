@@ -231,8 +231,10 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             return [], None
         out = []
         for use in uses:
-            if use.node.op_type == "Gemm" and use.bias_add is use.node:
+            if use.node.op_type == "Gemm" and use.bias_add is use.node and use.bias_source is None:
                 return [], f"{use.description} has a bias computed at run time"
+            if use.node.op_type == "Attention" and use.bias_source is None:
+                return [], f"{use.description} has no constant bias to absorb the norm's bias"
             weight = use.weight.tensor.numpy()
             delta = fold_math.bias_delta(weight, beta, use.weight.k_axis)
             if use.node.op_type == "Gemm":

@@ -293,6 +293,19 @@ def find_linear_uses(
                     use_.bias_source, use_.bias_path = c, path
             result.uses.append(use_)
             continue
+        if node.op_type == "Attention" and node.domain == "com.microsoft" and index == 0:
+            # ORT's fused attention: input @ weights[K, 3H] + bias, a linear on the norm output
+            traced = _trace_weight(node.inputs[1], 0) if len(node.inputs) > 1 and node.inputs[1] is not None \
+                else "it has no weights input"
+            if isinstance(traced, str):
+                result.refusals.append(f"feeds {node_label(node)} but {traced}")
+                continue
+            use_ = LinearUse(node=node, weight=traced, via_casts=list(via))
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if bias is not None and const_tensor(bias) is not None and not bias.is_graph_input():
+                use_.bias_add, use_.bias_source = node, bias
+            result.uses.append(use_)
+            continue
         reason, residual = _describe_refusal(node, index, value)
         result.refusals.append(reason)
         result.residual |= residual
