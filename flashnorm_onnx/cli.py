@@ -173,7 +173,7 @@ def _cmd_inspect(args) -> int:
     from flashnorm_onnx.api import inspect
 
     report = inspect(args.model, untie=not args.no_untie, keep_structure=args.keep_structure)
-    print(report.text().replace(" folded,", " foldable,").replace("tensors written", "tensors to write"))
+    print(report.text(planned=True))
     if args.report:
         from flashnorm_onnx.model_io import write_report
 

@@ -52,6 +52,22 @@ def resolve_checkpoint(path_or_id: str) -> Path:
         ) from None
 
 
+def exportable(model, output: str = "logits"):
+    """``model`` as a module taking (input_ids, attention_mask) and returning one tensor, no cache."""
+    import torch
+
+    class Exportable(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            result = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return getattr(result, output)
+
+    return Exportable(model).eval()
+
+
 def _export_optimum(src: Path, out: Path, task: str, dtype: str, opset: int | None) -> Path:
     from optimum.exporters.onnx import main_export
 
@@ -76,22 +92,14 @@ def _export_dynamo(src: Path, out: Path, task: str, dtype: str, opset: int | Non
     cls = AutoModelForCausalLM if task == "text-generation" else AutoModel
     model = cls.from_pretrained(str(src), dtype=torch_dtype, local_files_only=True).eval()
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            result = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return result.logits if task == "text-generation" else result.last_hidden_state
-
     ids = torch.ones((2, 8), dtype=torch.long)
     mask = torch.ones((2, 8), dtype=torch.long)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
     torch.onnx.export(
-        Wrapper(model).eval(), (ids, mask), str(path), dynamo=True, opset_version=opset,
+        exportable(model, "logits" if task == "text-generation" else "last_hidden_state"),
+        (ids, mask), str(path), dynamo=True, opset_version=opset,
         input_names=["input_ids", "attention_mask"],
         output_names=["logits" if task == "text-generation" else "last_hidden_state"],
         dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},

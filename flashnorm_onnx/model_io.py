@@ -41,6 +41,8 @@ class InputInfo:
     proto_bytes: int
     tensor_bytes: int
     """Bytes of all initializers, inline or external."""
+    proto: onnx.ModelProto | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The parsed model (without external data), handed to :func:`load` so the file is parsed once."""
 
     @property
     def has_external_data(self) -> bool:
@@ -145,12 +147,18 @@ def check_input(path: str | os.PathLike) -> InputInfo:
             )
         tensor_bytes += length
         data_files.add(target)
-    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes)
+    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes, proto=proto)
 
 
 def load(info: InputInfo) -> ir.Model:
+    """The checked model as onnx-ir (external tensors memory-mapped, read only when used)."""
     try:
-        return ir.load(str(info.path))
+        if info.proto is None:
+            return ir.load(str(info.path))
+        model = ir.serde.deserialize_model(info.proto)
+        info.proto = None  # the IR holds what it needs; free the protobuf
+        ir.external_data.set_base_dir(model.graph, str(info.path.parent))
+        return model
     except Exception as e:
         raise InputModelError(f"{info.path}: onnx-ir could not read the model ({_short(e)})") from e
 

@@ -130,11 +130,13 @@ class FoldReport:
             "bytes_added_note": "new tensors: untied copies of shared weights, and LayerNorm biases created for linears that had none",
         }
 
-    def summary_line(self) -> str:
+    def summary_line(self, planned: bool = False) -> str:
+        """``planned``: the words of an analysis that writes nothing (``inspect``)."""
         s = self.summary()
+        folded, written = ("foldable", "tensors to write") if planned else ("folded", "tensors written")
         return (
-            f"{s['norms']} norms: {s['folded']} folded, {s['skipped']} skipped, "
-            f"{s['already_weightless']} already weightless; {s['tensors_written']} tensors written "
+            f"{s['norms']} norms: {s['folded']} {folded}, {s['skipped']} skipped, "
+            f"{s['already_weightless']} already weightless; {s['tensors_written']} {written} "
             f"({_fmt_bytes(s['bytes_rewritten'])} rewritten, {_fmt_bytes(s['bytes_added_by_untying'])} "
             "added as untied copies or new biases)"
         )
@@ -154,9 +156,9 @@ class FoldReport:
             json.dump(self.to_json(), f, indent=2)
             f.write("\n")
 
-    def text(self) -> str:
+    def text(self, planned: bool = False) -> str:
         lines = [d.line() for d in self.decisions]
-        lines.append(self.summary_line())
+        lines.append(self.summary_line(planned))
         lines += self.notes
         if self.verification is not None:
             lines += self.verification.lines()

@@ -98,7 +98,8 @@ def compare_models(
             result.passed = False
             result.message = f"the output model fails to run: {_first_line(e)}"
             return result
-        result.cases.append(case.describe())
+        # what actually ran: --dim values and config dims may override the case's sizes
+        result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
         for meta, a, b in zip(ref.get_outputs(), expected, got):
             entry = _compare(meta.name, case.name, np.asarray(a), np.asarray(b), rtol)
             result.outputs.append(entry)

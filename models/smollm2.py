@@ -96,15 +96,9 @@ def _torch_export(target: Path, dynamo: bool, opset: int | None) -> None:
 
     model = _load_model()
 
-    class Wrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
+    from flashnorm_onnx.export import exportable
 
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    wrapper = Wrapper(model).eval()
+    wrapper = exportable(model, "logits")
     ids = torch.randint(0, 1000, (1, 16), dtype=torch.int64)
     mask = torch.ones_like(ids)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -273,16 +273,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         # Untie: a new tensor, and a private copy of the Transpose/Cast path to this reader.
         record.action = "untied copy"
         new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
-        value = new
-        for node in write.use.weight.nodes:
-            clone = ir.Node(
-                node.domain, node.op_type, [value], attributes=list(node.attributes.values()),
-                num_outputs=1, name=pool.unique(f"{node.name or node.op_type}.flashnorm"),
-            )
-            clone.outputs[0].name = pool.unique(f"{node.outputs[0].name or 'w'}.flashnorm")
-            copy_type(clone.outputs[0], node.outputs[0])
-            graph.insert_before(write.use.node, clone)
-            value = clone.outputs[0]
+        value = _clone_path(write.use.weight.nodes, new, graph, write.use.node, pool)
         write.use.node.replace_input_with(1, value)
         return record
 
@@ -306,29 +297,20 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 source.const_value = tensor
                 return 0, tensor.nbytes
             new = _new_initializer(pool, f"{source.name or 'bias'}.flashnorm", tensor, None)
-            if use.bias_path:
-                # bias behind a Cast: feed the new constant in the bias' stored dtype through a copy
-                value = new
-                for path_node in use.bias_path:
-                    clone = ir.Node(path_node.domain, path_node.op_type, [value],
-                                    attributes=list(path_node.attributes.values()), num_outputs=1,
-                                    name=pool.unique(f"{path_node.op_type}.flashnorm"))
-                    clone.outputs[0].name = pool.unique("bias.flashnorm.cast")
-                    graph.insert_before(reader, clone)
-                    value = clone.outputs[0]
-                new = value
+            # a bias behind a Cast: the new constant keeps the stored dtype and gets its own Cast
+            new = _clone_path(use.bias_path, new, graph, reader, pool)
             index = 2 if node.op_type == "Gemm" else list(reader.inputs).index(
                 use.bias_path[-1].outputs[0] if use.bias_path else source
             )
             reader.replace_input_with(index, new)
             return tensor.nbytes, 0
         # No bias yet: MatMul -> Add(new bias), or Gemm gets C.
+        # the linear's output dtype: known, or that of its weight after the path's Casts
         dtype = node.outputs[0].dtype or use.weight.tensor.dtype
-        if use.via_casts or use.weight.nodes:
-            for n in reversed(use.weight.nodes):
-                if n.op_type == "Cast":
-                    dtype = ir.DataType(n.attributes["to"].value)
-                    break
+        if node.outputs[0].dtype is None:
+            casts = [n for n in use.weight.nodes if n.op_type == "Cast"]
+            if casts:
+                dtype = ir.DataType(casts[-1].attributes["to"].value)
         array = bias.delta.astype(dtype.numpy())
         tensor = ir.Tensor(array)
         new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
@@ -351,6 +333,22 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             out.name = pool.unique(f"{old_name}.unbiased")
             add.outputs[0].name = old_name
         return tensor.nbytes, 0
+
+
+def _clone_path(
+    nodes: list[ir.Node], value: ir.Value, graph: ir.Graph, before: ir.Node, pool: ConstantPool
+) -> ir.Value:
+    """A private copy of a Transpose/Cast path, fed by ``value``, inserted before ``before``."""
+    for node in nodes:
+        clone = ir.Node(
+            node.domain, node.op_type, [value], attributes=list(node.attributes.values()),
+            num_outputs=1, name=pool.unique(f"{node.name or node.op_type}.flashnorm"),
+        )
+        clone.outputs[0].name = pool.unique(f"{node.outputs[0].name or 'w'}.flashnorm")
+        copy_type(clone.outputs[0], node.outputs[0])
+        graph.insert_before(before, clone)
+        value = clone.outputs[0]
+    return value
 
 
 def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -> list[str]:

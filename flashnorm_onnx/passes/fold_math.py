@@ -118,7 +118,7 @@ def fold_scale(weight: np.ndarray, g: np.ndarray, k_axis: int, check: bool = Tru
     return out
 
 
-def bias_delta(weight: np.ndarray, beta: np.ndarray, k_axis: int, k: int | None = None) -> np.ndarray:
+def bias_delta(weight: np.ndarray, beta: np.ndarray, k_axis: int) -> np.ndarray:
     """beta @ B for the effective [K, N] matrix (float64)."""
     w = np.asarray(weight).astype(np.float64)
     if k_axis == 1:

@@ -126,16 +126,6 @@ def rank_of(value: ir.Value | None) -> int | None:
     return len(value.shape)
 
 
-def consumers(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    return [(use.node, use.idx) for use in value.uses()]
-
-
-def display_name(value: ir.Value | None) -> str:
-    if value is None:
-        return "<none>"
-    return value.name or "<unnamed>"
-
-
 def node_label(node: ir.Node) -> str:
     prefix = f"{node.domain}." if node.domain not in ONNX_DOMAINS else ""
     name = f" '{node.name}'" if node.name else ""

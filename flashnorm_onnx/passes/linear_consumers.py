@@ -22,7 +22,6 @@ import onnx_ir as ir
 from flashnorm_onnx.passes.graph_utils import (
     ONNX_DOMAINS,
     attr,
-    const_scalar,
     const_tensor,
     is_op,
     node_label,
@@ -53,8 +52,6 @@ class LinearUse:
     node: ir.Node
     """The MatMul or Gemm."""
     weight: WeightPath
-    via_casts: list[ir.Node]
-    """Casts between the norm's output and the linear node."""
     bias_add: ir.Node | None = None
     """MatMul followed by Add(constant): the Add (used to fold a LayerNorm bias)."""
     bias_source: ir.Value | None = None
@@ -233,11 +230,8 @@ def _keeps_channels(node: ir.Node, index: int, channels: int | None) -> bool:
     return False
 
 
-def find_linear_uses(
-    value: ir.Value, via: list[ir.Node] | None = None, channels: int | None = None
-) -> ConsumerAnalysis:
+def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAnalysis:
     """Every reader of ``value``; ``channels`` is the norm's channel count when known."""
-    via = via or []
     result = ConsumerAnalysis(uses=[], refusals=[], shape_readers=0)
     if value.is_graph_output():
         result.refusals.append(f"its output '{value.name}' is a graph output")
@@ -250,7 +244,7 @@ def find_linear_uses(
             result.shape_readers += 1
             continue
         if (is_op(node, "Cast") and index == 0) or _keeps_channels(node, index, channels):
-            inner = find_linear_uses(node.outputs[0], via + [node], channels)
+            inner = find_linear_uses(node.outputs[0], channels)
             result.uses += inner.uses
             result.refusals += inner.refusals
             result.shape_readers += inner.shape_readers
@@ -261,7 +255,7 @@ def find_linear_uses(
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
                 continue
-            use_ = LinearUse(node=node, weight=traced, via_casts=list(via))
+            use_ = LinearUse(node=node, weight=traced)
             bias = _bias_after(node)
             if bias is not None:
                 use_.bias_add, use_.bias_source, use_.bias_path = bias
@@ -275,7 +269,7 @@ def find_linear_uses(
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
                 continue
-            use_ = LinearUse(node=node, weight=traced, via_casts=list(via))
+            use_ = LinearUse(node=node, weight=traced)
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 c = node.inputs[2]
                 path: list[ir.Node] = []
@@ -300,7 +294,7 @@ def find_linear_uses(
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
                 continue
-            use_ = LinearUse(node=node, weight=traced, via_casts=list(via))
+            use_ = LinearUse(node=node, weight=traced)
             bias = node.inputs[2] if len(node.inputs) > 2 else None
             if bias is not None and const_tensor(bias) is not None and not bias.is_graph_input():
                 use_.bias_add, use_.bias_source = node, bias
@@ -311,15 +305,3 @@ def find_linear_uses(
         result.residual |= residual
     return result
 
-
-def gemm_alpha_beta(node: ir.Node) -> tuple[float, float]:
-    return float(attr(node, "alpha", 1.0)), float(attr(node, "beta", 1.0))
-
-
-__all__ = [
-    "ConsumerAnalysis",
-    "LinearUse",
-    "WeightPath",
-    "find_linear_uses",
-    "const_scalar",
-]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from flashnorm_onnx.passes.graph_utils import const_tensor
+from flashnorm_onnx.passes.graph_utils import const_tensor, unique_name
 from flashnorm_onnx.passes.norm_patterns import NormMatch
 
 
@@ -26,8 +26,6 @@ class ConstantPool:
         self._cache: dict[tuple, ir.Value] = {}
 
     def unique(self, base: str) -> str:
-        from flashnorm_onnx.passes.graph_utils import unique_name
-
         return unique_name(self.graph, base, self.names)
 
     def add(self, base: str, array: np.ndarray) -> ir.Value:
@@ -122,7 +120,8 @@ def _fused_replacement(match: NormMatch, graph: ir.Graph, pool: ConstantPool, op
         x, x_dtype, after_cast = match.outer_input, ir.DataType.FLOAT16, None
     if x_dtype is None:
         return None
-    channels = _scale_shape(match)[-1] if _scale_shape(match) else None
+    scale_shape = _scale_shape(match)
+    channels = scale_shape[-1] if scale_shape else None
     if channels is None or channels == 1:
         # A scalar scale gives no channel count for a ones vector; keep the chain.
         return None
