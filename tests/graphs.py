@@ -7,6 +7,8 @@ models/fixtures.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -224,3 +226,14 @@ def run(model_or_path, feeds) -> list[np.ndarray]:
     source = model_or_path.SerializeToString() if isinstance(model_or_path, onnx.ModelProto) else str(model_or_path)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return session.run(None, feeds)
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
+    """Write a test model, its tensors (over 64 bytes) in one external data file if asked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=64)
+    else:
+        onnx.save_model(model, str(path))
+    return path

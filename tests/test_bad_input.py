@@ -18,6 +18,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from tests.graphs import save
+
 BAD_INPUT, BAD_OUTPUT = 3, 4
 
 
@@ -62,16 +64,6 @@ def plain_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-
-
-def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=64)
-    else:
-        onnx.save_model(model, str(path))
-    return path
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -17,49 +17,12 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
-def _tiny_llama_dynamo(path: Path) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=256, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)  # trained-like scales: something to fold
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, input_ids, attention_mask):
-            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    ids = torch.randint(0, 256, (1, 8))
-    batch, seq = torch.export.Dim("batch", max=8), torch.export.Dim("sequence", max=256)
-    program = torch.onnx.export(
-        Wrapper(model), (ids, torch.ones_like(ids)), dynamo=True,
-        input_names=["input_ids", "attention_mask"], output_names=["logits"],
-        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-    )
-    program.save(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("profile")
-    source = None
-    try:
-        from models import fixtures  # built by the fixtures module when present
+    from models import fixtures
 
-        source = Path(fixtures.build("llama_dynamo"))
-    except Exception:
-        source = _tiny_llama_dynamo(tmp / "tiny.onnx")
+    source = Path(fixtures.build("llama_dynamo"))
     folded = tmp / "tiny.flashnorm.onnx"
     assert main(["optimize", str(source), "-o", str(folded), "-q", "--force-write"]) == 0
     return source, folded
