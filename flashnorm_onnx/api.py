@@ -53,33 +53,63 @@ def optimize(
     report_path: str | os.PathLike | None = None,
     in_place: bool = False,
     force_write: bool = False,
+    verify_timeout: float | None = 600.0,
     progress: Callable[[str, int, int], None] | None = None,
-) -> FoldReport:
+):
     """Fold every foldable normalization of ``model`` and write the result to ``output``.
 
-    ``verify_mode``: "auto" (ONNX Runtime comparison when both models fit comfortably in
-    memory, else the algebraic check of every folded tensor), "onnxruntime" or "algebraic".
+    ``verify_mode`` (see :data:`VERIFY_MODES`): "auto" (the whole-model ONNX Runtime comparison
+    when both models fit comfortably in memory, else the subgraph check plus the algebraic one),
+    "onnxruntime", "subgraph" or "algebraic".
+
+    ``model`` may be a folder (an optimum export, an onnxruntime-genai folder): every ``*.onnx``
+    in it is folded and verified into the output folder, companions copied; the result is then
+    a :class:`~flashnorm_onnx.folder.FolderReport`.
 
     Returns the report. Raises :class:`~flashnorm_onnx.errors.FlashNormError` subclasses for
-    bad input, unwritable output and failed verification (nothing is written then).
+    bad input, unwritable output and failed verification (nothing is published then).
     """
+    if verify_mode not in VERIFY_MODES:
+        raise ValueError(f"verify_mode must be one of {', '.join(VERIFY_MODES)}")
+    options = dict(untie=untie, keep_structure=keep_structure, verify=verify, verify_mode=verify_mode, dims=dims,
+                   rtol=rtol, force_write=force_write, verify_timeout=verify_timeout, progress=progress)
+    if Path(model).is_dir() and not in_place:
+        from flashnorm_onnx.folder import optimize_folder
+
+        return optimize_folder(Path(model), output, report_path=report_path, **options)
     info = model_io.check_input(model)
-    model_io.check_report_path(report_path, info)
-    folder_mode = Path(model).is_dir() and not in_place
-    if folder_mode:
-        # A model folder (onnxruntime-genai builder, optimum): the output is a folder too.
-        if output is None:
-            raise model_io.OutputPathError("the input is a folder: name an output folder with -o")
-        out_dir = Path(output)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise model_io.OutputPathError(f"{out_dir}: the input is a folder, so the output must be a folder")
-        if out_dir.resolve() == info.path.parent.resolve():
-            raise model_io.OutputPathError(f"{out_dir}: output folder is the input folder; choose another")
-        target = model_io.check_output(out_dir / info.path.name, info)
-    elif in_place:
+    if in_place:
         target = model_io.check_output(output or info.path, info, in_place=True)
     else:
         target = model_io.check_output(output or model_io.default_output_path(info.path), info)
+    model_io.check_report_path(report_path, info, output=target)
+    return optimize_file(info, target, report_path=report_path, **options)
+
+
+#: ``--verify`` choices: what each proves is in the README ("What verification proves").
+VERIFY_MODES = ("auto", "onnxruntime", "subgraph", "algebraic")
+
+
+def optimize_file(
+    info: model_io.InputInfo,
+    target: Path,
+    *,
+    untie: bool = True,
+    keep_structure: bool = False,
+    verify: bool = True,
+    verify_mode: str = "auto",
+    dims: dict[str, int] | None = None,
+    rtol: float | None = None,
+    report_path: str | os.PathLike | None = None,
+    force_write: bool = False,
+    verify_timeout: float | None = 600.0,
+    progress: Callable[[str, int, int], None] | None = None,
+    publish_output: bool = True,
+) -> FoldReport:
+    """One checked input model to one checked output path: load -> fold -> stage -> verify -> publish.
+
+    With ``publish_output=False`` the verified output stays staged: the report's ``staged``
+    attribute holds it, for the caller to ``commit()`` or ``abandon()``."""
     ir_model = model_io.load(info)
     vocab = vocab_sizes(ir_model)
     if rtol is None and _has_16bit_floats(ir_model):
@@ -102,6 +132,10 @@ def optimize(
         if not report.decisions:
             report.notes.append("no normalization found in the model")
         report.notes.append("nothing to fold: no output written (use --force-write to write it anyway)")
+        from flashnorm_onnx import publish
+
+        if publish.clean(target):
+            report.notes.append(f"removed the leftovers of an interrupted run at {target}")
         report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
         _write_report(report, report_path)
         return report
@@ -110,27 +144,15 @@ def optimize(
     staged = model_io.write_atomic(
         ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None
     )
+    del ir_model  # the staged file is what gets verified and published
     try:
         if not verify:
             report.verification = VerificationResult(method="skipped", passed=True, message="--no-verify")
         elif not result.modified:
             report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
-        elif verify_mode == "algebraic" or (verify_mode == "auto" and not _fits_in_memory(info)):
-            from flashnorm_onnx.verify_algebraic import check_folds
-
-            report.verification = check_folds(result.folds, staged.model_path)
-            if verify_mode == "auto":
-                report.verification.message = (
-                    "the model is too large to run twice in memory: checked each folded tensor's algebra "
-                    "instead of an ONNX Runtime comparison"
-                ) + (f"; {report.verification.message}" if report.verification.message else "")
         else:
-            from flashnorm_onnx.verify import compare_models
-
-            all_dims = {**dims_from_configs(info.path), **(dims or {})}
-            report.verification = compare_models(
-                info.path, staged.model_path, dims=all_dims, vocab=vocab, rtol=rtol
-            )
+            report.verification = _verify(verify_mode, info, staged.model_path, result, dims, vocab, rtol,
+                                          verify_timeout)
         problem = check_model(staged.model_path)
         if problem is not None:
             if check_model(info.path) is None:
@@ -147,18 +169,59 @@ def optimize(
             raise VerificationFailed(
                 f"verification failed: {report.verification.message}; no output written", report=report
             )
-        written = staged.commit()
+        if not publish_output:
+            report.staged = staged
+            return report
+
+        def before_publish(paths: list[Path]) -> None:
+            report.output = str(target)
+            report.notes.append("wrote " + ", ".join(str(p) for p in paths))
+            _write_report(report, report_path)
+
+        staged.commit(before_publish)
     except BaseException:
         staged.abandon()
         raise
-    finally:
-        staged.discard()
-    if folder_mode:
-        written += _copy_companions(info, target.parent)
-    report.output = str(target)
-    report.notes.append("wrote " + ", ".join(str(p) for p in written))
-    _write_report(report, report_path)
     return report
+
+
+def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, vocab, rtol, timeout) -> VerificationResult:
+    """Run the requested check; ``auto`` picks by size (see :data:`VERIFY_MODES`)."""
+    if mode == "auto":
+        mode = "onnxruntime" if _fits_in_memory(info) else "subgraph+algebraic"
+    if mode == "onnxruntime":
+        from flashnorm_onnx.verify import compare_models
+
+        all_dims = {**dims_from_configs(info.path), **(dims or {})}
+        return compare_models(info.path, output, dims=all_dims, vocab=vocab, rtol=rtol, timeout=timeout)
+    checks = []
+    if "subgraph" in mode:
+        from flashnorm_onnx.verify_subgraph import check_sites
+
+        checks.append(check_sites(result.sites, info.path, output, rtol=rtol, timeout=timeout))
+    if "algebraic" in mode:
+        from flashnorm_onnx.verify_algebraic import check_folds, check_structure
+
+        checks.append(check_folds(result.folds, output))
+        checks.append(check_structure(result.sites, info.path, output))
+    verification = checks[0] if len(checks) == 1 else combine(checks)
+    if mode == "subgraph+algebraic":
+        verification.message = (
+            "the model is too large to run twice in memory: ran every rewritten norm and linear "
+            "in ONNX Runtime against the input's, and checked each folded tensor's algebra"
+        ) + (f"; {verification.message}" if verification.message else "")
+    return verification
+
+
+def combine(checks: list[VerificationResult]) -> VerificationResult:
+    """One result from several checks: passed when all passed."""
+    out = VerificationResult(method="+".join(c.method for c in checks), passed=all(c.passed for c in checks))
+    for c in checks:
+        out.outputs += c.outputs
+        out.cases += c.cases
+        out.tolerance = max(out.tolerance, c.tolerance)
+    out.message = "; ".join(f"{c.method}: {c.message}" for c in checks if c.message and not c.passed)
+    return out
 
 
 def _has_16bit_floats(model) -> bool:
@@ -169,24 +232,6 @@ def _has_16bit_floats(model) -> bool:
         n.op_type == "Cast" and n.attributes.get("to") is not None and n.attributes["to"].value in low
         for n in graph
     )
-
-
-def _copy_companions(info: model_io.InputInfo, out_dir: Path) -> list[Path]:
-    """Copy what a runtime needs beside the model (genai_config.json, tokenizer, config)."""
-    import shutil
-
-    skip = {info.path.resolve(), *info.data_files}
-    copied = []
-    for item in sorted(info.path.parent.iterdir()):
-        if item.resolve() in skip or item.name.startswith(".") or item.suffix == ".onnx":
-            continue
-        dest = out_dir / item.name
-        if item.is_dir():
-            shutil.copytree(item, dest, dirs_exist_ok=True)
-        else:
-            shutil.copy2(item, dest)
-        copied.append(dest)
-    return copied
 
 
 def _fits_in_memory(info: model_io.InputInfo) -> bool:

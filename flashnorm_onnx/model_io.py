@@ -15,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +22,9 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
+from flashnorm_onnx import publish
 from flashnorm_onnx.errors import InputModelError, OutputPathError
+from flashnorm_onnx.publish import StagedOutput
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +103,15 @@ def check_input(path: str | os.PathLike) -> InputInfo:
     bad_node = _first_bad_arity(proto)
     if bad_node is not None:
         raise InputModelError(f"{p}: not a valid ONNX model ({bad_node}; corrupt file?)")
-    for tensor in _all_tensors(proto):
+    for tensor in all_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise InputModelError(f"{p}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
         expected = _expected_bytes(tensor) if _fixed_size(tensor) else None
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            if _element_count(tensor) > 0 and not _holds_data(tensor):
+                raise InputModelError(
+                    f"{p}: tensor '{tensor.name}' declares shape {list(tensor.dims)} but holds no data"
+                )
             if expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
                 raise InputModelError(
                     f"{p}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its shape "
@@ -131,15 +135,25 @@ def check_input(path: str | os.PathLike) -> InputInfo:
         location = info.get("location", "")
         if not location:
             raise InputModelError(f"{p}: tensor '{tensor.name}' has external data with no location")
-        target = (base / location).resolve()
-        if os.path.isabs(location) or (base != target and base not in target.parents):
+        if "\x00" in location:
             raise InputModelError(
-                f"{p}: tensor '{tensor.name}' points outside the model's folder ({location}); refusing"
+                f"{p}: tensor '{tensor.name}' has an external data location with a NUL character "
+                f"({location!r}); corrupt file?"
             )
-        if not target.is_file():
-            raise InputModelError(f"{p}: external data file '{location}' is missing")
-        if target not in file_sizes:
-            file_sizes[target] = target.stat().st_size
+        try:
+            target = (base / location).resolve()
+            if os.path.isabs(location) or (base != target and base not in target.parents):
+                raise InputModelError(
+                    f"{p}: tensor '{tensor.name}' points outside the model's folder ({location}); refusing"
+                )
+            if not target.is_file():
+                raise InputModelError(f"{p}: external data file '{location}' is missing")
+            if target not in file_sizes:
+                file_sizes[target] = target.stat().st_size
+        except (OSError, ValueError) as e:  # a name too long, a loop of links...
+            raise InputModelError(
+                f"{p}: tensor '{tensor.name}' has an unusable external data location {location[:100]!r} ({_short(e)})"
+            ) from None
         if offset + length > file_sizes[target]:
             raise InputModelError(
                 f"{p}: external data file '{location}' is shorter than declared "
@@ -168,7 +182,8 @@ def default_output_path(input_path: Path) -> Path:
 
 
 def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = False) -> Path:
-    """Where the output goes; refuses to overwrite the input or its data unless in_place."""
+    """Where the output goes; refuses to overwrite the input or its data unless in_place, and
+    any existing path that is not a regular file (a FIFO, a device, a socket, a broken link)."""
     out = Path(output)
     if out.exists() and out.is_dir() or str(output).endswith(os.sep):
         out = out / info.path.name
@@ -181,6 +196,7 @@ def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = Fa
         raise OutputPathError(f"{existing}: the output folder is not a folder (it is a file)")
     if out.exists() and out.is_dir():
         raise OutputPathError(f"{out}: the output path is a folder")
+    check_regular_or_absent(out, "output")
     resolved = out.resolve() if out.exists() else parent.resolve() / out.name
     data = resolved.with_name(resolved.name + ".data")
     same_model = resolved == info.path.resolve()
@@ -195,8 +211,33 @@ def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = Fa
     return out
 
 
-def check_report_path(path: str | os.PathLike | None, info: InputInfo) -> Path | None:
-    """Refuse a --report path that cannot be written, or that is the input, before any work."""
+def check_regular_or_absent(path: Path, what: str) -> None:
+    """Output paths are regular files (or links to one) or absent; anything else is refused."""
+    import stat
+
+    if not os.path.lexists(path):
+        return
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise OutputPathError(f"{path}: the {what} path is a broken link; remove it or choose another") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
+        raise OutputPathError(f"{path}: the {what} path is {kind}, not a regular file; choose another")
+
+
+def check_report_path(
+    path: str | os.PathLike | None,
+    info: InputInfo,
+    output: Path | None = None,
+    output_folder: Path | None = None,
+    reserved: set[Path] | None = None,
+) -> Path | None:
+    """Refuse, before any work, a --report path that cannot be written or that names another
+    file of the same run: the input, its data, the output, the output's data file (any name
+    this tool may give it), a file the run writes into ``output_folder``, or ``reserved``."""
     if path is None:
         return None
     p = Path(path)
@@ -207,19 +248,47 @@ def check_report_path(path: str | os.PathLike | None, info: InputInfo) -> Path |
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise OutputPathError(f"{existing}: the report's folder is not a folder (it is a file)")
+    check_regular_or_absent(p, "report")
     resolved = p.resolve()
     if resolved == info.path.resolve() or resolved in info.data_files:
         raise OutputPathError(f"{p}: the report would overwrite the input model or its data")
+    if output is not None:
+        out = output.resolve() if output.exists() else output.parent.resolve() / output.name
+        if resolved == out:
+            raise OutputPathError(f"{p}: the report would overwrite the output model; choose another --report path")
+        if resolved.parent == out.parent and publish.data_name_pattern(out.name).fullmatch(resolved.name):
+            raise OutputPathError(f"{p}: the report would overwrite the output's data file; choose another --report path")
+        if resolved.parent == out.parent and publish.staging_pattern(out.name).fullmatch(resolved.name):
+            raise OutputPathError(f"{p}: the report path is a staging folder name; choose another --report path")
+    if reserved and resolved in {r.resolve() for r in reserved}:
+        raise OutputPathError(f"{p}: the report would overwrite a file this run writes; choose another --report path")
+    if output_folder is not None:
+        folder = output_folder.resolve()
+        if folder == resolved.parent or folder in resolved.parents:
+            rel = resolved.relative_to(folder)
+            if rel.suffix == ".onnx" or ".onnx" in rel.name or (info.path.parent / rel).exists() or os.path.lexists(
+                    info.path.parent / rel):
+                raise OutputPathError(
+                    f"{p}: the report would overwrite a file this run writes into {output_folder}; "
+                    "choose another --report path"
+                )
     return p
 
 
 def write_report(report, path: str | os.PathLike) -> None:
-    """Write the JSON report (creating its folder); an OSError becomes an OutputPathError."""
+    """Write the JSON report atomically (creating its folder); an OSError becomes an OutputPathError."""
     p = Path(path)
+    tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        report.write_json(p)
+        if os.path.lexists(p) and not p.is_file():
+            check_regular_or_absent(p, "report")
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        report.write_json(tmp)
+        os.replace(tmp, p)
     except OSError as e:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise OutputPathError(f"{p}: cannot write the report ({_short(e)})") from e
 
 
@@ -232,27 +301,13 @@ def write_atomic(
     output: Path,
     external: bool,
     progress: Callable[[int, int], None] | None = None,
-) -> "StagedOutput":
-    """Write the model into a staging folder next to ``output``; call ``commit()`` to publish."""
-    parent = output.parent
-    created: list[Path] = []  # folders this write creates, deepest first (removed on failure)
-    missing = parent
-    while not missing.exists() and missing != missing.parent:
-        created.append(missing)
-        missing = missing.parent
+) -> StagedOutput:
+    """Write the model into a hidden staging folder next to ``output``; ``commit()`` publishes it
+    (see :mod:`flashnorm_onnx.publish`)."""
+    staged = publish.stage(output)
+    staged.external = external
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        _remove_empty(created)
-        raise OutputPathError(f"{parent}: cannot create the output folder ({_short(e)})") from e
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
-    except OSError as e:
-        _remove_empty(created)
-        raise OutputPathError(f"{parent}: cannot write there ({_short(e)})") from e
-    staged = StagedOutput(staging=staging, output=output, external=external, created=created)
-    try:
-        path = staging / output.name
+        path = staged.model_path
         if external:
             callback = None
             if progress is not None:
@@ -271,54 +326,8 @@ def write_atomic(
     return staged
 
 
-@dataclasses.dataclass
-class StagedOutput:
-    staging: Path
-    output: Path
-    external: bool
-    created: list[Path] = dataclasses.field(default_factory=list)
-
-    @property
-    def data_name(self) -> str:
-        return self.output.name + ".data"
-
-    @property
-    def model_path(self) -> Path:
-        return self.staging / self.output.name
-
-    def commit(self) -> list[Path]:
-        """Move the staged files into place (data first, then the model)."""
-        written = []
-        try:
-            if self.external and (self.staging / self.data_name).exists():
-                os.replace(self.staging / self.data_name, self.output.parent / self.data_name)
-                written.append(self.output.parent / self.data_name)
-            os.replace(self.model_path, self.output)
-            written.append(self.output)
-        except OSError as e:
-            raise OutputPathError(f"{self.output}: could not move the output into place ({_short(e)})") from e
-        finally:
-            self.discard()
-        return written
-
-    def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-    def abandon(self) -> None:
-        """Nothing is published: remove the staging folder and the folders created for it."""
-        self.discard()
-        _remove_empty(self.created)
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    for folder in folders:  # deepest first
-        try:
-            folder.rmdir()
-        except OSError:
-            break
-
-
-def _all_tensors(proto: onnx.ModelProto):
+def all_tensors(proto: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
     def walk(graph):
         yield from graph.initializer
         for node in graph.node:
@@ -431,6 +440,29 @@ def _expected_bytes(tensor: onnx.TensorProto) -> int:
     except Exception:
         itemsize = 1
     return int(count * itemsize)
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count
+
+
+#: TensorProto fields that hold inline values (besides raw_data).
+_TYPED_DATA_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _holds_data(tensor: onnx.TensorProto) -> bool:
+    """Any inline data at all (raw or typed), read by length only: nothing is materialised.
+
+    (Reading ``raw_data`` copies it, so a fixed-size dtype's presence is enough: its length is
+    checked against the shape right after.)"""
+    if any(len(getattr(tensor, f)) > 0 for f in _TYPED_DATA_FIELDS):
+        return True
+    if not tensor.HasField("raw_data"):
+        return False
+    return _fixed_size(tensor) or len(tensor.raw_data) > 0
 
 
 def _typed_bytes(tensor: onnx.TensorProto) -> int:

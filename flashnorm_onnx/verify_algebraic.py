@@ -15,6 +15,7 @@ the ONNX Runtime comparison checks on every model that fits in memory.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -83,3 +84,120 @@ def check_folds(folds, output: str | os.PathLike | None = None, rows: int = 4, c
         f"(up to {columns} output columns)"
     )
     return result
+
+
+def check_structure(sites, reference: str | os.PathLike, output: str | os.PathLike) -> VerificationResult:
+    """What the weight check cannot see, read back from the written output without running it:
+
+    * every folded norm is weightless in the output (scale all ones, bias zero), and it is what
+      its readers read;
+    * every LayerNorm bias moved into a linear: ``c_out - c_in == beta @ B`` (Gemm: scaled by its
+      alpha / beta), with B the input's weight and c the linear's bias constant in each file.
+    """
+    from flashnorm_onnx.passes.norm_patterns import find_norms
+    from flashnorm_onnx.verify_subgraph import _File
+
+    ref, out = _File(Path(reference)), _File(Path(output))
+    by_output = {m.output.name: m for m in find_norms(out.graph)}
+    result = VerificationResult(method="structure", passed=True)
+
+    def fail(message: str, name: str) -> None:
+        result.passed = False
+        result.message = result.message or message
+        result.outputs.append({"case": "structure", "name": name, "max_abs": float("inf"), "max_rel": float("inf"),
+                               "argmax_agreement": None, "ok": False, "rtol": 0.0, "dtype": "", "shape": []})
+
+    biases = 0
+    for site in sites:
+        after = site.output_after.name
+        match = _norm_producing(out, after, by_output)
+        if match is None:
+            fail(f"norm '{site.norm}': its readers in the output do not read a normalization", after)
+            continue
+        g = match.scale_array()
+        beta = match.bias_array()
+        if not np.all(g == 1) or (beta is not None and np.any(beta != 0)):
+            fail(f"norm '{site.norm}' is not weightless in the output (scale != 1 or bias != 0)", after)
+        if site.beta is None or not np.any(site.beta):
+            continue
+        for r in site.readers:
+            weight = ref.values.get(r.weight)
+            if weight is None or weight.const_value is None:
+                fail(f"norm '{site.norm}': weight '{r.weight}' not found in the input", r.result_before)
+                continue
+            b = weight.const_value.numpy().astype(np.float64)
+            delta = np.asarray(site.beta, np.float64).reshape(-1) @ (b if r.k_axis == 0 else b.T)
+            scale_in, c_in = _bias_of(ref, r.result_before)
+            scale_out, c_out = _bias_of(out, r.result_after.name)
+            if c_out is None:
+                fail(f"norm '{site.norm}': the linear '{r.result_before}' lost its LayerNorm bias", r.result_before)
+                continue
+            moved = c_out * scale_out - (0.0 if c_in is None else c_in * scale_in)
+            alpha = _gemm_alpha(out, r.result_after.name)
+            biases += 1
+            err = float(np.max(np.abs(moved - alpha * delta)))
+            mag = float(np.max(np.abs(alpha * delta))) or 1.0
+            ok = err <= 2e-2 * mag if weight.const_value.dtype.itemsize < 4 else err <= 1e-4 * mag
+            result.outputs.append({"case": "c+β@B", "name": r.result_before, "max_abs": err, "max_rel": err / mag,
+                                   "argmax_agreement": None, "ok": bool(ok), "rtol": 0.0, "dtype": "", "shape": []})
+            if not ok:
+                fail(f"norm '{site.norm}': the bias moved into '{r.result_before}' is not beta @ B", r.result_before)
+    result.cases.append(f"{len(sites)} folded norms weightless in the output and read by their linears; "
+                        f"{biases} moved LayerNorm biases equal beta @ B")
+    return result
+
+
+def _norm_producing(file, name: str, by_output: dict):
+    """The norm whose output (through Casts) is ``name`` in ``file``."""
+    value = file.values.get(name)
+    for _ in range(4):
+        if value is None:
+            return None
+        if value.name in by_output:
+            return by_output[value.name]
+        node = value.producer()
+        if node is None or node.op_type not in ("Cast", "Identity") or not node.inputs:
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _const_behind_casts(value):
+    for _ in range(4):
+        if value is None:
+            return None
+        if value.const_value is not None:
+            return value.const_value.numpy().astype(np.float64)
+        node = value.producer()
+        if node is None or node.op_type not in ("Cast", "Identity"):
+            return None
+        value = node.inputs[0]
+    return None
+
+
+def _bias_of(file, result: str) -> tuple[float, np.ndarray | None]:
+    """(scale, c): the constant bias that produced ``result`` (Add(x, c), Gemm's beta * C, Attention's bias)."""
+    value = file.values.get(result)
+    node = value.producer() if value is not None else None
+    if node is None:
+        return 1.0, None
+    if node.op_type == "Add":
+        for v in node.inputs:
+            c = _const_behind_casts(v)
+            if c is not None:
+                return 1.0, c
+        return 1.0, None
+    if node.op_type == "Gemm" and len(node.inputs) > 2:
+        beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
+        return float(beta), _const_behind_casts(node.inputs[2])
+    if node.op_type == "Attention" and len(node.inputs) > 2:
+        return 1.0, _const_behind_casts(node.inputs[2])
+    return 1.0, None
+
+
+def _gemm_alpha(file, result: str) -> float:
+    value = file.values.get(result)
+    node = value.producer() if value is not None else None
+    if node is not None and node.op_type == "Gemm" and "alpha" in node.attributes:
+        return float(node.attributes["alpha"].value)
+    return 1.0

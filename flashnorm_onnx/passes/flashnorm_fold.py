@@ -59,9 +59,46 @@ class FoldRecord:
 
 
 @dataclasses.dataclass
+class ReaderSite:
+    """One linear reader of a folded norm: ``result = linear(data)`` (its bias add included)."""
+
+    op: str
+    data: str
+    """The value the linear reads (the same value in the input and the output model)."""
+    result_before: str
+    """Name, in the input model, of the linear's result (after its bias Add, if any)."""
+    result_after: ir.Value
+    """The same result in the rewritten model (a new bias Add's output for a LayerNorm)."""
+    weight: str = ""
+    """The weight constant in the input model, and the axis of it the norm's channels index."""
+    k_axis: int = 0
+
+
+@dataclasses.dataclass
+class RewriteSite:
+    """Where one folded norm's function can be re-run in isolation (see verify_subgraph)::
+
+        output_before(inputs)  ==  output_after(inputs) * g + beta          (the norm)
+        result_before(data * g + beta)  ==  result_after(data)             (each reader)
+    """
+
+    norm: str
+    inputs: list[str]
+    """The norm's activation inputs (x; and skip for Skip* norms), the same in both models."""
+    output_before: str
+    output_after: ir.Value
+    g: np.ndarray
+    beta: np.ndarray | None
+    readers: list[ReaderSite]
+    extra_outputs: list[str] = dataclasses.field(default_factory=list)
+    """Other outputs of a fused norm (a Skip* norm's residual sum): unchanged by the fold."""
+
+
+@dataclasses.dataclass
 class FlashNormPassResult(ir.passes.PassResult):
     report: FoldReport = dataclasses.field(default_factory=FoldReport)
     folds: list[FoldRecord] = dataclasses.field(default_factory=list)
+    sites: list[RewriteSite] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -102,6 +139,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         pool = ConstantPool(graph, set())
         report = FoldReport()
         self._folds: list[FoldRecord] = []
+        self._sites: list[RewriteSite] = []
         norms = find_norms(graph)
         for index, match in enumerate(norms):
             decision = self._decide_and_fold(index, match, graph, pool, opset)
@@ -113,7 +151,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
             _ensure_opset(model)
-        return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds)
+        return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds, sites=self._sites)
 
     # -- one norm ------------------------------------------------------------------------------
 
@@ -167,6 +205,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 _release(tensor)
 
         # Decided: write.
+        site = _site_before(match, g, beta, analysis.uses)
         done_in_place: set[int] = set()
         for write in writes:
             nbytes = _nbytes(const_tensor(write.source))
@@ -183,7 +222,14 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             decision.bytes_added += added
             decision.bytes_rewritten += rewritten
             decision.tensors_written += 1
+        readers_of_output = [(u.node, u.idx) for u in match.output.uses()]
         decision.rewritten_as = make_weightless(match, graph, pool, opset, self.keep_structure)
+        if site is not None:
+            node, idx = readers_of_output[0]
+            site.output_after = node.inputs[idx]
+            for reader, use in zip(site.readers, analysis.uses):
+                reader.result_after = _linear_result(use)
+            self._sites.append(site)
         decision.status = "folded"
         return decision
 
@@ -327,12 +373,43 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         out.replace_all_uses_with(add.outputs[0], replace_graph_outputs=True)
         add.replace_input_with(0, out)
         graph.insert_after(node, add)
+        use.bias_add = add  # the linear's result is now this Add's output
         if was_output:
             # keep the graph output's name
             old_name = out.name
             out.name = pool.unique(f"{old_name}.unbiased")
             add.outputs[0].name = old_name
         return tensor.nbytes, 0
+
+
+def _linear_result(use: LinearUse) -> ir.Value:
+    """The linear's result after its bias: the existing or inserted bias Add, else its output."""
+    if use.bias_add is not None and use.bias_add is not use.node:
+        return use.bias_add.outputs[0]
+    return use.node.outputs[0]
+
+
+def _site_before(match: NormMatch, g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse]) -> RewriteSite | None:
+    """Names, taken before any rewrite, of what verify_subgraph re-runs (None: values without names)."""
+    from flashnorm_onnx.passes.norm_patterns import strip_casts
+
+    if match.scale_node is not None:
+        inputs = [match.outer_input]
+    else:  # a fused op: its activation inputs (x, skip), not its constants
+        inputs = [v for v in match.anchor.inputs if v is not None and const_tensor(strip_casts(v)[0]) is None]
+    readers = []
+    for use in uses:
+        result = _linear_result(use)
+        readers.append(ReaderSite(op=use.node.op_type, data=use.node.inputs[0].name, result_before=result.name,
+                                  result_after=result, weight=use.weight.source.name or "",
+                                  k_axis=use.weight.k_axis))
+    extra = [o.name for o in match.anchor.outputs[1:] if o.name and o.uses()] if match.scale_node is None else []
+    names = [v.name for v in inputs] + [match.output.name] + [r.data for r in readers] + [r.result_before for r in readers]
+    if not all(names):
+        return None
+    return RewriteSite(norm=match.name, inputs=[v.name for v in inputs], output_before=match.output.name,
+                       output_after=match.output, g=np.array(g), beta=None if beta is None else np.array(beta),
+                       readers=readers, extra_outputs=extra)
 
 
 def _clone_path(

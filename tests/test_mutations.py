@@ -1,0 +1,87 @@
+"""Mutation tests: a deliberately broken pass must fail every verification mode (exit 5, nothing written).
+
+Mutations: the weightless rewrite skipped (the scale then applies twice), the scale folded twice
+into the weights, a LayerNorm bias dropped instead of moved, a fold written along the wrong axis of
+the weight. Modes: the whole-model ONNX Runtime comparison, the subgraph check, the algebraic
+check, and ``auto`` on a model it considers too large to run (what large models get).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flashnorm_onnx import api, cli
+from flashnorm_onnx.passes import flashnorm_fold, fold_math
+from tests import graphs
+from tests.graphs import save
+from tests.test_bad_input import rms_model, snapshot
+
+MODES = ["onnxruntime", "subgraph", "algebraic", "auto-large"]
+
+
+def _skip_weightless(monkeypatch):
+    monkeypatch.setattr(flashnorm_fold, "make_weightless", lambda *a, **k: "(mutation: left as it was)")
+
+
+def _scale_twice(monkeypatch):
+    real = fold_math.fold_scale
+    monkeypatch.setattr(fold_math, "fold_scale", lambda w, g, k, **kw: real(real(w, g, k, **kw), g, k, **kw))
+
+
+def _drop_bias(monkeypatch):
+    monkeypatch.setattr(fold_math, "bias_delta", lambda w, beta, k: np.zeros(w.shape[1 - k]))
+
+
+def _wrong_axis(monkeypatch):
+    real = fold_math.fold_scale
+    monkeypatch.setattr(fold_math, "fold_scale", lambda w, g, k, **kw: real(w, g, 1 - k, **kw))
+
+
+MUTATIONS = {"skip_weightless": _skip_weightless, "scale_twice": _scale_twice, "drop_bias": _drop_bias,
+             "wrong_axis": _wrong_axis}
+
+
+def _model(mutation: str, tmp_path):
+    if mutation == "drop_bias":  # a LayerNorm with a bias, read by a MatMul with a bias and one without
+        model = graphs.build("layernorm", consumers=("matmul_bias", "matmul"))
+    else:  # square weights, so that a fold along the wrong axis is well-formed
+        model = rms_model(k=16, n=16)
+    return save(model, tmp_path / "m" / "model.onnx", external=True)
+
+
+def _run(mode: str, src, out, monkeypatch, capsys) -> tuple[int, str]:
+    args = ["optimize", str(src), "-o", str(out)]
+    if mode == "auto-large":
+        monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-12)  # every model is "too large" to run whole
+    else:
+        args += ["--verify", mode]
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_broken_pass_fails_every_verification_mode(mutation, mode, tmp_path, monkeypatch, capsys):
+    src = _model(mutation, tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    before = snapshot(tmp_path)
+    MUTATIONS[mutation](monkeypatch)
+    code, text = _run(mode, src, out, monkeypatch, capsys)
+    assert code == 5, text
+    assert "verification failed" in text and "FAILED" in text
+    assert snapshot(tmp_path) == before  # nothing written, no leftovers, input untouched
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mutation", list(MUTATIONS))
+def test_unbroken_pass_passes_every_mode(mutation, mode, tmp_path, monkeypatch, capsys):
+    """The same models and modes without the mutation: the check is not failing for another reason."""
+    src = _model(mutation, tmp_path)
+    out = tmp_path / "out" / "model.onnx"
+    code, text = _run(mode, src, out, monkeypatch, capsys)
+    assert code == 0, text
+    assert "PASSED" in text and out.is_file()
+    if mode == "auto-large":
+        assert "verification (subgraph+" in text  # large models get the executed check
