@@ -4,7 +4,8 @@ For each size: generate a Llama-shaped fp16 model (tensor by tensor), then measu
 its own process, wall time and peak RSS of
 
 * ``cp`` of the model and data file + ``sync`` (the physical floor: every byte read and written once),
-* ``flashnorm-onnx optimize --verify algebraic`` (the streamed fold),
+* ``flashnorm-onnx optimize`` with ``--no-verify`` (the streamed fold alone), ``--verify algebraic``
+  and ``--verify subgraph`` (the executed check large models get by default, with the algebraic one),
 * ``onnx.load`` + ``onnx.save`` of the same model (skipped when it would not fit in memory).
 
 Writes benchmarks/RESULTS_scale.md and .json.
@@ -28,6 +29,8 @@ from pathlib import Path
 from models import synthetic
 
 HERE = Path(__file__).parent
+VERIFY_FLAGS = {"no_verify": ["--no-verify"], "optimize": ["--verify", "algebraic"],
+                "subgraph": ["--verify", "subgraph"]}
 
 
 def measure(cmd: list[str]) -> dict:
@@ -66,10 +69,11 @@ def run_size(gb: float, work: Path) -> dict:
     row["cp"] = measure(["bash", "-c", f"cp {src} {data} {cp_dir}/ && sync"])
     shutil.rmtree(cp_dir)
     out = work / "folded" / "model.onnx"
-    drop_caches()
-    row["optimize"] = measure([sys.executable, "-m", "flashnorm_onnx.cli", "optimize", str(src), "-o", str(out),
-                               "--verify", "algebraic", "-q"])
-    shutil.rmtree(out.parent, ignore_errors=True)
+    for key, flags in VERIFY_FLAGS.items():
+        drop_caches()
+        row[key] = measure([sys.executable, "-m", "flashnorm_onnx.cli", "optimize", str(src), "-o", str(out),
+                            *flags, "-q"])
+        shutil.rmtree(out.parent, ignore_errors=True)
     total_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if 2.2 * size < total_ram:
         drop_caches()
@@ -86,6 +90,14 @@ def run_size(gb: float, work: Path) -> dict:
     return row
 
 
+def _cells(m: dict | None, cp: dict, rss: bool) -> str:
+    if not m:
+        return "- | - | " + ("- | " if rss else "")
+    rc = "" if m["rc"] == 0 else f" (rc {m['rc']})"
+    cells = f"{m['seconds']:.1f}{rc} | {m['seconds'] / cp['seconds']:.2f} | "
+    return cells + (f"{m['peak_rss'] / 2**30:.2f} GB | " if rss else "")
+
+
 def write_results(rows: list[dict], command: str) -> None:
     (HERE / "RESULTS_scale.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = [
@@ -96,8 +108,8 @@ def write_results(rows: list[dict], command: str) -> None:
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GB RAM, Python {platform.python_version()}",
         "Page cache dropped before each measurement when permitted. Ratios are against `cp` + `sync` of the same files.",
         "",
-        "| model | cp+sync s | optimize s | optimize / cp | optimize peak RSS | onnx.load+save s | load+save / cp | load+save peak RSS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | cp+sync s | optimize (algebraic) s | / cp | peak RSS | --no-verify s | / cp | --verify subgraph s | / cp | peak RSS | onnx.load+save s | load+save / cp | load+save peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cp, opt, ls = r["cp"], r["optimize"], r["onnx_load_save"]
@@ -107,7 +119,9 @@ def write_results(rows: list[dict], command: str) -> None:
         lines.append(
             f"| {r['bytes'] / 2**30:.2f} GB fp16 (hidden {r['dims'][0]}, {r['dims'][2]} layers) | {cp['seconds']:.1f} | "
             f"{opt['seconds']:.1f}{'' if opt['rc'] == 0 else ' (rc ' + str(opt['rc']) + ')'} | "
-            f"{opt['seconds'] / cp['seconds']:.2f} | {opt['peak_rss'] / 2**30:.2f} GB | {ls_s} | {ls_rss and ls_ratio} | {ls_rss} |"
+            f"{opt['seconds'] / cp['seconds']:.2f} | {opt['peak_rss'] / 2**30:.2f} GB | "
+            + "".join(_cells(r.get(k), cp, rss=(k == "subgraph")) for k in ("no_verify", "subgraph"))
+            + f"{ls_s} | {ls_rss and ls_ratio} | {ls_rss} |"
         )
     lines.append("")
     (HERE / "RESULTS_scale.md").write_text("\n".join(lines))

@@ -20,6 +20,8 @@ EPILOG_EXIT_CODES = """exit codes:
   5  verification failed: the output would not compute the same function (nothing written)
   6  verification could not run the input model on generated inputs (try --dim, or --no-verify)
   7  requested execution provider unavailable
+  8  export: the exporter failed on the checkpoint
+  9  verification did not finish within --verify-timeout seconds (nothing written)
 """
 
 
@@ -33,7 +35,24 @@ def _dims(values: list[str] | None) -> dict[str, int]:
             dims[name] = int(number)
         except ValueError:
             raise argparse.ArgumentTypeError(f"--dim {item}: '{number}' is not an integer") from None
+        if dims[name] < 0:
+            raise argparse.ArgumentTypeError(f"--dim {item}: a dimension cannot be negative")
     return dims
+
+
+def _number(option: str, text: str | None, default: float | None = None) -> float | None:
+    """A finite, non-negative float option, parsed here (not by argparse) so errors are one line."""
+    import math
+
+    if text is None:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{option}: '{text}' is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{option}: '{text}' must be a finite number >= 0")
+    return value
 
 
 def _add_fold_options(p: argparse.ArgumentParser) -> None:
@@ -79,11 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--no-verify", action="store_true", help="skip verification")
     opt.add_argument(
         "--verify",
-        choices=["auto", "onnxruntime", "algebraic"],
+        choices=["auto", "onnxruntime", "subgraph", "algebraic"],
         default="auto",
-        help="how to verify: run both models in ONNX Runtime and compare outputs, or check every "
-        "folded tensor's algebra on random vectors (bounded memory). auto (default): ONNX Runtime "
-        "when both models fit comfortably in memory, else algebraic",
+        help="how to verify. onnxruntime: run the whole input and output models in ONNX Runtime on "
+        "generated inputs and compare every output. subgraph: cut each rewritten norm and each of "
+        "its linears out of both files and run them in ONNX Runtime on random activations (memory "
+        "bounded by the largest piece, any model size). algebraic: check each folded tensor's "
+        "arithmetic only (cheap; does not run the rewritten graph). auto (default): onnxruntime when "
+        "both models fit comfortably in memory, else subgraph plus algebraic",
     )
     opt.add_argument(
         "--dim",
@@ -91,8 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="value for a symbolic input dimension during verification, e.g. --dim batch=2 --dim sequence=16",
     )
-    opt.add_argument("--rtol", type=float, help="verification tolerance relative to each output's magnitude "
+    opt.add_argument("--rtol", metavar="X", help="verification tolerance relative to each output's magnitude "
                      "(default: 1e-4 for float32 outputs, 2e-2 for float16)")
+    opt.add_argument("--verify-timeout", metavar="SECONDS", help="wall-clock limit for the ONNX Runtime "
+                     "verification; past it, exit 9 and write nothing (default: 600; 0: no limit)")
     opt.add_argument("--report", metavar="JSON", help="also write the report as JSON")
     opt.add_argument("--in-place", action="store_true", help="replace MODEL itself (written atomically)")
     opt.add_argument("--force-write", action="store_true", help="write the output even when nothing was folded")
@@ -144,6 +168,10 @@ def _progress_factory(enabled: bool) -> Callable[[str, int, int], None] | None:
 
 
 def _cmd_optimize(args) -> int:
+    # bad option values: one line, exit 2, before anything is imported or read
+    dims = _dims(args.dim)
+    rtol = _number("--rtol", args.rtol)
+    verify_timeout = _number("--verify-timeout", args.verify_timeout, default=600.0) or None
     from flashnorm_onnx.api import optimize
 
     try:
@@ -154,8 +182,9 @@ def _cmd_optimize(args) -> int:
             keep_structure=args.keep_structure,
             verify=not args.no_verify,
             verify_mode=args.verify,
-            dims=_dims(args.dim),
-            rtol=args.rtol,
+            dims=dims,
+            rtol=rtol,
+            verify_timeout=verify_timeout,
             report_path=args.report,
             in_place=args.in_place,
             force_write=args.force_write,

@@ -11,6 +11,8 @@ code   meaning
 5      verification failed: the output does not compute the same function
 6      verification could not run the models (inputs could not be generated)
 7      requested execution provider unavailable (e.g. CUDA on a CPU-only machine)
+8      ``export``: the exporter failed on the checkpoint (:class:`flashnorm_onnx.export.ExportFailed`)
+9      verification did not finish within ``--verify-timeout`` seconds (nothing written)
 =====  ==========================================================================
 """
 
@@ -43,3 +45,13 @@ class VerificationUnavailable(FlashNormError):
 
 class ProviderUnavailable(FlashNormError):
     exit_code = 7
+
+
+class VerificationTimeout(FlashNormError):
+    """A verification run went past its wall-clock limit (``--verify-timeout``)."""
+
+    exit_code = 9
+
+    @classmethod
+    def after(cls, seconds: float) -> "VerificationTimeout":
+        return cls(f"verification did not finish within {seconds:g} s (--verify-timeout); nothing written")

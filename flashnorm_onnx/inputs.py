@@ -109,6 +109,116 @@ def _dim_value(dim, case: Case, dims: dict[str, int], position: int, spec: Input
     return case.sequence
 
 
+#: Upper bound of the verification input cap (the smaller of this and available memory / 8).
+VERIFY_CAP_MAX_BYTES = 1 << 30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now: MemAvailable from /proc/meminfo, else os.sysconf; None if unknown."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def verification_cap() -> int:
+    """Most bytes the generated inputs of one verification case may take: min(1 GiB, available / 8).
+
+    The element cap is this / 4 (generation makes float64 temporaries). Tests monkeypatch this."""
+    available = available_memory()
+    return VERIFY_CAP_MAX_BYTES if available is None else max(1, min(VERIFY_CAP_MAX_BYTES, available // 8))
+
+
+def input_shapes(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """The shape :func:`make_feeds` gives each input for this case (nothing allocated)."""
+    dims = dims or {}
+    return {spec.name: [_dim_value(d, case, dims, i, spec) for i, d in enumerate(spec.shape)] for spec in specs}
+
+
+def _feeds_size(specs: list[InputSpec], shapes: dict[str, list[int]]) -> tuple[int, int, str, int]:
+    """Total elements and bytes of all inputs, and the largest input's name and bytes."""
+    import math
+
+    elements = total = biggest = 0
+    name = ""
+    for spec in specs:
+        n = math.prod(shapes[spec.name])
+        size = n * spec.dtype.itemsize
+        elements, total = elements + n, total + size
+        if size >= biggest:
+            name, biggest = spec.name, size
+    return elements, total, name, biggest
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def fit_case(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None) -> tuple[Case, str | None]:
+    """The case, with its batch/tokens/past halved until all its inputs fit :func:`verification_cap`.
+
+    Returns the case and a note when it was reduced. Sizes the model declares (and ``--dim`` or
+    config values) are never changed: when they alone exceed the cap, raises
+    :class:`~flashnorm_onnx.errors.VerificationUnavailable`. Nothing is allocated."""
+    from flashnorm_onnx.errors import VerificationUnavailable
+
+    cap = verification_cap()
+    max_elements = cap // 4
+
+    def size(c: Case) -> tuple[int, int, str, int]:
+        return _feeds_size(specs, input_shapes(specs, c, dims))
+
+    def over(s) -> bool:
+        return s[0] > max_elements or s[1] > cap
+
+    current = size(case)
+    if not over(current):
+        return case, None
+    reduced = case
+    while over(current):
+        best = None
+        for field in ("batch", "sequence", "past"):
+            value = getattr(reduced, field)
+            if value <= 1:
+                continue
+            trial = dataclasses.replace(reduced, **{field: max(1, value // 2)})
+            trial_size = size(trial)
+            if trial_size[:2] < current[:2] and (best is None or value > best[0]):
+                best = (value, trial, trial_size)
+        if best is None:
+            break
+        _, reduced, current = best
+    if over(current):
+        elements, total, name, biggest = current
+        spec = next(s for s in specs if s.name == name)
+        shape = input_shapes(specs, reduced, dims)[name]
+        what = f"input '{name}' {shape} is {_mb(biggest)} ({spec.dtype.name})"
+        if total > biggest:
+            what += f", all inputs {_mb(total)}"
+        if elements > max_elements and total <= cap:
+            what += f", {elements} elements (cap {max_elements})"
+        given = {str(d) for s in specs for d in s.shape if not isinstance(d, int)} & set(dims or {})
+        hint = "set smaller sizes with --dim NAME=VALUE or skip the check with --no-verify" if given \
+            else "skip the check with --no-verify"
+        raise VerificationUnavailable(
+            f"{what}: over the verification input cap of {_mb(cap)} (min(1 GiB, available memory / 8)); {hint}"
+        )
+    changes = [f"{field} {getattr(case, field)} -> {getattr(reduced, field)}"
+               for field in ("batch", "sequence", "past") if getattr(case, field) != getattr(reduced, field)]
+    note = (f"{case.name}: input shapes reduced to fit the verification cap ({_mb(cap)}): "
+            + ", ".join(changes))
+    return reduced, note
+
+
 def make_feeds(
     specs: list[InputSpec],
     case: Case,

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 
-from flashnorm_onnx.errors import VerificationUnavailable
-from flashnorm_onnx.inputs import Case, default_cases, make_feeds, specs_from_session
+from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable
+from flashnorm_onnx.inputs import Case, default_cases, fit_case, make_feeds, specs_from_session
 from flashnorm_onnx.report import VerificationResult
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,44 @@ def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int |
     return ort.InferenceSession(source, options, providers=providers)
 
 
+class Deadline:
+    """A wall-clock limit over several ONNX Runtime runs (``--verify-timeout``); None or <= 0: none.
+
+    :meth:`run` passes ``RunOptions`` to ``session.run`` and a timer sets its ``terminate`` flag
+    when the time is up; ONNX Runtime checks it between kernels (a ``Loop``'s iterations too), so
+    the run stops with an error, turned into :class:`VerificationTimeout`. One kernel that runs
+    long by itself is not interrupted."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds if seconds and seconds > 0 else None
+        self.end = None if self.seconds is None else time.monotonic() + self.seconds
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() >= self.end:
+            raise VerificationTimeout.after(self.seconds)
+
+    def run(self, session, feeds: dict, outputs: list[str] | None = None) -> list:
+        import onnxruntime as ort
+
+        self.check()
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the "terminate flag" error comes back as an exception
+        timer = None
+        if self.end is not None:
+            timer = threading.Timer(max(0.0, self.end - time.monotonic()), setattr, (options, "terminate", True))
+            timer.daemon = True
+            timer.start()
+        try:
+            return session.run(outputs, feeds, options)
+        except Exception:
+            if options.terminate:
+                raise VerificationTimeout.after(self.seconds) from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
 def compare_models(
     reference: str | Path,
     candidate: str | Path,
@@ -51,7 +91,14 @@ def compare_models(
     vocab: dict[str, int] | None = None,
     cases: list[Case] | None = None,
     rtol: float | None = None,
+    timeout: float | None = None,
 ) -> VerificationResult:
+    """Run both models on the same generated inputs and compare every output.
+
+    ``timeout``: seconds for the whole comparison (None or 0: no limit); past it, raises
+    :class:`VerificationTimeout`. Each case's inputs are sized to
+    :func:`~flashnorm_onnx.inputs.verification_cap` before anything is allocated."""
+    deadline = Deadline(timeout)
     try:
         ref = make_session(reference)
     except Exception as e:
@@ -69,16 +116,27 @@ def compare_models(
     explicit = cases is not None
     cases = cases or default_cases(specs)
     for case in cases:
+        deadline.check()
+        case, note = fit_case(specs, case, dims)
+        if note:
+            result.cases.append(note)
         feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
         try:
-            expected = ref.run(None, feeds)
+            expected = deadline.run(ref, feeds)
+        except VerificationTimeout:
+            raise
         except Exception as e:
             if not explicit and case.batch > 1:
                 # Exports traced with batch 1 may be specialised to it: check batch 1 only.
                 case = dataclasses.replace(case, batch=1, name=case.name.replace("batch2", "batch1b"))
+                case, note = fit_case(specs, case, dims)
+                if note:
+                    result.cases.append(note)
                 feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
                 try:
-                    expected = ref.run(None, feeds)
+                    expected = deadline.run(ref, feeds)
+                except VerificationTimeout:
+                    raise
                 except Exception:
                     expected = None
                 if expected is not None:
@@ -93,7 +151,9 @@ def compare_models(
                     f"{_first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
                 ) from e_
         try:
-            got = cand.run(None, feeds)
+            got = deadline.run(cand, feeds)
+        except VerificationTimeout:
+            raise
         except Exception as e:
             result.passed = False
             result.message = f"the output model fails to run: {_first_line(e)}"

@@ -31,16 +31,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from flashnorm_onnx.errors import VerificationUnavailable
+from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable
 from flashnorm_onnx.report import VerificationResult
-from flashnorm_onnx.verify import TOLERANCES, _compare
+from flashnorm_onnx.verify import TOLERANCES, Deadline, _compare
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +197,10 @@ def _session(model: bytes, folder: Path):
     options = ort.SessionOptions()
     options.log_severity_level = 4
     options.intra_op_num_threads = 1
+    # a piece runs once: no graph optimization (fp16 weights are cast once at run time instead of
+    # constant-folded into a second, fp32 copy at load)
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False  # give each piece's buffers back as soon as it ran
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
     options.add_session_config_entry("session.disable_prepacking", "1")  # no packed copy of each weight
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
@@ -239,14 +242,13 @@ def _wiring(file: _File, data: str, target: str) -> list[str] | None:
 def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLike, rtol: float | None = None,
                 timeout: float | None = None, seed: int = 0) -> VerificationResult:
     """Run every rewrite site of ``candidate`` against ``reference`` (see the module docstring)."""
-    deadline = time.monotonic() + timeout if timeout else None
+    deadline = Deadline(timeout)
     rng = np.random.default_rng(seed)
     ref, cand = _File(Path(reference)), _File(Path(candidate))
     result = VerificationResult(method="subgraph", passed=True)
     pieces_run = 0
     for site in sites:
-        if deadline is not None and time.monotonic() > deadline:
-            _timeout(timeout)
+        deadline.check()
         after = site.output_after.name
         g = np.asarray(site.g, dtype=np.float64).reshape(-1)
         beta = None if site.beta is None else np.asarray(site.beta, dtype=np.float64).reshape(-1)
@@ -291,14 +293,18 @@ def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLik
             scaled = d.astype(dtype).astype(np.float64) * g + (beta if beta is not None else 0.0)
             feeds_ref[rname] = scaled.astype(dtype)
         try:
-            got_ref = _run(ref_model, ref.path.parent, feeds_ref)
+            got_ref = _run(ref_model, ref.path.parent, feeds_ref, deadline)
+        except VerificationTimeout:
+            raise
         except Exception as e:
             raise VerificationUnavailable(
                 f"norm '{site.norm}': its piece of the input model does not run in isolation "
                 f"({_first_line(e)}); use --verify onnxruntime"
             ) from None
         try:
-            got_cand = _run(cand_model, cand.path.parent, feeds_cand)
+            got_cand = _run(cand_model, cand.path.parent, feeds_cand, deadline)
+        except VerificationTimeout:
+            raise
         except Exception as e:
             result.passed = False
             result.message = f"norm '{site.norm}': the output's piece fails to run: {_first_line(e)}"
@@ -330,10 +336,10 @@ def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLik
     return result
 
 
-def _run(model: bytes, folder: Path, feeds: dict) -> list:
+def _run(model: bytes, folder: Path, feeds: dict, deadline: Deadline) -> list:
     session = _session(model, folder)
     try:
-        return session.run(None, feeds)
+        return deadline.run(session, feeds)
     finally:
         del session
 
@@ -341,13 +347,6 @@ def _run(model: bytes, folder: Path, feeds: dict) -> list:
 def _failed(norm: str, name: str) -> dict:
     return {"case": "subgraph", "name": f"{name} ({norm})", "max_abs": float("inf"), "max_rel": float("inf"),
             "argmax_agreement": None, "ok": False, "rtol": 0.0, "dtype": "", "shape": []}
-
-
-def _timeout(timeout: float) -> None:
-    from flashnorm_onnx import errors
-
-    cls = getattr(errors, "VerificationTimeout", VerificationUnavailable)
-    raise cls(f"verification did not finish within {timeout:g} s (--verify-timeout); nothing written")
 
 
 def _first_line(e: BaseException) -> str:

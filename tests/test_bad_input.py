@@ -7,6 +7,7 @@ traceback, no output file (nor any staging leftovers), the input's files byte-id
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import resource
 import subprocess
@@ -228,7 +229,11 @@ def test_in_place_writes_atomically(tmp_path):
     new = onnx.load(str(src))
     assert "already weightless" in cli("inspect", src).stdout
     assert old.SerializeToString() != new.SerializeToString()
-    assert sorted(p.name for p in src.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    # the new data went under a fresh name (the old pair stayed loadable until the model was renamed),
+    # and the replaced data file was removed after the commit
+    names = sorted(p.name for p in src.parent.iterdir())
+    assert len(names) == 2 and names[0] == "model.onnx", names
+    assert re.fullmatch(r"model\.onnx\.[0-9a-f]{8}\.data", names[1]), names
     # -o with another path and --in-place together is refused
     before = snapshot(tmp_path)
     assert_clean_error(cli("optimize", src, "-o", tmp_path / "x.onnx", "--in-place"), BAD_OUTPUT, "--in-place")

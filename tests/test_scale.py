@@ -62,8 +62,8 @@ def test_algebraic_verification_runs_when_asked(big_model, tmp_path):
     from flashnorm_onnx import optimize
 
     report = optimize(path, tmp_path / "o.onnx", verify_mode="algebraic")
-    assert report.verification.method == "algebraic" and report.verification.passed
-    assert len(report.verification.outputs) == report.tensors_written
+    assert report.verification.method == "algebraic+structure" and report.verification.passed
+    assert len(report.verification.outputs) == report.tensors_written  # RMSNorm: no biases moved
 
 
 def test_auto_verification_falls_back_to_algebraic_for_large_models(big_model, tmp_path, monkeypatch):
@@ -71,5 +71,23 @@ def test_auto_verification_falls_back_to_algebraic_for_large_models(big_model, t
 
     monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-6)  # pretend the machine is tiny
     report = api.optimize(big_model[0], tmp_path / "o.onnx")
-    assert report.verification.method == "algebraic" and report.verification.passed
+    assert report.verification.method == "subgraph+algebraic+structure" and report.verification.passed
     assert "too large to run twice in memory" in report.verification.message
+    # the executed check ran every folded norm and each of its linears
+    norm_entries = [o for o in report.verification.outputs if o["case"] == "subgraph" and o["name"].endswith("(norm)")]
+    assert len(norm_entries) == report.folded
+
+
+def test_subgraph_verification_memory_is_bounded(big_model, tmp_path):
+    path, data_bytes = big_model
+    cmd = [sys.executable, "-m", "flashnorm_onnx.cli", "optimize", str(path), "-o", str(tmp_path / "o.onnx"),
+           "--verify", "subgraph"]
+    peak, proc = _peak_rss_of(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert "verification (subgraph): PASSED" in proc.stdout
+    # pieces run one at a time: memory follows the largest weight (the untied lm_head, [vocab, hidden]
+    # fp16, which ONNX Runtime's CPU MatMul runs in fp32), not the model
+    hidden, _, _, vocab, _ = synthetic.shape_for_bytes(300 * MB, "float16", hidden=1024)
+    largest = vocab * hidden * 2
+    bound = 0.3 * data_bytes + 300 * MB + 3 * largest
+    assert peak < bound, f"peak RSS {peak / MB:.0f} MB for {data_bytes / MB:.0f} MB of data (bound {bound / MB:.0f})"
