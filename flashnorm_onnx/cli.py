@@ -92,8 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    opt.add_argument("model", help="input .onnx file (or a folder with one model.onnx)")
-    opt.add_argument("-o", "--output", help="output .onnx path (default: MODEL.flashnorm.onnx beside the input)")
+    opt.add_argument("model", help="input .onnx file, or a model folder (an optimum export, an onnxruntime-genai "
+                     "folder): every .onnx model in it is folded and verified, its other files copied")
+    opt.add_argument("-o", "--output", help="output .onnx path (default: MODEL.flashnorm.onnx beside the input); "
+                     "for a folder input, the output folder (required)")
     _add_fold_options(opt)
     opt.add_argument("--no-verify", action="store_true", help="skip verification")
     opt.add_argument(
