@@ -195,6 +195,13 @@ def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, voc
         all_dims = {**dims_from_configs(info.path), **(dims or {})}
         return compare_models(info.path, output, dims=all_dims, vocab=vocab, rtol=rtol, timeout=timeout)
     checks = []
+    if "subgraph" in mode and len(result.sites) < result.report.folded:
+        from flashnorm_onnx.errors import VerificationUnavailable
+
+        raise VerificationUnavailable(
+            f"{result.report.folded - len(result.sites)} folded norm(s) read or write values without names, "
+            "which the subgraph check cannot find in the files; use --verify onnxruntime"
+        )
     if "subgraph" in mode:
         from flashnorm_onnx.verify_subgraph import check_sites
 

@@ -260,6 +260,13 @@ def check_report_path(
             raise OutputPathError(f"{p}: the report would overwrite the output's data file; choose another --report path")
         if resolved.parent == out.parent and publish.staging_pattern(out.name).fullmatch(resolved.name):
             raise OutputPathError(f"{p}: the report path is a staging folder name; choose another --report path")
+    if resolved.parent.is_dir() and any(
+        os.path.normpath(resolved.name) == loc for loc in publish.referenced_files(resolved.parent)
+    ):
+        # e.g. the data file of the model the output replaces: until the commit, that model is
+        # what the destination loads, so its data must stay intact
+        raise OutputPathError(f"{p}: the report would overwrite the external data of a model in its folder; "
+                              "choose another --report path")
     if reserved and resolved in {r.resolve() for r in reserved}:
         raise OutputPathError(f"{p}: the report would overwrite a file this run writes; choose another --report path")
     if output_folder is not None:

@@ -208,3 +208,21 @@ def test_api_report_before_publish(tmp_path):
     assert (tmp_path / "r.json").is_file() and "o.onnx.data" in (tmp_path / "r.json").read_text()
     assert report.verification.passed
     assert onnx.load(str(tmp_path / "o.onnx")) is not None
+
+
+def test_report_naming_the_replaced_models_data_is_refused(two_models):
+    """Until the commit the destination loads the old model: its data file must not become the report."""
+    a, b, out, old, new = two_models
+    data = out.parent / next(iter(publish.external_locations(out)))
+    renamed = out.parent / "weights.bin"  # a data name this tool would not give
+    os.rename(data, renamed)
+    proto = onnx.load(str(out), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "weights.bin"
+    out.write_bytes(proto.SerializeToString())
+    before = snapshot(out.parent)
+    assert_clean_error(cli("optimize", b, "-o", out, "--report", renamed), BAD_OUTPUT, "external data")
+    assert snapshot(out.parent) == before
+    assert same(outputs(out), old)

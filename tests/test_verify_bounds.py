@@ -16,9 +16,7 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -64,21 +62,23 @@ def loop_model() -> onnx.ModelProto:
 
 
 def cli_measured(*args) -> tuple[subprocess.CompletedProcess, float, int]:
-    """cli() that also returns the wall time and the child's own peak RSS in bytes (os.wait4)."""
+    """cli() that also returns the wall time and the CLI process's own peak RSS in bytes.
+
+    Measured in a small wrapper process: a child forked straight from pytest would start with
+    pytest's resident set (Linux carries it into the child's ru_maxrss across exec)."""
+    wrapper = (
+        "import json, resource, subprocess, sys, time\n"
+        "t = time.monotonic()\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "print(json.dumps({'rc': p.returncode, 'out': p.stdout, 'err': p.stderr, 'seconds': time.monotonic() - t,"
+        " 'rss': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}))\n"
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-m", "flashnorm_onnx.cli", *map(str, args)],
-                                stdout=out, stderr=err, env=env, text=True)
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            proc.returncode = 0  # reaped by wait4: keep Popen from waiting again
-        elapsed = time.monotonic() - start
-        out.seek(0)
-        err.seek(0)
-        done = subprocess.CompletedProcess(proc.args, os.waitstatus_to_exitcode(status), out.read(), err.read())
-    return done, elapsed, usage.ru_maxrss * 1024
+    cmd = [sys.executable, "-m", "flashnorm_onnx.cli", *map(str, args)]
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env=env,
+                          check=True, timeout=300)
+    r = json.loads(proc.stdout)
+    return subprocess.CompletedProcess(cmd, r["rc"], r["out"], r["err"]), r["seconds"], r["rss"]
 
 
 def in_process(capsys, *args) -> subprocess.CompletedProcess:
