@@ -305,11 +305,7 @@ def _check_output_folder(folder: Path, root: Path, output) -> Path:
         raise OutputPathError(f"{out_dir}: the output folder is a broken link; remove it or choose another")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputPathError(f"{out_dir}: the input is a folder, so the output must be a folder (it is a file)")
-    existing = out_dir.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise OutputPathError(f"{existing}: the output folder is not a folder (it is a file)")
+    model_io.check_folder_can_exist(out_dir.parent, "the output folder")
     resolved = out_dir.resolve()
     if resolved == root:
         raise OutputPathError(f"{out_dir}: the output folder is the input folder; choose another")

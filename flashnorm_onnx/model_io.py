@@ -188,12 +188,7 @@ def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = Fa
     if out.exists() and out.is_dir() or str(output).endswith(os.sep):
         out = out / info.path.name
     parent = out.parent
-    # The nearest existing ancestor must be a folder: missing folders are created later.
-    existing = parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise OutputPathError(f"{existing}: the output folder is not a folder (it is a file)")
+    check_folder_can_exist(parent, "the output folder")
     if out.exists() and out.is_dir():
         raise OutputPathError(f"{out}: the output path is a folder")
     check_regular_or_absent(out, "output")
@@ -209,6 +204,15 @@ def check_output(output: str | os.PathLike, info: InputInfo, in_place: bool = Fa
     if in_place and not same_model:
         raise OutputPathError("--in-place writes the input path itself; do not combine it with another -o")
     return out
+
+
+def check_folder_can_exist(folder: Path, what: str) -> None:
+    """The nearest existing ancestor of ``folder`` must be a folder (missing ones are created later)."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise OutputPathError(f"{existing}: {what} is not a folder (it is a file)")
 
 
 def check_regular_or_absent(path: Path, what: str) -> None:
@@ -243,11 +247,7 @@ def check_report_path(
     p = Path(path)
     if p.is_dir():
         raise OutputPathError(f"{p}: the report path is a folder")
-    existing = p.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise OutputPathError(f"{existing}: the report's folder is not a folder (it is a file)")
+    check_folder_can_exist(p.parent, "the report's folder")
     check_regular_or_absent(p, "report")
     resolved = p.resolve()
     if resolved == info.path.resolve() or resolved in info.data_files:

@@ -49,6 +49,17 @@ class NormDecision:
         return f"{head}\n      skipped: {self.reason}"
 
 
+#: What each verification method establishes, printed under its verdict (README: "Verification").
+PROVES = {
+    "onnxruntime": "the whole output model computes the input's outputs on the generated inputs",
+    "subgraph": "each rewritten norm and each of its linears, cut out of the written file and run in ONNX Runtime, "
+                "equals the input's (y_in == y_out*g + beta, z_in(d*g + beta) == z_out(d)), and is wired the same",
+    "algebraic": "each folded tensor as written equals diag(g)·B (arithmetic only; the graph is not run)",
+    "structure": "each folded norm is weightless in the output and read by its linears; moved LayerNorm biases "
+                 "equal beta @ B",
+}
+
+
 @dataclasses.dataclass
 class VerificationResult:
     method: str
@@ -65,6 +76,9 @@ class VerificationResult:
             return [f"verification: skipped ({self.message})" if self.message else "verification: skipped"]
         verdict = "PASSED" if self.passed else "FAILED"
         out = [f"verification ({self.method}): {verdict}" + (f" - {self.message}" if self.message else "")]
+        for part in self.method.split("+"):
+            if part in PROVES:
+                out.append(f"  checks ({part}): {PROVES[part]}")
         for case in self.cases:
             out.append(f"  case: {case}")
         shown = self.outputs

@@ -170,3 +170,34 @@ def test_independent_ort_comparison_on_optimum_past(tmp_path):
                        vocab=vocab_sizes(ir.load(str(src))), seed=7)
     for x, y in zip(a.run(None, feeds), b.run(None, feeds)):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+
+
+def _large_model_check(name: str, tmp_path, monkeypatch) -> None:
+    from flashnorm_onnx import api
+
+    monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-12)  # as if the model were too large to run whole
+    src = _build(name)
+    report = flashnorm_onnx.optimize(src, tmp_path / "out" / "model.onnx")
+    folded = (GENAI.get(name) or EXPECTED[name])[0]
+    if folded == 0:
+        assert report.verification.method == "skipped"
+        return
+    v = report.verification
+    assert v.method == "subgraph+algebraic+structure" and v.passed, report.text()
+    norms = [o for o in v.outputs if o["case"] == "subgraph" and o["name"].endswith("(norm)")]
+    linears = [o for o in v.outputs if o["case"] == "subgraph" and not o["name"].endswith("(norm)")
+               and "(norm output" not in o["name"]]
+    assert len(norms) == folded == report.folded
+    assert len(linears) == sum(len(d.consumers) for d in report.decisions if d.status == "folded")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_large_model_check_on_every_export(name, tmp_path, monkeypatch):
+    """The check large models get (pieces run in ORT + algebra) passes on every exporter's form."""
+    _large_model_check(name, tmp_path, monkeypatch)
+
+
+@pytest.mark.genai
+@pytest.mark.parametrize("name", sorted(GENAI))
+def test_large_model_check_on_genai_models(name, tmp_path, monkeypatch):
+    _large_model_check(name, tmp_path, monkeypatch)

@@ -17,7 +17,7 @@ from tests import graphs
 from tests.graphs import save
 from tests.test_bad_input import rms_model, snapshot
 
-MODES = ["onnxruntime", "subgraph", "algebraic", "auto-large"]
+MODES = ["onnxruntime", "subgraph", "subgraph-sampled", "algebraic", "auto-large"]
 
 
 def _skip_weightless(monkeypatch):
@@ -54,6 +54,12 @@ def _run(mode: str, src, out, monkeypatch, capsys) -> tuple[int, str]:
     args = ["optimize", str(src), "-o", str(out)]
     if mode == "auto-large":
         monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-12)  # every model is "too large" to run whole
+    elif mode == "subgraph-sampled":  # what the subgraph check does with large weights, on every weight
+        from flashnorm_onnx import verify_subgraph
+
+        monkeypatch.setattr(verify_subgraph, "SAMPLE_BYTES", 0)
+        monkeypatch.setattr(verify_subgraph, "SAMPLE_COLUMNS", 4)
+        args += ["--verify", "subgraph"]
     else:
         args += ["--verify", mode]
     code = cli.main(args)
@@ -85,3 +91,5 @@ def test_unbroken_pass_passes_every_mode(mutation, mode, tmp_path, monkeypatch, 
     assert "PASSED" in text and out.is_file()
     if mode == "auto-large":
         assert "verification (subgraph+" in text  # large models get the executed check
+    if mode == "subgraph-sampled":
+        assert "ran on 4 contiguous output columns" in text

@@ -85,9 +85,7 @@ def test_subgraph_verification_memory_is_bounded(big_model, tmp_path):
     peak, proc = _peak_rss_of(cmd)
     assert proc.returncode == 0, proc.stderr
     assert "verification (subgraph): PASSED" in proc.stdout
-    # pieces run one at a time: memory follows the largest weight (the untied lm_head, [vocab, hidden]
-    # fp16, which ONNX Runtime's CPU MatMul runs in fp32), not the model
-    hidden, _, _, vocab, _ = synthetic.shape_for_bytes(300 * MB, "float16", hidden=1024)
-    largest = vocab * hidden * 2
-    bound = 0.3 * data_bytes + 300 * MB + 3 * largest
+    # pieces run one at a time, and linears with large weights on a sample of their output columns:
+    # memory is the fold's own, whatever the largest tensor
+    bound = 0.3 * data_bytes + 300 * MB
     assert peak < bound, f"peak RSS {peak / MB:.0f} MB for {data_bytes / MB:.0f} MB of data (bound {bound / MB:.0f})"
