@@ -2,10 +2,11 @@
 
 The data flow, end to end::
 
-    check input -> load (lazy) -> find norms and their readers -> decide -> fold
-        -> write to a staging folder -> verify in ONNX Runtime -> move into place
+    check input and output paths -> load (lazy) -> find norms and their readers -> decide -> fold
+        -> write to a hidden staging folder -> verify (ONNX Runtime, whole or piece by piece)
+        -> write the report -> publish (one commit point, see publish.py)
 
-Nothing is written next to the input unless verification passed.
+Nothing becomes visible unless verification passed.
 """
 
 from __future__ import annotations

@@ -5,9 +5,10 @@ non-ONNX file, a truncated file, external data that is missing, too short, or po
 the model's folder. The model is loaded with onnx-ir, which memory-maps external data: tensors
 are read only when needed.
 
-Writing goes to a temporary folder next to the destination and is renamed into place only
-once everything (model and data file) is written, so an interrupted write leaves nothing
-behind. The output's data file never replaces the input's.
+Writing goes to a hidden staging folder next to the destination; :mod:`flashnorm_onnx.publish`
+makes it visible with one commit point (the model file, renamed last, names a data file no
+existing model references). Output paths are checked before any work: never the input or its
+data, never a path that is not a regular file, never a report over another file of the run.
 """
 
 from __future__ import annotations
