@@ -203,15 +203,18 @@ def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, voc
             f"{result.report.folded - len(result.sites)} folded norm(s) read or write values without names, "
             "which the subgraph check cannot find in the files; use --verify onnxruntime"
         )
+    from flashnorm_onnx.verify_subgraph import ModelFile
+
+    reference, written = ModelFile(info.path), ModelFile(output)  # parsed once for every check below
     if "subgraph" in mode:
         from flashnorm_onnx.verify_subgraph import check_sites
 
-        checks.append(check_sites(result.sites, info.path, output, rtol=rtol, timeout=timeout))
+        checks.append(check_sites(result.sites, reference, written, rtol=rtol, timeout=timeout))
     if "algebraic" in mode:
         from flashnorm_onnx.verify_algebraic import check_folds, check_structure
 
-        checks.append(check_folds(result.folds, output))
-        checks.append(check_structure(result.sites, info.path, output))
+        checks.append(check_folds(result.folds, written))
+        checks.append(check_structure(result.sites, reference, written))
     verification = checks[0] if len(checks) == 1 else combine(checks)
     if mode == "subgraph+algebraic":
         verification.message = (

@@ -55,3 +55,12 @@ class VerificationTimeout(FlashNormError):
     @classmethod
     def after(cls, seconds: float) -> "VerificationTimeout":
         return cls(f"verification did not finish within {seconds:g} s (--verify-timeout); nothing written")
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none), for
+    the one-line errors and report messages."""
+    for line in str(e).splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return type(e).__name__

@@ -22,7 +22,6 @@ the run writes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flashnorm_onnx import model_io, publish
-from flashnorm_onnx.errors import FlashNormError, InputModelError, OutputPathError, VerificationFailed
+from flashnorm_onnx.errors import first_line, FlashNormError, InputModelError, OutputPathError, VerificationFailed
 from flashnorm_onnx.report import FoldReport, NormDecision, VerificationResult
 
 logger = logging.getLogger(__name__)
@@ -135,10 +134,7 @@ class FolderReport:
             "notes": self.notes,
         }
 
-    def write_json(self, path) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
+    write_json = FoldReport.write_json  # the same JSON file, of this report's to_json()
 
 
 # -- what the folder holds -------------------------------------------------------------------------
@@ -156,12 +152,6 @@ class _Plan:
     hidden: list[str] = dataclasses.field(default_factory=list)
 
 
-def _kind(mode: int) -> str:
-    return ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
-            else "not a regular file")
-
-
 def _scan(root: Path) -> _Plan:
     """Walk ``root`` without following any link: a linked folder is listed as a link, not entered."""
     plan = _Plan()
@@ -172,7 +162,7 @@ def _scan(root: Path) -> _Plan:
             with os.scandir(here) as it:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
-            raise InputModelError(f"{here}: cannot read the folder ({model_io._short(e)})") from None
+            raise InputModelError(f"{here}: cannot read the folder ({first_line(e)})") from None
         for e in entries:
             rel = f"{rel_dir}/{e.name}" if rel_dir else e.name
             if e.name.startswith("."):
@@ -189,7 +179,7 @@ def _scan(root: Path) -> _Plan:
                     mode = e.stat(follow_symlinks=False).st_mode
                 except OSError:
                     mode = 0
-                plan.specials.append((rel, _kind(mode)))
+                plan.specials.append((rel, model_io.file_kind(mode)))
 
     walk("")
     return plan
@@ -428,7 +418,8 @@ def _check_destinations(out_dir: Path, companions: _Companions) -> None:
             if stat.S_ISDIR(mode):
                 raise OutputPathError(f"{dest}: exists and is a folder (the input's {rel} is not)")
             if not stat.S_ISREG(mode):
-                raise OutputPathError(f"{dest}: exists and is {_kind(mode)}; remove it or choose another output")
+                raise OutputPathError(
+                    f"{dest}: exists and is {model_io.file_kind(mode)}; remove it or choose another output")
 
 
 def _check_report(report_path, folder: Path, root: Path, out_dir: Path, infos: dict[str, model_io.InputInfo],
@@ -439,16 +430,9 @@ def _check_report(report_path, folder: Path, root: Path, out_dir: Path, infos: d
     info = infos[top[0] if top else next(iter(infos))]
     reserved = set(targets.values()) | companions.dests(out_dir)
     p = model_io.check_report_path(report_path, info, output_folder=out_dir, reserved=reserved)
+    for rel, other in infos.items():  # each model's own files: its input, its data, its output and data names
+        model_io.check_report_path(report_path, other, output=targets[rel])
     resolved = p.resolve()
-    for other in infos.values():
-        if resolved == other.path.resolve() or resolved in other.data_files:
-            raise OutputPathError(f"{p}: the report would overwrite an input model or its data")
-    for target in targets.values():
-        where = target.parent.resolve()
-        if resolved.parent == where and (publish.data_name_pattern(target.name).fullmatch(resolved.name)
-                                         or publish.staging_pattern(target.name).fullmatch(resolved.name)):
-            raise OutputPathError(f"{p}: the report would overwrite a file this run writes; "
-                                  "choose another --report path")
     out = out_dir.resolve()
     if _inside(resolved.parent, out) and os.path.lexists(folder / resolved.relative_to(out)):
         raise OutputPathError(f"{p}: the report would overwrite a file this run writes into {out_dir}; "
@@ -520,20 +504,14 @@ def _copy_companions(folder: Path, out_dir: Path, companions: _Companions, copie
             if new:
                 copied.new.append(dest)
     except OSError as e:
-        raise OutputPathError(f"{out_dir}: copying the folder's other files failed ({model_io._short(e)}); "
+        raise OutputPathError(f"{out_dir}: copying the folder's other files failed ({first_line(e)}); "
                               "nothing published") from e
 
 
 def _copy_file(src: Path, tmp: Path) -> None:
     shutil.copyfile(src, tmp, follow_symlinks=False)
     shutil.copystat(src, tmp, follow_symlinks=False)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    publish.fsync_path(tmp)
 
 
 def _atomic(dest: Path, make: Callable[[Path], None]) -> None:

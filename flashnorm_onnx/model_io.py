@@ -24,7 +24,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from flashnorm_onnx import publish
-from flashnorm_onnx.errors import InputModelError, OutputPathError
+from flashnorm_onnx.errors import InputModelError, OutputPathError, first_line
 from flashnorm_onnx.publish import StagedOutput
 
 logger = logging.getLogger(__name__)
@@ -87,9 +87,9 @@ def check_input(path: str | os.PathLike) -> InputInfo:
     try:
         proto = onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
-        raise InputModelError(f"{p}: not a valid ONNX model ({_short(e)})") from e
+        raise InputModelError(f"{p}: not a valid ONNX model ({first_line(e)})") from e
     except Exception as e:  # protobuf's C++ parser raises other types for garbage
-        raise InputModelError(f"{p}: not a valid ONNX model ({_short(e)})") from e
+        raise InputModelError(f"{p}: not a valid ONNX model ({first_line(e)})") from e
     if not proto.HasField("graph") or proto.ir_version <= 0 or len(proto.opset_import) == 0:
         raise InputModelError(f"{p}: not a valid ONNX model (no graph, IR version or opset; truncated?)")
     if len(proto.graph.output) == 0:
@@ -153,7 +153,7 @@ def check_input(path: str | os.PathLike) -> InputInfo:
                 file_sizes[target] = target.stat().st_size
         except (OSError, ValueError) as e:  # a name too long, a loop of links...
             raise InputModelError(
-                f"{p}: tensor '{tensor.name}' has an unusable external data location {location[:100]!r} ({_short(e)})"
+                f"{p}: tensor '{tensor.name}' has an unusable external data location {location[:100]!r} ({first_line(e)})"
             ) from None
         if offset + length > file_sizes[target]:
             raise InputModelError(
@@ -175,7 +175,7 @@ def load(info: InputInfo) -> ir.Model:
         ir.external_data.set_base_dir(model.graph, str(info.path.parent))
         return model
     except Exception as e:
-        raise InputModelError(f"{info.path}: onnx-ir could not read the model ({_short(e)})") from e
+        raise InputModelError(f"{info.path}: onnx-ir could not read the model ({first_line(e)})") from e
 
 
 def default_output_path(input_path: Path) -> Path:
@@ -227,10 +227,16 @@ def check_regular_or_absent(path: Path, what: str) -> None:
     except OSError:
         raise OutputPathError(f"{path}: the {what} path is a broken link; remove it or choose another") from None
     if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
-                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
-        raise OutputPathError(f"{path}: the {what} path is {kind}, not a regular file; choose another")
+        raise OutputPathError(f"{path}: the {what} path is {file_kind(mode)}, not a regular file; choose another")
+
+
+def file_kind(mode: int) -> str:
+    """What a path that is not a regular file is, from its ``st_mode``, for error messages."""
+    import stat
+
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a folder" if stat.S_ISDIR(mode) else "not a regular file")
 
 
 def check_report_path(
@@ -274,8 +280,7 @@ def check_report_path(
         folder = output_folder.resolve()
         if folder == resolved.parent or folder in resolved.parents:
             rel = resolved.relative_to(folder)
-            if rel.suffix == ".onnx" or ".onnx" in rel.name or (info.path.parent / rel).exists() or os.path.lexists(
-                    info.path.parent / rel):
+            if ".onnx" in rel.name or os.path.lexists(info.path.parent / rel):
                 raise OutputPathError(
                     f"{p}: the report would overwrite a file this run writes into {output_folder}; "
                     "choose another --report path"
@@ -289,15 +294,14 @@ def write_report(report, path: str | os.PathLike) -> None:
     tmp = None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        if os.path.lexists(p) and not p.is_file():
-            check_regular_or_absent(p, "report")
+        check_regular_or_absent(p, "report")
         tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
         report.write_json(tmp)
         os.replace(tmp, p)
     except OSError as e:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise OutputPathError(f"{p}: cannot write the report ({_short(e)})") from e
+        raise OutputPathError(f"{p}: cannot write the report ({first_line(e)})") from e
 
 
 def wants_external_data(info: InputInfo, model_bytes: int) -> bool:
@@ -312,8 +316,7 @@ def write_atomic(
 ) -> StagedOutput:
     """Write the model into a hidden staging folder next to ``output``; ``commit()`` publishes it
     (see :mod:`flashnorm_onnx.publish`)."""
-    staged = publish.stage(output)
-    staged.external = external
+    staged = publish.stage(output, external)
     try:
         path = staged.model_path
         if external:
@@ -327,7 +330,7 @@ def write_atomic(
     except BaseException as e:
         staged.abandon()
         if isinstance(e, OSError):
-            raise OutputPathError(f"{output}: writing the output failed ({_short(e)}); nothing was written") from e
+            raise OutputPathError(f"{output}: writing the output failed ({first_line(e)}); nothing was written") from e
         if isinstance(e, ValueError) and "2GB" in str(e).replace(" ", ""):
             raise OutputPathError(f"{output}: model too large for one protobuf file") from e
         raise
@@ -440,9 +443,7 @@ def _fixed_size(tensor: onnx.TensorProto) -> bool:
 
 
 def _expected_bytes(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= d
+    count = _element_count(tensor)
     try:
         itemsize = ir.DataType(tensor.data_type).itemsize
     except Exception:
@@ -451,10 +452,9 @@ def _expected_bytes(tensor: onnx.TensorProto) -> int:
 
 
 def _element_count(tensor: onnx.TensorProto) -> int:
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return count
+    import math
+
+    return math.prod(tensor.dims)
 
 
 #: TensorProto fields that hold inline values (besides raw_data).
@@ -475,8 +475,3 @@ def _holds_data(tensor: onnx.TensorProto) -> bool:
 
 def _typed_bytes(tensor: onnx.TensorProto) -> int:
     return _expected_bytes(tensor)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:200]

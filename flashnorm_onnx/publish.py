@@ -42,7 +42,7 @@ from typing import Callable
 
 import onnx
 
-from flashnorm_onnx.errors import OutputPathError
+from flashnorm_onnx.errors import OutputPathError, first_line
 
 try:  # POSIX: advisory locks; elsewhere publishing is not serialised between processes
     import fcntl
@@ -98,7 +98,8 @@ class _FolderLock:
         self.release()
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (best effort where a file system cannot sync folders)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -177,7 +178,7 @@ class StagedOutput:
         nothing is published. Returns the published paths."""
         folder = self.output.parent
         try:
-            with _FolderLock(folder) as _:
+            with _FolderLock(folder):
                 _step("locked")
                 clean_leftovers(folder, self.output.name)
                 _step("cleaned")
@@ -197,12 +198,12 @@ class StagedOutput:
                     before_publish(written)
                 _step("reported")
                 for path in ([self.data_path] if has_data else []) + [self.model_path, self.staging / OBSOLETE_LIST]:
-                    _fsync(path)
-                _fsync(self.staging)
+                    fsync_path(path)
+                fsync_path(self.staging)
                 _step("synced")
                 if has_data:
                     _publish_without_replacing(self.data_path, folder / self.data_name)
-                    _fsync(folder)
+                    fsync_path(folder)
                     _step("data published")
                 try:
                     os.replace(self.model_path, self.output)  # the commit point
@@ -210,7 +211,7 @@ class StagedOutput:
                     if has_data:  # the model did not follow: its data must not stay behind
                         (folder / self.data_name).unlink(missing_ok=True)
                     raise
-                _fsync(folder)
+                fsync_path(folder)
                 _step("model published")
                 _remove_unreferenced(folder, old_data - {self.data_name})
                 _step("old data removed")
@@ -218,7 +219,7 @@ class StagedOutput:
         except OutputPathError:
             raise
         except OSError as e:
-            raise OutputPathError(f"{self.output}: could not move the output into place ({_short(e)})") from e
+            raise OutputPathError(f"{self.output}: could not move the output into place ({first_line(e)})") from e
         finally:
             self.discard()
 
@@ -234,8 +235,9 @@ class StagedOutput:
         remove_empty(self.created)
 
 
-def stage(output: Path) -> StagedOutput:
-    """Create the hidden staging folder (and any missing output folders) for ``output``."""
+def stage(output: Path, external: bool) -> StagedOutput:
+    """Create the hidden staging folder (and any missing output folders) for ``output``;
+    ``external``: the model is written with an external data file."""
     parent = output.parent
     created: list[Path] = []
     missing = parent
@@ -246,18 +248,18 @@ def stage(output: Path) -> StagedOutput:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         remove_empty(created)
-        raise OutputPathError(f"{parent}: cannot create the output folder ({_short(e)})") from e
+        raise OutputPathError(f"{parent}: cannot create the output folder ({first_line(e)})") from e
     try:
-        # created under a name cleanup never touches, locked, then renamed to its staging name:
-        # a staging folder nobody holds a lock on is always a dead run's
+        # created as ``.new`` (cleanup leaves those alone while young), locked, then renamed to its
+        # ``.tmp`` name: a ``.tmp`` staging folder nobody holds a lock on is always a dead run's
         fresh = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".new", dir=parent))
         lock = _FolderLock(fresh)
         staging = fresh.with_suffix(".tmp")
         os.rename(fresh, staging)
     except OSError as e:
         remove_empty(created)
-        raise OutputPathError(f"{parent}: cannot write there ({_short(e)})") from e
-    return StagedOutput(staging=staging, output=output, external=False, data_name=choose_data_name(parent, output.name),
+        raise OutputPathError(f"{parent}: cannot write there ({first_line(e)})") from e
+    return StagedOutput(staging=staging, output=output, external=external, data_name=choose_data_name(parent, output.name),
                         created=created, lock=lock)
 
 
@@ -352,8 +354,3 @@ def remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             break
-
-
-def _short(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text[:200]

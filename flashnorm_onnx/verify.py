@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable
+from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, first_line
 from flashnorm_onnx.inputs import Case, default_cases, fit_case, make_feeds, specs_from_session
 from flashnorm_onnx.report import VerificationResult
 
@@ -84,6 +84,12 @@ class Deadline:
                 timer.cancel()
 
 
+def failed_entry(case: str, name: str) -> dict:
+    """A comparison entry for something that could not be compared (it counts as a failure)."""
+    return {"case": case, "name": name, "max_abs": float("inf"), "max_rel": float("inf"), "argmax_agreement": None,
+            "ok": False, "rtol": 0.0, "dtype": "", "shape": []}
+
+
 def compare_models(
     reference: str | Path,
     candidate: str | Path,
@@ -103,13 +109,13 @@ def compare_models(
         ref = make_session(reference)
     except Exception as e:
         raise VerificationUnavailable(
-            f"ONNX Runtime cannot load the input model ({_first_line(e)}); use --no-verify to skip the check"
+            f"ONNX Runtime cannot load the input model ({first_line(e)}); use --no-verify to skip the check"
         ) from e
     try:
         cand = make_session(candidate)
     except Exception as e:
         return VerificationResult(
-            method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {_first_line(e)}"
+            method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"
         )
     specs = specs_from_session(ref)
     result = VerificationResult(method="onnxruntime", passed=True)
@@ -148,7 +154,7 @@ def compare_models(
                 shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
                 raise VerificationUnavailable(
                     f"the input model does not run on generated inputs ({case.describe()}; {shapes}): "
-                    f"{_first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
+                    f"{first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
                 ) from e_
         try:
             got = deadline.run(cand, feeds)
@@ -156,7 +162,7 @@ def compare_models(
             raise
         except Exception as e:
             result.passed = False
-            result.message = f"the output model fails to run: {_first_line(e)}"
+            result.message = f"the output model fails to run: {first_line(e)}"
             return result
         # what actually ran: --dim values and config dims may override the case's sizes
         result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
@@ -202,12 +208,3 @@ def _compare(name: str, case: str, a: np.ndarray, b: np.ndarray, rtol: float | N
         agreement = float(np.mean(np.argmax(a64, axis=-1) == np.argmax(b64, axis=-1)))
     entry.update(max_abs=max_abs, max_rel=max_rel, ok=bool(ok), argmax_agreement=agreement)
     return entry
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line[:300]
-    return type(e).__name__

@@ -14,13 +14,12 @@ the ONNX Runtime comparison checks on every model that fits in memory.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
-import onnx_ir as ir
 
+from flashnorm_onnx.passes.graph_utils import attr, const_array, release_tensor
+from flashnorm_onnx.passes.norm_patterns import find_norms, strip_casts
 from flashnorm_onnx.report import VerificationResult
+from flashnorm_onnx.verify import failed_entry
 
 #: max |X@B* - (X*g)@B| relative to max |(X*g)@B|, by weight dtype
 TOLERANCES = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -35,12 +34,14 @@ def _columns(weight: np.ndarray, k_axis: int, picks: np.ndarray | None) -> np.nd
     return np.ascontiguousarray(b).astype(work)
 
 
-def check_folds(folds, output: str | os.PathLike | None = None, rows: int = 4, columns: int = 256,
-                seed: int = 0) -> VerificationResult:
+def check_folds(folds, output=None, rows: int = 4, columns: int = 256, seed: int = 0) -> VerificationResult:
+    """``output``: the written model (a path or a verify_subgraph.ModelFile); None: the tensors in memory."""
+    from flashnorm_onnx.verify_subgraph import ModelFile
+
     rng = np.random.default_rng(seed)
     written = None
     if output is not None:
-        written = {v.name: v.const_value for v in ir.load(str(output)).graph.initializers.values()}
+        written = {v.name: v.const_value for v in ModelFile.of(output).graph.initializers.values()}
     result = VerificationResult(method="algebraic", passed=True)
     for record in folds:
         name = record.folded.name or record.name
@@ -74,11 +75,7 @@ def check_folds(folds, output: str | os.PathLike | None = None, rows: int = 4, c
             result.message = f"folded tensor '{name}' does not equal diag(g)·B"
         del original, folded, b, bf
         for tensor in (record.original, folded_tensor):
-            if isinstance(tensor, ir.ExternalTensor):
-                try:
-                    tensor.release()
-                except BufferError:
-                    pass
+            release_tensor(tensor)
     result.cases.append(
         f"{len(folds)} folded tensors read back from the output, each checked on {rows} random vectors "
         f"(up to {columns} output columns)"
@@ -86,7 +83,7 @@ def check_folds(folds, output: str | os.PathLike | None = None, rows: int = 4, c
     return result
 
 
-def check_structure(sites, reference: str | os.PathLike, output: str | os.PathLike) -> VerificationResult:
+def check_structure(sites, reference, output) -> VerificationResult:
     """What the weight check cannot see, read back from the written output without running it:
 
     * every folded norm is weightless in the output (scale all ones, bias zero), and it is what
@@ -94,18 +91,16 @@ def check_structure(sites, reference: str | os.PathLike, output: str | os.PathLi
     * every LayerNorm bias moved into a linear: ``c_out - c_in == beta @ B`` (Gemm: scaled by its
       alpha / beta), with B the input's weight and c the linear's bias constant in each file.
     """
-    from flashnorm_onnx.passes.norm_patterns import find_norms
-    from flashnorm_onnx.verify_subgraph import _File
+    from flashnorm_onnx.verify_subgraph import ModelFile
 
-    ref, out = _File(Path(reference)), _File(Path(output))
+    ref, out = ModelFile.of(reference), ModelFile.of(output)
     by_output = {m.output.name: m for m in find_norms(out.graph)}
     result = VerificationResult(method="structure", passed=True)
 
     def fail(message: str, name: str) -> None:
         result.passed = False
         result.message = result.message or message
-        result.outputs.append({"case": "structure", "name": name, "max_abs": float("inf"), "max_rel": float("inf"),
-                               "argmax_agreement": None, "ok": False, "rtol": 0.0, "dtype": "", "shape": []})
+        result.outputs.append(failed_entry("structure", name))
 
     biases = 0
     for site in sites:
@@ -150,29 +145,18 @@ def check_structure(sites, reference: str | os.PathLike, output: str | os.PathLi
 def _norm_producing(file, name: str, by_output: dict):
     """The norm whose output (through Casts) is ``name`` in ``file``."""
     value = file.values.get(name)
-    for _ in range(4):
-        if value is None:
-            return None
-        if value.name in by_output:
-            return by_output[value.name]
-        node = value.producer()
-        if node is None or node.op_type not in ("Cast", "Identity") or not node.inputs:
-            return None
-        value = node.inputs[0]
+    if value is None:
+        return None
+    _, casts = strip_casts(value)
+    for v in [value, *(c.inputs[0] for c in casts)]:
+        if v.name in by_output:
+            return by_output[v.name]
     return None
 
 
-def _const_behind_casts(value):
-    for _ in range(4):
-        if value is None:
-            return None
-        if value.const_value is not None:
-            return value.const_value.numpy().astype(np.float64)
-        node = value.producer()
-        if node is None or node.op_type not in ("Cast", "Identity"):
-            return None
-        value = node.inputs[0]
-    return None
+def _const_behind_casts(value) -> np.ndarray | None:
+    array = const_array(strip_casts(value)[0]) if value is not None else None
+    return None if array is None else array.astype(np.float64)
 
 
 def _bias_of(file, result: str) -> tuple[float, np.ndarray | None]:
@@ -188,8 +172,7 @@ def _bias_of(file, result: str) -> tuple[float, np.ndarray | None]:
                 return 1.0, c
         return 1.0, None
     if node.op_type == "Gemm" and len(node.inputs) > 2:
-        beta = node.attributes["beta"].value if "beta" in node.attributes else 1.0
-        return float(beta), _const_behind_casts(node.inputs[2])
+        return float(attr(node, "beta", 1.0)), _const_behind_casts(node.inputs[2])
     if node.op_type == "Attention" and len(node.inputs) > 2:
         return 1.0, _const_behind_casts(node.inputs[2])
     return 1.0, None
@@ -198,6 +181,4 @@ def _bias_of(file, result: str) -> tuple[float, np.ndarray | None]:
 def _gemm_alpha(file, result: str) -> float:
     value = file.values.get(result)
     node = value.producer() if value is not None else None
-    if node is not None and node.op_type == "Gemm" and "alpha" in node.attributes:
-        return float(node.attributes["alpha"].value)
-    return 1.0
+    return float(attr(node, "alpha", 1.0)) if node is not None and node.op_type == "Gemm" else 1.0

@@ -37,9 +37,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable
+from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, first_line
 from flashnorm_onnx.report import VerificationResult
-from flashnorm_onnx.verify import TOLERANCES, Deadline, _compare
+from flashnorm_onnx.passes.graph_utils import attr, release_tensor
+from flashnorm_onnx.passes.linear_consumers import trace_weight
+from flashnorm_onnx.verify import Deadline, _compare, failed_entry
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +60,17 @@ SAMPLE_COLUMNS = 256
 class _Piece:
     inputs: list[str]
     outputs: list[str]
-    k_axis: int | None = None
-    """For a linear reader: the axis of its weight constant that the norm's channels index."""
+    linear: bool = False
+    """A linear reader's piece (its weight may be sampled, see SAMPLE_BYTES)."""
 
 
-class _File:
-    """One model file, loaded lazily (external tensors stay memory-mapped)."""
+class ModelFile:
+    """One model file, loaded once and lazily (external tensors stay memory-mapped), with its
+    values by name. The checks of one verification share it."""
+
+    @classmethod
+    def of(cls, model: "ModelFile | str | os.PathLike") -> "ModelFile":
+        return model if isinstance(model, ModelFile) else cls(Path(model))
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -107,16 +114,16 @@ class _File:
                     return other.dtype
         return None
 
-    def build(self, pieces: list[_Piece]) -> tuple[bytes, list[str], list[str]]:
+    def build(self, pieces: list[_Piece]) -> tuple[bytes, list[str]]:
         """One small model running every piece side by side (each in its own name space).
 
-        Returns (serialized model, its input names, its output names)."""
+        Returns the serialized model and its input names (its outputs: the pieces', in order)."""
         nodes: list[onnx.NodeProto] = []
         initializers: dict[str, ir.Value] = {}
         extra_initializers: list[onnx.TensorProto] = []
         inputs: list[onnx.ValueInfoProto] = []
         outputs: list[onnx.ValueInfoProto] = []
-        input_names, output_names = [], []
+        input_names = []
         for i, piece in enumerate(pieces):
             prefix = f"p{i}/"
             cut = set(piece.inputs)
@@ -150,7 +157,7 @@ class _File:
                     if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                         raise _NotIsolable(f"node '{node.name}' has a subgraph")
                 frontier.extend(x for x in _data_inputs(node) if x is not None)
-            local = _sampled(piece, picked, consts, seed=i) if piece.k_axis is not None else {}
+            local = _sampled(piece, picked, consts, seed=i) if piece.linear else {}
             self.sampled += bool(local)
             initializers.update((n, v) for n, v in consts.items() if n not in local)
             order = {id(n): k for k, n in enumerate(self.graph)}
@@ -172,7 +179,6 @@ class _File:
                 input_names.append(prefix + name)
             for name in piece.outputs:
                 outputs.append(onnx.ValueInfoProto(name=prefix + name))
-                output_names.append(prefix + name)
         graph = onnx.helper.make_graph(nodes, "flashnorm_check", inputs, outputs,
                                        [_tensor_proto(name, v) for name, v in initializers.items()]
                                        + extra_initializers)
@@ -180,7 +186,7 @@ class _File:
         model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=min(self.model.ir_version, 10))
         for f in self.model.functions.values():
             model.functions.append(ir.serde.serialize_function(f))
-        return model.SerializeToString(), input_names, output_names
+        return model.SerializeToString(), input_names
 
 
 def _data_inputs(node: ir.Node) -> list:
@@ -197,27 +203,24 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], s
     cut = set(piece.inputs)
     reader = next((n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.inputs and n.inputs[0] is not None
                    and n.inputs[0].name in cut), None)
-    if reader is None or len(reader.inputs) < 2:
+    if reader is None or len(reader.inputs) < 2 or reader.inputs[1] is None:
         return {}
-    weight = reader.inputs[1]
-    while weight is not None and weight.const_value is None and weight.producer() is not None \
-            and weight.producer().op_type in ("Transpose", "Cast", "Identity"):
-        weight = weight.producer().inputs[0]
-    if weight is None or weight.const_value is None or weight.name not in consts:
+    traced = trace_weight(reader.inputs[1], 1 if reader.op_type == "Gemm" and attr(reader, "transB", 0) else 0)
+    if isinstance(traced, str) or traced.source.name not in consts:
         return {}
-    tensor = weight.const_value
+    weight, k_axis, tensor = traced.source, traced.k_axis, traced.source.const_value
     shape = tuple(tensor.shape.numpy())
-    if len(shape) != 2 or tensor.nbytes <= SAMPLE_BYTES:
+    if tensor.nbytes <= SAMPLE_BYTES:
         return {}
-    n = shape[1 - piece.k_axis]
+    n = shape[1 - k_axis]
     if n <= SAMPLE_COLUMNS:
         return {}
     start = int(np.random.default_rng([seed, n]).integers(0, n - SAMPLE_COLUMNS + 1))
     cols = slice(start, start + SAMPLE_COLUMNS)
     array = tensor.numpy()
-    out = {weight.name: np.ascontiguousarray(array[:, cols] if piece.k_axis == 0 else array[cols, :])}
+    out = {weight.name: np.ascontiguousarray(array[:, cols] if k_axis == 0 else array[cols, :])}
     del array
-    _release(tensor)
+    release_tensor(tensor)
     for name, v in consts.items():
         if name == weight.name:
             continue
@@ -225,14 +228,6 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], s
         if dims and dims[-1] == n:  # a bias over the output columns
             out[name] = np.ascontiguousarray(v.const_value.numpy()[..., cols])
     return out
-
-
-def _release(tensor) -> None:
-    if isinstance(tensor, ir.ExternalTensor):
-        try:
-            tensor.release()
-        except BufferError:
-            pass
 
 
 class _NotIsolable(Exception):
@@ -269,7 +264,7 @@ def _session(model: bytes, folder: Path):
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def _shape(file: _File, name: str, channels: int, rank_hint: int) -> list[int]:
+def _shape(file: ModelFile, name: str, channels: int, rank_hint: int) -> list[int]:
     v = file.values.get(name)
     dims = list(v.shape) if v is not None and v.shape is not None else [None] * rank_hint
     if not dims:
@@ -285,7 +280,7 @@ def _shape(file: _File, name: str, channels: int, rank_hint: int) -> list[int]:
     return out
 
 
-def _wiring(file: _File, data: str, target: str) -> list[str] | None:
+def _wiring(file: ModelFile, data: str, target: str) -> list[str] | None:
     """Op types from ``data`` back to ``target`` along first inputs (None: not connected)."""
     ops: list[str] = []
     v = file.values.get(data)
@@ -302,12 +297,13 @@ def _wiring(file: _File, data: str, target: str) -> list[str] | None:
     return None
 
 
-def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLike, rtol: float | None = None,
-                timeout: float | None = None, seed: int = 0) -> VerificationResult:
+def check_sites(sites, reference: ModelFile | str | os.PathLike, candidate: ModelFile | str | os.PathLike,
+                rtol: float | None = None, timeout: float | None = None, seed: int = 0) -> VerificationResult:
     """Run every rewrite site of ``candidate`` against ``reference`` (see the module docstring)."""
     deadline = Deadline(timeout)
     rng = np.random.default_rng(seed)
-    ref, cand = _File(Path(reference)), _File(Path(candidate))
+    ref, cand = ModelFile.of(reference), ModelFile.of(candidate)
+    cand.sampled = 0
     result = VerificationResult(method="subgraph", passed=True)
     pieces_run = 0
     for site in sites:
@@ -329,24 +325,23 @@ def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLik
                 result.passed = False
                 result.message = (f"norm '{site.norm}': the reader of '{r.data}' does not read the weightless "
                                   f"norm '{after}' in the output ({got} vs {want})")
-                result.outputs.append(_failed(site.norm, r.data))
+                result.outputs.append(failed_entry("subgraph", f"{r.data} ({site.norm})"))
         norm_piece_ref = _Piece(site.inputs, [site.output_before, *site.extra_outputs])
         norm_piece_cand = _Piece(site.inputs, [after, *site.extra_outputs])
-        reader_ref = [_Piece([r.data], [r.result_before], r.k_axis) for r in site.readers]
-        reader_cand = [_Piece([d], [r.result_after.name], r.k_axis) for r, d in zip(site.readers, data_after)]
+        reader_ref = [_Piece([r.data], [r.result_before], linear=True) for r in site.readers]
+        reader_cand = [_Piece([d], [r.result_after.name], linear=True) for r, d in zip(site.readers, data_after)]
         try:
-            ref_model, ref_in, ref_out = ref.build([norm_piece_ref, *reader_ref])
-            cand_model, cand_in, cand_out = cand.build([norm_piece_cand, *reader_cand])
+            ref_model, ref_in = ref.build([norm_piece_ref, *reader_ref])
+            cand_model, cand_in = cand.build([norm_piece_cand, *reader_cand])
         except _NotIsolable as e:
             raise VerificationUnavailable(
                 f"norm '{site.norm}' cannot be checked in isolation ({e}); use --verify onnxruntime"
             ) from None
         # feeds: x (and skip) for the norm, d for each reader; the input's readers get d * g + beta
         feeds_ref, feeds_cand = {}, {}
-        norm_rank = 3
         for name, rname, cname in zip(site.inputs, ref_in, cand_in):
             dtype = ref.dtype(name).numpy()
-            value = rng.standard_normal(_shape(ref, name, channels, norm_rank)).astype(dtype)
+            value = rng.standard_normal(_shape(ref, name, channels, 3)).astype(dtype)
             feeds_ref[rname] = feeds_cand[cname] = value
         offset = len(site.inputs)
         for r, rname, cname in zip(site.readers, ref_in[offset:], cand_in[offset:]):
@@ -362,7 +357,7 @@ def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLik
         except Exception as e:
             raise VerificationUnavailable(
                 f"norm '{site.norm}': its piece of the input model does not run in isolation "
-                f"({_first_line(e)}); use --verify onnxruntime"
+                f"({first_line(e)}); use --verify onnxruntime"
             ) from None
         try:
             got_cand = _run(cand_model, cand.path.parent, feeds_cand, deadline)
@@ -370,8 +365,8 @@ def check_sites(sites, reference: str | os.PathLike, candidate: str | os.PathLik
             raise
         except Exception as e:
             result.passed = False
-            result.message = f"norm '{site.norm}': the output's piece fails to run: {_first_line(e)}"
-            result.outputs.append(_failed(site.norm, after))
+            result.message = f"norm '{site.norm}': the output's piece fails to run: {first_line(e)}"
+            result.outputs.append(failed_entry("subgraph", f"{after} ({site.norm})"))
             continue
         pieces_run += 1 + len(site.readers)
         # the norm: y_in == y_out * g + beta (in float64, rounded to the output's dtype)
@@ -408,16 +403,3 @@ def _run(model: bytes, folder: Path, feeds: dict, deadline: Deadline) -> list:
         return deadline.run(session, feeds)
     finally:
         del session
-
-
-def _failed(norm: str, name: str) -> dict:
-    return {"case": "subgraph", "name": f"{name} ({norm})", "max_abs": float("inf"), "max_rel": float("inf"),
-            "argmax_agreement": None, "ok": False, "rtol": 0.0, "dtype": "", "shape": []}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-__all__ = ["check_sites", "TOLERANCES"]

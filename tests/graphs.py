@@ -237,3 +237,13 @@ def save(model: onnx.ModelProto, path: Path, external: bool = False) -> Path:
     else:
         onnx.save_model(model, str(path))
     return path
+
+
+def set_location(path: Path, location: str) -> None:
+    """Point every external tensor of the model file at ``location`` (the data is not moved)."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    Path(path).write_bytes(proto.SerializeToString())

@@ -19,7 +19,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from tests.graphs import save
+from tests.graphs import save, set_location
 
 BAD_INPUT, BAD_OUTPUT = 3, 4
 
@@ -161,12 +161,7 @@ def test_external_data_outside_the_folder(tmp_path, location):
     model = rms_model()
     src = save(model, tmp_path / "m" / "model.onnx", external=True)
     (tmp_path / "outside.data").write_bytes((src.parent / "model.onnx.data").read_bytes())
-    proto = onnx.load(str(src), load_external_data=False)
-    for t in proto.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = location
-    src.write_bytes(proto.SerializeToString())
+    set_location(src, location)
     refused(tmp_path, src, BAD_INPUT, "outside the model's folder")
     refused(tmp_path, src, BAD_INPUT, "outside the model's folder", command="inspect")
 
@@ -209,12 +204,7 @@ def test_output_equal_to_input_data_file(tmp_path):
     assert snapshot(tmp_path) == before
     # an output whose own data file (NAME.data) would be the input's data file
     (src.parent / "other.onnx.data").write_bytes(data.read_bytes())
-    proto = onnx.load(str(src), load_external_data=False)
-    for t in proto.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = "other.onnx.data"
-    src.write_bytes(proto.SerializeToString())
+    set_location(src, "other.onnx.data")
     before = snapshot(tmp_path)
     assert_clean_error(cli("optimize", src, "-o", src.parent / "other.onnx"), BAD_OUTPUT, "external data")
     assert snapshot(tmp_path) == before

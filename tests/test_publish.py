@@ -8,18 +8,18 @@ fail, and by concurrent runs on one destination.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
 
 from flashnorm_onnx import api, cli as cli_module, model_io, publish
-from tests.graphs import save
+from tests.graphs import save, set_location
 from tests.test_bad_input import BAD_OUTPUT, assert_clean_error, cli, rms_model, snapshot
 
 STEPS = ["locked", "cleaned", "reported", "synced", "data published", "model published", "old data removed"]
@@ -201,7 +201,7 @@ def test_output_or_report_that_is_not_a_regular_file_is_refused(tmp_path, kind):
 def test_leftover_staging_of_a_live_run_is_kept(tmp_path):
     """Cleanup removes a dead run's staging folder but never a live one's (it holds a lock)."""
     out = tmp_path / "out" / "model.onnx"
-    staged = publish.stage(out)
+    staged = publish.stage(out, external=False)
     old = out.parent / ".model.onnx.deadbeef.tmp"
     old.mkdir()
     os.utime(staged.staging, (0, 0))
@@ -215,10 +215,14 @@ def test_leftover_staging_of_a_live_run_is_kept(tmp_path):
 def test_api_report_before_publish(tmp_path):
     """The report names the published files and exists once the output does."""
     src = save(rms_model(), tmp_path / "m" / "model.onnx", external=True)
-    report = api.optimize(src, tmp_path / "o.onnx", report_path=tmp_path / "r.json")
-    assert (tmp_path / "r.json").is_file() and "o.onnx.data" in (tmp_path / "r.json").read_text()
-    assert report.verification.passed
-    assert onnx.load(str(tmp_path / "o.onnx")) is not None
+    out = tmp_path / "o.onnx"
+    report = api.optimize(src, out, report_path=tmp_path / "r.json")
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert report.verification.passed and saved["output"] == str(out)
+    wrote = next(n for n in saved["notes"] if n.startswith("wrote "))
+    assert wrote == f"wrote {out.parent / 'o.onnx.data'}, {out}"  # the data file the model names, then the model
+    assert publish.external_locations(out) == {"o.onnx.data"}
+    assert same(outputs(out), outputs(src))
 
 
 def test_report_naming_the_replaced_models_data_is_refused(two_models):
@@ -227,12 +231,7 @@ def test_report_naming_the_replaced_models_data_is_refused(two_models):
     data = out.parent / next(iter(publish.external_locations(out)))
     renamed = out.parent / "weights.bin"  # a data name this tool would not give
     os.rename(data, renamed)
-    proto = onnx.load(str(out), load_external_data=False)
-    for t in proto.graph.initializer:
-        for e in t.external_data:
-            if e.key == "location":
-                e.value = "weights.bin"
-    out.write_bytes(proto.SerializeToString())
+    set_location(out, "weights.bin")
     before = snapshot(out.parent)
     assert_clean_error(cli("optimize", b, "-o", out, "--report", renamed), BAD_OUTPUT, "external data")
     assert snapshot(out.parent) == before

@@ -38,9 +38,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from flashnorm_onnx.passes import fold_math
-from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_label, opset_version
+from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_label, opset_version, release_tensor
 from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses
-from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms
+from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms, strip_casts
 from flashnorm_onnx.passes.weightless_norm import ConstantPool, make_weightless
 from flashnorm_onnx.report import ConsumerRecord, FoldReport, NormDecision
 
@@ -202,7 +202,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 decision.reason = f"folding into '{write.source.name}' is not representable: {e}"
                 return decision
             finally:
-                _release(tensor)
+                release_tensor(tensor)
 
         # Decided: write.
         site = _site_before(match, g, beta, analysis.uses)
@@ -391,8 +391,6 @@ def _linear_result(use: LinearUse) -> ir.Value:
 
 def _site_before(match: NormMatch, g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse]) -> RewriteSite | None:
     """Names, taken before any rewrite, of what verify_subgraph re-runs (None: values without names)."""
-    from flashnorm_onnx.passes.norm_patterns import strip_casts
-
     if match.scale_node is not None:
         inputs = [match.outer_input]
     else:  # a fused op: its activation inputs (x, skip), not its constants
@@ -456,19 +454,9 @@ def _lazy_fold(original: ir.TensorProtocol, g: np.ndarray, k_axis: int, name: st
         try:
             return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis, check=False), name=name)
         finally:
-            _release(original)
+            release_tensor(original)
 
     return ir.LazyTensor(compute, dtype=original.dtype, shape=ir.Shape(original.shape.numpy()), name=name)
-
-
-def _release(tensor: ir.TensorProtocol) -> None:
-    """Unmap a memory-mapped external tensor (its pages leave the resident set)."""
-    release = getattr(tensor, "release", None)
-    if callable(release) and isinstance(tensor, ir.ExternalTensor):
-        try:
-            release()
-        except BufferError:  # an array still views the mapping: it is unmapped later
-            pass
 
 
 def _nbytes(tensor: ir.TensorProtocol) -> int:

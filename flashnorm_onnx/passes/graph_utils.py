@@ -161,3 +161,12 @@ def copy_type(dst: ir.Value, src: ir.Value) -> None:
         dst.type = src.type
     if src.shape is not None:
         dst.shape = src.shape
+
+
+def release_tensor(tensor) -> None:
+    """Unmap a memory-mapped external tensor (its pages leave the resident set)."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # an array still views the mapping: it is unmapped later
+            pass

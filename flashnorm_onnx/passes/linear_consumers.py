@@ -71,7 +71,8 @@ class ConsumerAnalysis:
     """A refusal is an elementwise Add/Sub with another activation: the residual stream."""
 
 
-def _trace_weight(value: ir.Value, k_axis: int) -> WeightPath | str:
+def trace_weight(value: ir.Value, k_axis: int) -> WeightPath | str:
+    """The constant behind a linear's weight input (through Transpose/Cast/Identity), or why not."""
     nodes: list[ir.Node] = []
     while True:
         if value.is_graph_input():
@@ -251,7 +252,7 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
             result.residual |= inner.residual
             continue
         if is_op(node, "MatMul") and index == 0:
-            traced = _trace_weight(node.inputs[1], 0)
+            traced = trace_weight(node.inputs[1], 0)
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
                 continue
@@ -265,7 +266,7 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
             if attr(node, "transA", 0) != 0:
                 result.refusals.append(f"feeds {node_label(node)} with transA=1")
                 continue
-            traced = _trace_weight(node.inputs[1], 1 if attr(node, "transB", 0) else 0)
+            traced = trace_weight(node.inputs[1], 1 if attr(node, "transB", 0) else 0)
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
                 continue
@@ -289,7 +290,7 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
             continue
         if node.op_type == "Attention" and node.domain == "com.microsoft" and index == 0:
             # ORT's fused attention: input @ weights[K, 3H] + bias, a linear on the norm output
-            traced = _trace_weight(node.inputs[1], 0) if len(node.inputs) > 1 and node.inputs[1] is not None \
+            traced = trace_weight(node.inputs[1], 0) if len(node.inputs) > 1 and node.inputs[1] is not None \
                 else "it has no weights input"
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
