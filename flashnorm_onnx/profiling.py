@@ -6,15 +6,30 @@ Used by ``flashnorm-onnx profile``. The method:
   token ids within the vocabulary, masks of ones, positions after the past. A shape with a
   ``past`` length runs one step on a KV cache of that length (only for models with cache
   inputs; others skip it, with the reason).
-* Both sessions are created in one process with the same options. After ``warmup`` runs of
-  each, the two are measured interleaved, in pairs whose order alternates (A B, B A, A B ...),
-  so drift (thermal, frequency, a neighbour's load) hits both alike.
+* Both sessions are created in one process with the same options and share ONE intra-op
+  thread pool (ORT's process-wide pool, ``use_per_session_threads = False``). With a pool per
+  session, the workers of the session that just ran keep spinning
+  (``session.intra_op.allow_spinning``, on by default) while the other session runs, and on a
+  machine with few cores they take its cores: measured on SmolLM2 (2 cores, 1x128), a run that
+  followed the other model took 385 ms, one that followed itself 324 ms, and the A B / B A order
+  made every sample a draw from that mixture. One shared pool serves both sessions with the
+  same threads, so neither competes with the other, and spinning stays on as in deployment.
+* After ``warmup`` runs of each, the two are measured interleaved, in pairs whose order
+  alternates (A B, B A, A B ...), so drift (thermal, frequency, a neighbour's load) hits both.
 * Inputs and outputs go through IO binding: on CUDA every input, output and KV-cache tensor is
   on the device, so a run times the model, not host copies. Outputs are bound to buffers
   allocated once (required by ``--cuda-graph``).
 * Statistics per model: median, p90, p99, mean, min, tokens/s (tokens of the step divided by
-  the median). The ratio B/A is the ratio of medians, with a 95% interval from a paired
-  bootstrap over the interleaved pairs; "no significant difference" when the interval holds 1.
+  the median). The ratio B/A is the median of the per-pair ratios b_i / a_i (the two runs of a
+  pair are adjacent in time, so drift cancels within a pair, and the median ignores the odd
+  outlier), with a 95% percentile-bootstrap interval over pairs; "no significant difference"
+  when it holds 1. Its coverage is checked on noisy synthetic samples in the tests.
+* Length: by default pairs run until the interval's half-width is at most ``target`` (2% of
+  the ratio), or the time budget per shape runs out, or ``max_runs``; the report says which
+  stopped it. A fixed ``runs`` measures exactly that many pairs.
+* Other load: the 1-minute load average before and after, and the CPU time other processes
+  used during the measurement (``/proc/stat`` minus this process); a warning when other work
+  competed for the cores.
 * ``ops``: ORT's profiler, on separate sessions so that its overhead stays out of the timing;
   kernel time summed by op type and by group (normalization, MatMul/Gemm, attention, other).
 """
@@ -114,15 +129,20 @@ def summarize(samples_s: np.ndarray, tokens: int) -> dict:
 
 
 def bootstrap_ratio(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
-    """Ratio of medians B/A with a paired percentile-bootstrap 95% interval."""
+    """B/A as the median of the per-pair ratios b_i / a_i, with a percentile-bootstrap 95% interval.
+
+    ``a[i]`` and ``b[i]`` are the two runs of pair i (adjacent in time). Resampling whole pairs
+    keeps the pairing; the median makes one slow run (a page fault, a neighbour's burst) move
+    the answer by at most one rank.
+    """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     n = min(a.size, b.size)
-    a, b = a[:n], b[:n]
-    point = float(np.median(b) / np.median(a))
+    r = b[:n] / a[:n]
+    point = float(np.median(r))
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
-    ratios = np.median(b[idx], axis=1) / np.median(a[idx], axis=1)
+    ratios = np.median(r[idx], axis=1)
     lo, hi = (float(v) for v in np.percentile(ratios, [2.5, 97.5]))
     if lo <= 1.0 <= hi:
         verdict = "no significant difference"
@@ -130,21 +150,128 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_RES
         verdict = "B faster"
     else:
         verdict = "B slower"
-    return {"median": point, "ci95": [lo, hi], "verdict": verdict, "resamples": resamples, "pairs": int(n)}
+    return {"median": point, "ci95": [lo, hi], "half_width": half_width(point, lo, hi), "verdict": verdict,
+            "estimator": "median of per-pair ratios, paired percentile bootstrap", "resamples": resamples,
+            "pairs": int(n)}
+
+
+def half_width(point: float, lo: float, hi: float) -> float:
+    """The interval's half-width relative to the estimate (0.02 = +-2%)."""
+    return (hi - lo) / 2 / point if point > 0 else float("inf")
+
+
+# --------------------------------------------------------------------------- other load
+
+
+def _cpu_ticks() -> tuple[float, float] | None:
+    """(busy seconds of all CPUs, seconds of this process) now; None where /proc/stat is absent."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    ticks = [int(v) for v in fields]
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = (sum(ticks[:8]) - idle) / hz  # user nice system idle iowait irq softirq steal
+    t = os.times()
+    return busy, t.user + t.system
+
+
+class LoadMonitor:
+    """Load average before/after and the CPU other processes used while measuring."""
+
+    # more than this many cores' worth of other work on average is reported as competition
+    THRESHOLD_CORES = 0.25
+
+    def __init__(self):
+        self.load_before = _loadavg()
+        self._start = _cpu_ticks()
+        self._t0 = time.perf_counter()
+
+    def finish(self) -> dict:
+        end = _cpu_ticks()
+        elapsed = time.perf_counter() - self._t0
+        other = None
+        if self._start and end and elapsed > 0:
+            other = max(0.0, ((end[0] - self._start[0]) - (end[1] - self._start[1])) / elapsed)
+        record = {"load_before": self.load_before, "load_after": _loadavg(),
+                  "other_cores_busy": None if other is None else round(other, 3)}
+        record["competed"] = other is not None and other > self.THRESHOLD_CORES
+        return record
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
 
 
 # --------------------------------------------------------------------------- sessions
 
 
+DEFAULT_TARGET = 0.02
+DEFAULT_BUDGET_S = 120.0
+DEFAULT_MIN_RUNS = 10
+DEFAULT_MAX_RUNS = 1000
+
+
 @dataclasses.dataclass
 class Settings:
     provider: str = "cpu"
-    runs: int = 50
+    runs: int | None = None  # a fixed number of pairs; None: adaptive (target, budget_s, min/max)
     warmup: int = 5
     cuda_graph: bool = False
     threads: int | None = None
     device_id: int = 0
     seed: int = 0
+    target: float = DEFAULT_TARGET
+    budget_s: float = DEFAULT_BUDGET_S
+    min_runs: int = DEFAULT_MIN_RUNS
+    max_runs: int = DEFAULT_MAX_RUNS
+
+
+# intra-op size of ORT's process-wide thread pool, once this module has created it
+_shared_pool_size: int | None = None
+
+
+def shared_pool(threads: int | None) -> bool:
+    """Make both sessions use ORT's one process-wide intra-op pool of ``threads`` (0: ORT's
+    default, one per physical core). The pool's size is fixed once per process: False when
+    it already exists with another size (the caller then uses per-session pools)."""
+    global _shared_pool_size
+    import onnxruntime as ort
+
+    size = int(threads or 0)
+    if _shared_pool_size is None:
+        ort.set_global_thread_pool_sizes(size, 1)
+        _shared_pool_size = size
+    return _shared_pool_size == size
+
+
+def threading_description(settings: Settings) -> dict:
+    shared = shared_pool(settings.threads)
+    return {
+        "intra_op_threads": settings.threads or f"ORT default ({_physical_cores()} physical cores)",
+        "pool": "one pool shared by both sessions" if shared else
+                "one pool per session, spinning off (the process's shared pool has another size)",
+        "spinning": shared,
+    }
+
+
+def _physical_cores() -> int:
+    try:
+        cores = set()
+        phys = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                cores.add((phys, core))
+        return len(cores) or (os.cpu_count() or 1)
+    except OSError:
+        return os.cpu_count() or 1
 
 
 def session_options(settings: Settings, profile_prefix: str | None = None):
@@ -154,8 +281,13 @@ def session_options(settings: Settings, profile_prefix: str | None = None):
     options.log_severity_level = 4  # failures come back as exceptions
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if settings.threads:
-        options.intra_op_num_threads = settings.threads
+    if shared_pool(settings.threads):
+        options.use_per_session_threads = False
+    else:
+        # two pools that spin would take each other's cores (see the module docstring)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if settings.threads:
+            options.intra_op_num_threads = settings.threads
     if profile_prefix:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -319,18 +451,39 @@ def measure_pair(
     for _ in range(settings.warmup):
         ra.run()
         rb.run()
-    ta = np.empty(settings.runs)
-    tb = np.empty(settings.runs)
-    for i in range(settings.runs):
-        if i % 2 == 0:
-            ta[i] = ra.run()
-            tb[i] = rb.run()
+    monitor = LoadMonitor()
+    ta: list[float] = []
+    tb: list[float] = []
+    fixed = settings.runs is not None
+    limit = settings.runs if fixed else max(settings.max_runs, settings.min_runs)
+    start = time.perf_counter()
+    next_check = settings.min_runs
+    stopped = f"fixed number of pairs ({settings.runs})" if fixed else f"max pairs ({limit})"
+    while len(ta) < limit:
+        if len(ta) % 2 == 0:
+            ta.append(ra.run())
+            tb.append(rb.run())
         else:
-            tb[i] = rb.run()
-            ta[i] = ra.run()
+            tb.append(rb.run())
+            ta.append(ra.run())
         if progress:
             progress(1)
+        n = len(ta)
+        if fixed or n < next_check:
+            continue
+        elapsed = time.perf_counter() - start
+        ratio = bootstrap_ratio(np.array(ta), np.array(tb), seed=settings.seed, resamples=500)
+        if ratio["half_width"] <= settings.target:
+            stopped = f"interval half-width {100 * ratio['half_width']:.1f}% <= target {100 * settings.target:g}%"
+            break
+        if elapsed >= settings.budget_s:
+            stopped = (f"time budget {settings.budget_s:g} s (half-width {100 * ratio['half_width']:.1f}% > "
+                       f"target {100 * settings.target:g}%)")
+            break
+        next_check = n + max(2, n // 10)  # the bootstrap costs little against a run; check often
+    load = monitor.finish()
     tokens = case.batch * case.sequence
+    ta_arr, tb_arr = np.array(ta), np.array(tb)
     return {
         "shape": case.name,
         "batch": case.batch,
@@ -338,9 +491,13 @@ def measure_pair(
         "past": case.past,
         "tokens": tokens,
         "provider": settings.provider,
-        "A": summarize(ta, tokens),
-        "B": summarize(tb, tokens),
-        "ratio": bootstrap_ratio(ta, tb, seed=settings.seed),
+        "A": summarize(ta_arr, tokens),
+        "B": summarize(tb_arr, tokens),
+        "ratio": bootstrap_ratio(ta_arr, tb_arr, seed=settings.seed),
+        "pairs": len(ta),
+        "stopped": stopped,
+        "seconds": round(time.perf_counter() - start, 3),
+        "load": load,
     }
 
 
@@ -580,7 +737,8 @@ def format_table(headers: list[str], rows: list[list[str]], align: str | None = 
 
 
 def latency_table(results: list[dict]) -> str:
-    headers = ["shape", "provider", "model", "median ms", "p90 ms", "p99 ms", "tokens/s", "B/A", "95% CI", "verdict"]
+    headers = ["shape", "provider", "model", "median ms", "p90 ms", "p99 ms", "tokens/s", "B/A", "95% CI", "verdict",
+               "pairs, stopped by"]
     rows = []
     for r in results:
         ratio = r["ratio"]
@@ -599,8 +757,9 @@ def latency_table(results: list[dict]) -> str:
                 "" if first else f"{ratio['median']:.3f}",
                 "" if first else f"[{ratio['ci95'][0]:.3f}, {ratio['ci95'][1]:.3f}]",
                 "" if first else ratio["verdict"],
+                "" if first or "pairs" not in r else f"{r['pairs']}, {r['stopped']}",
             ])
-    return format_table(headers, rows, align="lllrrrrrrl")
+    return format_table(headers, rows, align="lllrrrrrrll")
 
 
 def ops_table(entry: dict, top: int = 12) -> str:
@@ -703,12 +862,13 @@ def _first_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------- driver
 
 
-def profile(
+def _profile_here(
+    *,
     baseline: str | Path,
     candidate: str | Path,
     shapes: list[Case] | None = None,
     providers: tuple[str, ...] = ("cpu",),
-    runs: int = 50,
+    runs: int | None = None,
     warmup: int = 5,
     ops: bool = False,
     ops_runs: int | None = None,
@@ -717,19 +877,19 @@ def profile(
     threads: int | None = None,
     dims: dict[str, int] | None = None,
     seed: int = 0,
-    progress: bool = False,
-    log: Callable[[str], None] | None = None,
+    log: Callable[[str], None] = print,
+    tick: Callable[[str, object], None] = lambda _kind, _value: None,
     skip_failing: bool = False,
+    target: float = DEFAULT_TARGET,
+    budget_s: float = DEFAULT_BUDGET_S,
+    min_runs: int = DEFAULT_MIN_RUNS,
+    max_runs: int = DEFAULT_MAX_RUNS,
 ) -> dict:
-    """Measure A (baseline) against B (candidate); returns the report as a JSON-ready dict."""
+    """:func:`profile`'s work, in the measuring process. ``tick(kind, value)`` reports progress:
+    ("total", pairs or None), ("postfix", text), ("update", pairs)."""
     from flashnorm_onnx import __version__, model_io
     from flashnorm_onnx.inputs import vocab_sizes
 
-    log = log or (lambda _msg: None)
-    if runs < 2:
-        raise ValueError("--runs must be at least 2")
-    if warmup < 0:
-        raise ValueError("--warmup must be >= 0")
     shapes = shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
     paths = {}
     for label, p in (("A", baseline), ("B", candidate)):
@@ -742,8 +902,10 @@ def profile(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "models": {"A": {"path": str(paths["A"]), "role": "baseline"},
                    "B": {"path": str(paths["B"]), "role": "candidate"}},
-        "settings": {"runs": runs, "warmup": warmup, "providers": list(providers), "cuda_graph": cuda_graph,
+        "settings": {"runs": runs if runs is not None else "adaptive", "target_half_width": target,
+                     "budget_s_per_shape": budget_s, "min_runs": min_runs, "max_runs": max_runs, "warmup": warmup, "providers": list(providers), "cuda_graph": cuda_graph,
                      "io_binding": True, "threads": threads, "seed": seed, "order": "interleaved, alternating A B / B A",
+                     "estimator": "median of per-pair ratios B/A, paired percentile bootstrap",
                      "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "dims": dims or {}},
         "machine": None,
         "results": [],
@@ -755,7 +917,9 @@ def profile(
     todo = []
     for provider in providers:
         settings = Settings(provider=provider, runs=runs, warmup=warmup, cuda_graph=cuda_graph and provider == "cuda",
-                            threads=threads, seed=seed)
+                            threads=threads, seed=seed, target=target, budget_s=budget_s, min_runs=min_runs,
+                            max_runs=max_runs)
+        report["settings"]["threading"] = threading_description(settings)
         try:
             models = []
             for label in ("A", "B"):
@@ -790,34 +954,135 @@ def profile(
         gpu = report["machine"]["gpu"]
         log(f"GPU: {gpu['name']}, driver {gpu['driver']}")
 
-    bar = None
-    if progress and todo:
-        import sys
+    tick("total", len(todo) * runs if runs else None)
+    for settings, models, case in todo:
+        tick("postfix", f"{case.name} {settings.provider}")
+        try:
+            result = measure_pair(models[0], models[1], case, settings, vocab, dims,
+                                  progress=lambda n: tick("update", n))
+        except VerificationUnavailable as e:
+            if not skip_failing:
+                raise
+            report["skipped"].append({"shape": case.name, "provider": settings.provider, "reason": str(e)})
+            continue
+        report["results"].append(result)
+        log(f"{case.name} ({settings.provider}): {result['pairs']} pairs, stopped by {result['stopped']}")
+        if result["load"]["competed"]:
+            note = (f"{case.name} ({settings.provider}): other processes kept "
+                    f"{result['load']['other_cores_busy']:.2f} cores busy while measuring (load average "
+                    f"{result['load']['load_before']} before, {result['load']['load_after']} after); "
+                    "the numbers may be disturbed")
+            report["notes"].append(note)
+            log(f"warning: {note}")
+        if ops:
+            n = ops_runs or max(3, min(result["pairs"], 10))
+            entry = {"shape": case.name, "provider": settings.provider, "batch": case.batch,
+                     "sequence": case.sequence, "past": case.past}
+            for m in models:
+                entry[m.label] = profile_ops(m, case, settings, vocab, dims, n)
+            report["ops"].append(entry)
+    return report
 
-        from tqdm import tqdm
 
-        bar = tqdm(total=len(todo) * runs, desc="measuring", unit="pair", file=sys.stderr, leave=False, disable=None)
+def _worker(kwargs: dict, conn) -> None:
+    """Entry point of the measuring process: runs :func:`_profile_here`, sends back messages."""
+    import pickle
+
+    def send(kind, value):
+        conn.send((kind, value))
+
     try:
-        for settings, models, case in todo:
-            if bar is not None:
-                bar.set_postfix_str(f"{case.name} {settings.provider}")
+        send("done", _profile_here(**kwargs, log=lambda m: send("log", m), tick=send))
+    except BaseException as e:  # noqa: BLE001 - everything goes back to the caller
+        try:
+            pickle.dumps(e)
+        except Exception:
+            e = FlashNormError(f"{type(e).__name__}: {_first_line(e)}")
+        send("error", e)
+    finally:
+        conn.close()
+
+
+def profile(
+    baseline: str | Path,
+    candidate: str | Path,
+    shapes: list[Case] | None = None,
+    providers: tuple[str, ...] = ("cpu",),
+    runs: int | None = None,
+    warmup: int = 5,
+    ops: bool = False,
+    ops_runs: int | None = None,
+    cuda_graph: bool = False,
+    fallback_cpu: bool = False,
+    threads: int | None = None,
+    dims: dict[str, int] | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    skip_failing: bool = False,
+    target: float = DEFAULT_TARGET,
+    budget_s: float = DEFAULT_BUDGET_S,
+    min_runs: int = DEFAULT_MIN_RUNS,
+    max_runs: int = DEFAULT_MAX_RUNS,
+) -> dict:
+    """Measure A (baseline) against B (candidate); returns the report as a JSON-ready dict.
+
+    ``runs``: a fixed number of interleaved pairs per shape; None (default) runs pairs until
+    the 95% interval of B/A has a half-width of at most ``target`` (relative), or ``budget_s``
+    seconds per shape have passed, between ``min_runs`` and ``max_runs`` pairs.
+
+    The sessions live in a fresh process (``spawn``): ORT's shared thread pool, which keeps the
+    two sessions from taking each other's cores, is process-wide, and once it exists every
+    session of that process must use it -- the caller's own sessions stay as they were.
+    """
+    import multiprocessing
+
+    log = log or (lambda _msg: None)
+    if runs is not None and runs < 2:
+        raise ValueError("--runs must be at least 2")
+    if not (0 < target < 1) or budget_s <= 0 or min_runs < 2 or max_runs < min_runs:
+        raise ValueError("need 0 < target < 1, budget > 0 and 2 <= min_runs <= max_runs")
+    if warmup < 0:
+        raise ValueError("--warmup must be >= 0")
+    kwargs = dict(baseline=str(baseline), candidate=str(candidate), shapes=shapes, providers=tuple(providers),
+                  runs=runs, warmup=warmup, ops=ops, ops_runs=ops_runs, cuda_graph=cuda_graph,
+                  fallback_cpu=fallback_cpu, threads=threads, dims=dims, seed=seed, skip_failing=skip_failing,
+                  target=target, budget_s=budget_s, min_runs=min_runs, max_runs=max_runs)
+    ctx = multiprocessing.get_context("spawn")
+    receive, send = ctx.Pipe(duplex=False)
+    worker = ctx.Process(target=_worker, args=(kwargs, send), daemon=True, name="flashnorm-profile")
+    worker.start()
+    send.close()
+    bar = None
+    try:
+        while True:
             try:
-                result = measure_pair(models[0], models[1], case, settings, vocab, dims,
-                                      progress=bar.update if bar is not None else None)
-            except VerificationUnavailable as e:
-                if not skip_failing:
-                    raise
-                report["skipped"].append({"shape": case.name, "provider": settings.provider, "reason": str(e)})
-                continue
-            report["results"].append(result)
-            if ops:
-                n = ops_runs or max(3, min(runs, 10))
-                entry = {"shape": case.name, "provider": settings.provider, "batch": case.batch,
-                         "sequence": case.sequence, "past": case.past}
-                for m in models:
-                    entry[m.label] = profile_ops(m, case, settings, vocab, dims, n)
-                report["ops"].append(entry)
+                kind, value = receive.recv()
+            except EOFError:
+                worker.join(timeout=10)
+                raise FlashNormError(f"the measuring process ended without a result (exit code {worker.exitcode}; "
+                                     "out of memory?)") from None
+            if kind == "log":
+                log(value)
+            elif kind == "total" and progress:
+                import sys
+
+                from tqdm import tqdm
+
+                bar = tqdm(total=value, desc="measuring", unit="pair", file=sys.stderr, leave=False, disable=None)
+            elif kind == "postfix" and bar is not None:
+                bar.set_postfix_str(value)
+            elif kind == "update" and bar is not None:
+                bar.update(value)
+            elif kind == "done":
+                return value
+            elif kind == "error":
+                raise value
     finally:
         if bar is not None:
             bar.close()
-    return report
+        receive.close()
+        worker.join(timeout=10)
+        if worker.is_alive():
+            worker.terminate()
+            worker.join()
