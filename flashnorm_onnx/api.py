@@ -2,7 +2,8 @@
 
 The data flow, end to end::
 
-    check input and output paths -> load (lazy) -> find norms and their readers -> decide -> fold
+    check input and output paths -> load (lazy) -> [--for-ort: onnxscript's ORT fusions]
+        -> find norms and their readers -> decide -> fold
         -> write to a hidden staging folder -> verify (ONNX Runtime, whole or piece by piece)
         -> write the report -> publish (one commit point, see publish.py)
 
@@ -56,8 +57,14 @@ def optimize(
     force_write: bool = False,
     verify_timeout: float | None = 600.0,
     progress: Callable[[str, int, int], None] | None = None,
+    for_ort: bool = False,
 ):
     """Fold every foldable normalization of ``model`` and write the result to ``output``.
+
+    ``for_ort``: first apply onnxscript's ONNX Runtime fusions (RMSNorm, skip-RMSNorm, rotary,
+    attention, FusedMatMul; see :mod:`flashnorm_onnx.fusions`), then fold the fused graph. The
+    output then needs ONNX Runtime (it uses com.microsoft operators) and is checked as a whole
+    against the input in ONNX Runtime.
 
     ``verify_mode`` (see :data:`VERIFY_MODES`): "auto" (the whole-model ONNX Runtime comparison
     when both models fit comfortably in memory, else the subgraph check plus the algebraic one),
@@ -73,7 +80,8 @@ def optimize(
     if verify_mode not in VERIFY_MODES:
         raise ValueError(f"verify_mode must be one of {', '.join(VERIFY_MODES)}")
     options = dict(untie=untie, keep_structure=keep_structure, verify=verify, verify_mode=verify_mode, dims=dims,
-                   rtol=rtol, force_write=force_write, verify_timeout=verify_timeout, progress=progress)
+                   rtol=rtol, force_write=force_write, verify_timeout=verify_timeout, progress=progress,
+                   for_ort=for_ort)
     if Path(model).is_dir() and not in_place:
         from flashnorm_onnx.folder import optimize_folder
 
@@ -106,6 +114,7 @@ def optimize_file(
     verify_timeout: float | None = 600.0,
     progress: Callable[[str, int, int], None] | None = None,
     publish_output: bool = True,
+    for_ort: bool = False,
 ) -> FoldReport:
     """One checked input model to one checked output path: load -> fold -> stage -> verify -> publish.
 
@@ -113,6 +122,9 @@ def optimize_file(
     attribute holds it, for the caller to ``commit()`` or ``abandon()``."""
     ir_model = model_io.load(info)
     vocab = vocab_sizes(ir_model)
+    fusions = None
+    if for_ort:
+        ir_model, fusions, fusion_note = _fuse(info, ir_model, verify, verify_mode)
     if rtol is None and _has_16bit_floats(ir_model):
         # 16-bit floats anywhere: a norm computed in 16 bits rounds g * norm(x) to 16 bits and the
         # folded model does not; a 16-bit weight (behind a Cast) rounds g * W to 16 bits. Either moves
@@ -129,7 +141,12 @@ def optimize_file(
     result = fold(ir_model)
     report = result.report
     report.model = str(info.path)
-    if not result.modified and not force_write:
+    if for_ort:
+        report.fusions = fusions
+        if fusion_note:
+            report.notes.append(fusion_note)
+    modified = result.modified or bool(fusions)
+    if not modified and not force_write:
         if not report.decisions:
             report.notes.append("no normalization found in the model")
         report.notes.append("nothing to fold: no output written (use --force-write to write it anyway)")
@@ -149,11 +166,11 @@ def optimize_file(
     try:
         if not verify:
             report.verification = VerificationResult(method="skipped", passed=True, message="--no-verify")
-        elif not result.modified:
+        elif not modified:
             report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
         else:
-            report.verification = _verify(verify_mode, info, staged.model_path, result, dims, vocab, rtol,
-                                          verify_timeout)
+            report.verification = _verify("onnxruntime" if fusions else verify_mode, info, staged.model_path,
+                                          result, dims, vocab, rtol, verify_timeout)
         problem = check_model(staged.model_path)
         if problem is not None:
             if check_model(info.path) is None:
@@ -184,6 +201,26 @@ def optimize_file(
         staged.abandon()
         raise
     return report
+
+
+def _fuse(info: model_io.InputInfo, model: ir.Model, verify: bool, verify_mode: str):
+    """``--for-ort``: (model, fusions applied, note). A failure reloads the model, unfused."""
+    from flashnorm_onnx.errors import VerificationUnavailable
+    from flashnorm_onnx.fusions import FusionFailed, fuse_for_ort
+
+    if verify and verify_mode in ("subgraph", "algebraic"):
+        raise VerificationUnavailable(
+            f"--for-ort rewrites more than the norms, which --verify {verify_mode} cannot see; "
+            "use --verify onnxruntime (the default for models that fit in memory)")
+    if verify and verify_mode == "auto" and not _fits_in_memory(info):
+        raise VerificationUnavailable(
+            "--for-ort is checked by running both whole models in ONNX Runtime, and this model is too "
+            "large for that here; fold without --for-ort (checked piece by piece), or --no-verify")
+    try:
+        model, counts = fuse_for_ort(model)
+    except FusionFailed as e:
+        return model_io.load(info), {}, f"ORT fusions failed ({e}); folded without them"
+    return model, counts, ""
 
 
 def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, vocab, rtol, timeout) -> VerificationResult:

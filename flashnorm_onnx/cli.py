@@ -97,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("-o", "--output", help="output .onnx path (default: MODEL.flashnorm.onnx beside the input); "
                      "for a folder input, the output folder (required)")
     _add_fold_options(opt)
+    opt.add_argument("--for-ort", action="store_true",
+                     help="the fastest form for ONNX Runtime: first apply onnxscript's ORT fusions (RMSNorm, "
+                     "skip-RMSNorm, rotary embedding, attention/GQA, FusedMatMul), then fold the fused graph. "
+                     "The output uses com.microsoft operators (ONNX Runtime only) and is verified as a whole "
+                     "against MODEL in ONNX Runtime; the report lists the fusions applied")
     opt.add_argument("--no-verify", action="store_true", help="skip verification")
     opt.add_argument(
         "--verify",
@@ -191,6 +196,7 @@ def _cmd_optimize(args) -> int:
             in_place=args.in_place,
             force_write=args.force_write,
             progress=_progress_factory(True),
+            for_ort=args.for_ort,
         )
     except VerificationFailed as e:
         if e.report is not None:

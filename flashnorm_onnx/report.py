@@ -107,6 +107,8 @@ class FoldReport:
     decisions: list[NormDecision] = dataclasses.field(default_factory=list)
     verification: VerificationResult | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    fusions: dict[str, int] | None = None
+    """``--for-ort``: onnxscript's ORT fusions applied before the fold, by name (None: not asked)."""
 
     @property
     def folded(self) -> int:
@@ -160,6 +162,7 @@ class FoldReport:
             "model": self.model,
             "output": self.output,
             "summary": self.summary(),
+            "ort_fusions": self.fusions,
             "norms": [dataclasses.asdict(d) for d in self.decisions],
             "verification": dataclasses.asdict(self.verification) if self.verification else None,
             "notes": self.notes,
@@ -172,6 +175,10 @@ class FoldReport:
 
     def text(self, planned: bool = False) -> str:
         lines = [d.line() for d in self.decisions]
+        if self.fusions is not None:
+            from flashnorm_onnx.fusions import describe
+
+            lines.append(describe(self.fusions))
         lines.append(self.summary_line(planned))
         lines += self.notes
         if self.verification is not None:

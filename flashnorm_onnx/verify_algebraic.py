@@ -18,6 +18,7 @@ import numpy as np
 
 from flashnorm_onnx.passes.graph_utils import attr, const_array, release_tensor
 from flashnorm_onnx.passes.norm_patterns import find_norms, strip_casts
+from flashnorm_onnx.passes.linear_consumers import output_scale
 from flashnorm_onnx.report import VerificationResult
 from flashnorm_onnx.verify import failed_entry
 
@@ -181,4 +182,4 @@ def _bias_of(file, result: str) -> tuple[float, np.ndarray | None]:
 def _gemm_alpha(file, result: str) -> float:
     value = file.values.get(result)
     node = value.producer() if value is not None else None
-    return float(attr(node, "alpha", 1.0)) if node is not None and node.op_type == "Gemm" else 1.0
+    return output_scale(node)

@@ -39,8 +39,8 @@ import onnx_ir as ir
 
 from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, first_line
 from flashnorm_onnx.report import VerificationResult
-from flashnorm_onnx.passes.graph_utils import attr, release_tensor
-from flashnorm_onnx.passes.linear_consumers import trace_weight
+from flashnorm_onnx.passes.graph_utils import release_tensor
+from flashnorm_onnx.passes.linear_consumers import is_linear_reader, trace_weight, weight_k_axis
 from flashnorm_onnx.verify import Deadline, _compare, failed_entry
 
 logger = logging.getLogger(__name__)
@@ -201,11 +201,11 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], s
     """For a linear piece whose weight is over SAMPLE_BYTES: its weight, and every constant indexed
     by its output columns (a bias), sliced to SAMPLE_COLUMNS contiguous columns. Else {}."""
     cut = set(piece.inputs)
-    reader = next((n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.inputs and n.inputs[0] is not None
+    reader = next((n for n in nodes if is_linear_reader(n) and n.inputs and n.inputs[0] is not None
                    and n.inputs[0].name in cut), None)
     if reader is None or len(reader.inputs) < 2 or reader.inputs[1] is None:
         return {}
-    traced = trace_weight(reader.inputs[1], 1 if reader.op_type == "Gemm" and attr(reader, "transB", 0) else 0)
+    traced = trace_weight(reader.inputs[1], weight_k_axis(reader))
     if isinstance(traced, str) or traced.source.name not in consts:
         return {}
     weight, k_axis, tensor = traced.source, traced.k_axis, traced.source.const_value

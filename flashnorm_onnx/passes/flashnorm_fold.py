@@ -39,7 +39,7 @@ import onnx_ir.passes.common as common_passes
 
 from flashnorm_onnx.passes import fold_math
 from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_label, opset_version, release_tensor
-from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses
+from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses, is_linear_reader, output_scale
 from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms, strip_casts
 from flashnorm_onnx.passes.weightless_norm import ConstantPool, make_weightless
 from flashnorm_onnx.report import ConsumerRecord, FoldReport, NormDecision
@@ -283,9 +283,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 return [], f"{use.description} has no constant bias to absorb the norm's bias"
             weight = use.weight.tensor.numpy()
             delta = fold_math.bias_delta(weight, beta, use.weight.k_axis)
-            if use.node.op_type == "Gemm":
-                alpha = float(use.node.attributes.get("alpha").value) if "alpha" in use.node.attributes else 1.0
-                delta = alpha * delta
+            delta = output_scale(use.node) * delta  # Gemm / FusedMatMul: alpha * (beta @ B)
             out.append(_BiasWrite(use, delta))
         return out, None
 
@@ -441,7 +439,7 @@ def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -
         for use in value.uses():
             if id(use.node) not in ours:
                 outside.append(node_label(use.node) + (" (tied embedding)" if use.node.op_type.startswith("Gather") else ""))
-            elif use.node.op_type not in ("MatMul", "Gemm"):
+            elif not is_linear_reader(use.node):
                 frontier.extend(use.node.outputs)
     return outside
 

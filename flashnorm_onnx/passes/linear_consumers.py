@@ -5,7 +5,10 @@ constant weight whose input rows are indexed by the norm's channels:
 
 * ``MatMul(y, B)`` with ``B`` a constant ``[K, N]``;
 * ``MatMul(y, Transpose(W, perm=[1, 0]))`` and ``Cast``\\ s of a constant on the way;
-* ``Gemm(y, B, C)`` with ``transA=0`` and ``transB`` 0 or 1;
+* ``Gemm(y, B, C)`` with ``transA=0`` and ``transB`` 0 or 1 (``alpha`` is a scalar: it
+  commutes with the per-channel scale);
+* ``com.microsoft.FusedMatMul(y, B)`` (what onnxscript's ORT fusions make of ``MatMul`` with a
+  transposed weight): ``transA=0``, no batch transposes, ``transB`` 0 or 1, any ``alpha``;
 * any of these behind a ``Cast`` of ``y``.
 
 ``Shape`` readers only read the shape and never block the fold. Anything else — a residual
@@ -29,6 +32,30 @@ from flashnorm_onnx.passes.graph_utils import (
     rank_of,
     small_const_array,
 )
+
+
+LINEAR_READERS = ("MatMul", "Gemm", "FusedMatMul")
+"""Op types of the linear readers a fold rewrites (Attention's fused QKV aside)."""
+
+
+def is_linear_reader(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type in LINEAR_READERS and (
+        node.domain in ONNX_DOMAINS if node.op_type != "FusedMatMul" else node.domain == "com.microsoft")
+
+
+def weight_k_axis(node: ir.Node) -> int:
+    """Axis of a linear reader's second input indexed by the norm's channels (before any
+    Transpose on the way to the constant): 1 when the op transposes it (``transB=1``)."""
+    if node.op_type in ("Gemm", "FusedMatMul") and attr(node, "transB", 0):
+        return 1
+    return 0
+
+
+def output_scale(node: ir.Node | None) -> float:
+    """The scalar a linear reader multiplies its product by (``alpha`` of Gemm / FusedMatMul)."""
+    if node is not None and node.op_type in ("Gemm", "FusedMatMul"):
+        return float(attr(node, "alpha", 1.0))
+    return 1.0
 
 
 @dataclasses.dataclass
@@ -134,7 +161,7 @@ def _describe_refusal(node: ir.Node, index: int, value: ir.Value) -> tuple[str, 
             "(fold the float model, then quantize)",
             False,
         )
-    if node.op_type in ("MatMul", "Gemm") and index != 0:
+    if node.op_type in LINEAR_READERS and index != 0:
         return f"feeds {label} as its second operand", False
     if node.op_type in ("SkipLayerNormalization", "SkipSimplifiedLayerNormalization") and index in (0, 1):
         return f"feeds the residual stream ({label})", True
@@ -251,8 +278,14 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
             result.shape_readers += inner.shape_readers
             result.residual |= inner.residual
             continue
-        if is_op(node, "MatMul") and index == 0:
-            traced = trace_weight(node.inputs[1], 0)
+        if node.op_type == "FusedMatMul" and node.domain == "com.microsoft" and index == 0:
+            flags = [a for a in ("transA", "transBatchA", "transBatchB") if attr(node, a, 0)]
+            if flags:
+                result.refusals.append(f"feeds {node_label(node)} with {'='.join(flags)}=1")
+                continue
+        if (is_op(node, "MatMul") or (node.op_type == "FusedMatMul" and node.domain == "com.microsoft")) \
+                and index == 0:
+            traced = trace_weight(node.inputs[1], weight_k_axis(node))
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")
                 continue

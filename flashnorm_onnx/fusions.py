@@ -1,0 +1,136 @@
+"""ONNX Runtime's fused operators before the fold (``optimize --for-ort``).
+
+ONNX Runtime's own session optimizer never creates ``SkipSimplifiedLayerNormalization`` and does
+not fuse the RMSNorm chain or rotary embedding of a torch.onnx (dynamo) export. onnxscript ships
+those fusions (:mod:`onnxscript.rewriter.ort_fusions`); they run first, on the loaded model, and
+the fold then runs on the fused graph:
+
+* the fused norms (``SimplifiedLayerNormalization``, ``SkipSimplifiedLayerNormalization``,
+  ``SkipLayerNormalization``) are forms of the catalogue, folded as any;
+* the final norm then feeds the output layer as ``com.microsoft.FusedMatMul`` (transB=1), a
+  linear reader the fold absorbs.
+
+The order matters: fusing after the fold would see a norm whose scale is the ones tensor and
+fold nothing more.
+
+Only rewrites that compute the same function for every valid input are applied. Of
+onnxscript's ``optimize_for_ort``, measured on SmolLM2's dynamo export:
+
+* RMSNorm, skip-RMSNorm, skip-LayerNorm, GELU forms, FusedMatMul and softmax rules: exact;
+* rotary embedding (with its cos/sin cache): ORT's ``RotaryEmbedding`` requires position ids
+  of shape [batch, sequence], and a dynamo export computes them as [1, sequence] inside the
+  graph, so the fused model fails at batch 2. Fixed here: the position ids are expanded to the
+  batch of the rotary's input (``_expand_position_ids``), which is what broadcasting did;
+* attention (SDPA -> ``GroupQueryAttention`` / ``MultiHeadAttention``): not applied. The GQA
+  fusion derives ``seqlens_k`` from the position ids and ignores the attention mask, so a
+  padded batch computes another function (and with in-graph position ids it fails at batch 2).
+
+The whole-model ONNX Runtime check compares the fused, folded output against the unfused input,
+so it covers the fusions too. Where a rewrite raises, the model is loaded again and folded
+without fusions, with a note: the output is then the fold alone, never a half-fused graph.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+
+class FusionFailed(Exception):
+    """onnxscript's fusions raised on this graph (the model is left unusable: reload it)."""
+
+
+def fuse_for_ort(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
+    """Apply the exact ORT fusions to ``model`` in place; the model and the count of each applied."""
+    try:
+        return _fuse(model)
+    except Exception as e:  # noqa: BLE001 - any failure falls back to the fold alone
+        logger.debug("ORT fusions failed", exc_info=True)
+        text = str(e).strip().splitlines()
+        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+
+
+def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
+    import onnx_ir.passes.common as common_passes
+    from onnxscript.optimizer import optimize
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import _core as ort_fusions
+
+    # the steps of onnxscript's optimize_for_ort / fuse_xformers, without the attention fusions
+    rewrite(model, [ort_fusions._gemm_to_matmul_add.gemm_to_matmul_add_rule])
+    model = ort_fusions._pre_optimize(model)
+    counts: dict[str, int] = {}
+    steps = [
+        ("erf_gelu", ort_fusions.fuse_erfgelu),
+        ("rms_normalization", ort_fusions.fuse_rms_normalization),
+        ("skip_layer_normalization", ort_fusions.fuse_skip_layer_normalization),
+        ("skip_rms_normalization", ort_fusions.fuse_skip_rms_normalization),
+        ("rotary_embedding", ort_fusions.fuse_rotary_embedding),
+        ("cos_sin_cache", ort_fusions.fuse_cos_sin_cache),
+    ]
+    for name, fuse in steps:
+        counts[name] = fuse(model)
+    common_passes.CommonSubexpressionEliminationPass()(model)
+    counts["partial_rotary_embedding"] = ort_fusions.fuse_partial_rotary_embedding(model)
+    counts["gelu"] = ort_fusions.fuse_gelu(model)
+    counts["bias_gelu"] = ort_fusions.fuse_bias_gelu(model)
+    optimize(model)
+    counts["position_ids_expanded"] = _expand_position_ids(model.graph)
+    fused_matmuls = _count(model.graph, "FusedMatMul")
+    rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
+    counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - fused_matmuls
+    ir.passes.Sequential(
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
+        common_passes.RemoveInitializersFromInputsPass(),
+        common_passes.ShapeInferencePass(),
+    )(model)
+    return model, {name: int(n) for name, n in counts.items() if n}
+
+
+def _count(graph: ir.Graph, op_type: str) -> int:
+    return sum(1 for n in graph if n.op_type == op_type and n.domain == "com.microsoft")
+
+
+def _expand_position_ids(graph: ir.Graph) -> int:
+    """Give every fused ``RotaryEmbedding`` position ids of shape [batch, sequence].
+
+    ORT's kernel refuses position ids whose first dimension is not the input's batch, while the
+    unfused graph broadcast a [1, sequence] row over the batch. ``Expand(p, [B, S_p])`` with B the
+    input's batch is that broadcast, written out; on ids that already have B rows it is a no-op.
+    Returns the number of position-id values rewired."""
+    done: dict[int, ir.Value] = {}
+    for node in list(graph):
+        if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.inputs) < 2:
+            continue
+        pos, x = node.inputs[1], node.inputs[0]
+        if pos is None or x is None or pos.shape is None or len(pos.shape) != 2:
+            continue
+        if id(pos) not in done:
+            def const(name: str, values: list[int]) -> ir.Value:
+                return ir.Value(name=f"{pos.name}.{name}", const_value=ir.tensor(values, dtype=ir.DataType.INT64))
+
+            nodes = []
+            x_shape = ir.Node("", "Shape", [x], num_outputs=1, attributes=[ir.AttrInt64("end", 1)])
+            p_shape = ir.Node("", "Shape", [pos], num_outputs=1,
+                              attributes=[ir.AttrInt64("start", 1), ir.AttrInt64("end", 2)])
+            target = ir.Node("", "Concat", [x_shape.outputs[0], p_shape.outputs[0]], num_outputs=1,
+                             attributes=[ir.AttrInt64("axis", 0)])
+            expand = ir.Node("", "Expand", [pos, target.outputs[0]], num_outputs=1)
+            nodes = [x_shape, p_shape, target, expand]
+            for i, n in enumerate(nodes):
+                n.name = f"{pos.name}/flashnorm_expand_{i}"
+                n.outputs[0].name = f"{pos.name}.flashnorm_expand_{i}"
+            expand.outputs[0].dtype = pos.dtype
+            graph.insert_before(node, nodes)
+            done[id(pos)] = expand.outputs[0]
+        node.replace_input_with(1, done[id(pos)])
+    return len(done)
+
+
+def describe(counts: dict[str, int]) -> str:
+    if not counts:
+        return "ORT fusions: none applied (no pattern matched)"
+    return "ORT fusions applied: " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
