@@ -1,25 +1,28 @@
-"""Latency matrix: folded (flashnorm) vs input, vs ORT's optimizer, vs a 'no norm' lower bound.
+"""Latency matrix: the fold and fold + ORT fusions against what users would otherwise ship.
 
 ``make bench`` runs ``python -m benchmarks.run_latency`` and writes ``benchmarks/RESULTS.md``
 and one JSON report per comparison under ``benchmarks/results/``.
 
 Models: a tiny Llama (models.fixtures, random weights) and SmolLM2-135M-Instruct (real weights,
-models.smollm2), each in the export forms dynamo (default opset), dynamo opset 23,
-legacy TorchScript, optimum with KV cache, ORT transformers optimizer, genai builder (fp32).
-For each form X:
+models.smollm2), in the export forms dynamo (default opset), dynamo opset 23, legacy
+TorchScript, optimum with KV cache, ORT transformers optimizer, genai builder (fp32). For each
+export X the variants are:
 
-* ``fold/input``: flashnorm(X) against X -- the product's claim;
-* ``fold/ort-opt``: flashnorm(X) against ORT's transformers optimizer run on X (model_type
-  gpt2, opt_level 0) -- is folding worth more than what ORT's own tool already does;
-* ``no-norm/input``: X with every normalization replaced by identity (a WRONG function, used
-  only as the lower bound of what removing norm work could save) against X.
+* ``export``: X itself;
+* ``fold``: ``flashnorm-onnx optimize X``;
+* ``for-ort``: ``flashnorm-onnx optimize --for-ort X`` (exact ORT fusions, then the fold);
+* ``ort-opt``: ORT's transformers optimizer on X (model_type gpt2, opt_level 0), what such a
+  user runs today;
+* ``onnxscript``: onnxscript's ``optimize_for_ort`` on X, as shipped (with its GQA fusion,
+  which ignores the attention mask: a reference point, not an equivalent model);
+* ``no-norm``: X with every norm replaced by identity (a WRONG function: the lower bound of
+  what removing norm work could save).
 
-Shapes: prefill 1x128 and 1x512; decode = 1 token on a 256-token cache where the export has one.
-CPU provider always; CUDA too when a CUDA provider loads (never on the machine that wrote the
-current RESULTS.md: see its header).
-
-Options: ``--models tiny,smollm2``, ``--forms ...``, ``--runs N`` (interleaved pairs per shape),
-``--smollm2-runs N``, ``--quick`` (tiny only, few runs), ``--skip-extra`` (fold/input only).
+Comparisons (B vs A): fold/export, for-ort/export, for-ort/ort-opt, for-ort/fold,
+onnxscript/export, no-norm/export (``--comparisons`` picks). Shapes: prefill 1x1, 1x128, 1x512
+and decode 1 token on 256 and 1024 past where the export has a cache. Each shape runs pairs
+until the interval's half-width is within ``--target`` (default 3%) or ``--budget`` seconds.
+CPU always; CUDA too when a CUDA provider loads.
 """
 
 from __future__ import annotations
@@ -50,7 +53,10 @@ TINY = {
     "ort_opt": "llama_ort_opt",
     "genai": "llama_genai_fp32",
 }
-SHAPES = ("prefill128=1x128", "prefill512=1x512", "decode=1x1,past=256")
+SHAPES = ("prefill1=1x1", "prefill128=1x128", "prefill512=1x512", "decode256=1x1,past=256",
+          "decode1024=1x1,past=1024")
+COMPARISONS = ("fold/export", "for-ort/export", "for-ort/ort-opt", "for-ort/fold", "onnxscript/export",
+               "no-norm/export")
 
 
 def source_model(family: str, form: str) -> Path:
@@ -154,13 +160,43 @@ def genai_dims(source: Path) -> dict[str, int]:
     return {"kv_cache_dim": int(decoder["head_size"])} if "head_size" in decoder else {}
 
 
-def folded_variant(source: Path, target: Path, dims: dict[str, int]) -> tuple[Path | None, str]:
+def folded_variant(source: Path, target: Path, dims: dict[str, int], for_ort: bool = False) -> tuple[Path, str]:
     from flashnorm_onnx.api import optimize
 
     if target.exists():
         return target, "cached"
-    report = optimize(source, target, force_write=True, dims=dims)
-    return target, report.summary_line()
+    report = optimize(source, target, force_write=True, dims=dims, for_ort=for_ort)
+    return target, report.summary_line() + (f"; {report.fusions}" if for_ort else "")
+
+
+def onnxscript_variant(source: Path, target: Path) -> Path:
+    """onnxscript's ``optimize_for_ort`` on ``source``, as shipped."""
+    if target.exists():
+        return target
+    import onnx_ir as ir
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model = ir.load(str(source))
+    model, _counts = optimize_for_ort(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(model, str(target), external_data=target.name + ".data")
+    return target
+
+
+def variant(name: str, src: Path, work: Path, dims: dict[str, int]) -> Path:
+    if name == "export":
+        return src
+    if name in ("fold", "for-ort"):
+        path, summary = folded_variant(src, work / name / "model.onnx", dims, for_ort=name == "for-ort")
+        print(f"[bench] {name}: {summary}", flush=True)
+        return path
+    if name == "ort-opt":
+        return ort_optimizer_variant(src, work / "ortopt" / "model.onnx")
+    if name == "onnxscript":
+        return onnxscript_variant(src, work / "onnxscript" / "model.onnx")
+    if name == "no-norm":
+        return no_norm_variant(src, work / "nonorm" / "model.onnx")[0]
+    raise ValueError(name)
 
 
 # --------------------------------------------------------------------------- matrix
@@ -201,12 +237,12 @@ def run(args) -> int:
     families = [f.strip() for f in args.models.split(",") if f.strip()]
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     shapes = [parse_shape(s) for s in args.shapes]
+    comparisons = [c.strip() for c in args.comparisons.split(",") if c.strip()]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     rows, notes = [], []
     prefix = "" if args.output == RESULTS_MD else Path(args.output).stem + "_"
     started = time.time()
     for family in families:
-        runs = args.runs if family == "tiny" else args.smollm2_runs
         for form in forms:
             label = f"{family}/{form}"
             try:
@@ -218,57 +254,52 @@ def run(args) -> int:
                 continue
             work = BUILD / family / form
             dims = genai_dims(src)
-            try:
-                folded, summary = folded_variant(src, work / "folded" / "model.onnx", dims)
-            except Exception as e:
-                msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                notes.append(f"{label}: flashnorm-onnx optimize failed ({msg})")
-                print(f"[bench] {label}: optimize failed: {msg}", flush=True)
-                continue
-            print(f"[bench] {label}: {summary}", flush=True)
-            comparisons = [("fold/input", src, folded)]
-            if not args.skip_extra:
-                if form != "ort_opt":
-                    try:
-                        comparisons.append(("fold/ort-opt", ort_optimizer_variant(src, work / "ortopt" / "model.onnx"),
-                                            folded))
-                    except Exception as e:
-                        notes.append(f"{label}: ORT transformers optimizer failed ({str(e).splitlines()[0][:160]})")
-                nonorm, count = no_norm_variant(src, work / "nonorm" / "model.onnx")
-                comparisons.append(("no-norm/input", src, nonorm))
             providers = ["cpu"] + (["cuda"] if args.cuda and cuda_works(src) else [])
-            for name, a, b in comparisons:
-                t0 = time.time()
-                cmp_shapes = shapes
-                if name != "fold/input" and family != "tiny" and args.smollm2_extra_shapes:
-                    keep = set(args.smollm2_extra_shapes.split(","))
-                    cmp_shapes = [c for c in shapes if c.name in keep] or shapes
+            paths: dict[str, Path] = {}
+            for comparison in comparisons:
+                b_name, a_name = comparison.split("/")
+                if form == "ort_opt" and "ort-opt" in (a_name, b_name):
+                    continue  # the export is already the ORT optimizer's output
                 try:
-                    rep = profile(a, b, shapes=cmp_shapes, providers=tuple(providers), runs=runs, warmup=args.warmup,
-                                  progress=not args.no_progress, dims=dims, skip_failing=True)
+                    for v in (a_name, b_name):
+                        if v not in paths:
+                            paths[v] = variant(v, src, work, dims)
                 except Exception as e:
                     msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                    notes.append(f"{label} {name}: not measured ({msg})")
-                    print(f"[bench] {label} {name}: not measured: {msg}", flush=True)
+                    notes.append(f"{label} {comparison}: variant not built ({msg})")
+                    print(f"[bench] {label} {comparison}: variant not built: {msg}", flush=True)
                     continue
-                rep["benchmark"] = {"family": family, "form": form, "comparison": name}
-                out = RESULTS_DIR / f"{prefix}{family}_{form}_{name.replace('/', '_vs_')}.json"
+                t0 = time.time()
+                try:
+                    rep = profile(paths[a_name], paths[b_name], shapes=shapes, providers=tuple(providers),
+                                  runs=args.runs, warmup=args.warmup, target=args.target / 100,
+                                  budget_s=args.budget, progress=not args.no_progress, dims=dims,
+                                  skip_failing=True, threads=args.threads)
+                except Exception as e:
+                    msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                    notes.append(f"{label} {comparison}: not measured ({msg})")
+                    print(f"[bench] {label} {comparison}: not measured: {msg}", flush=True)
+                    continue
+                rep["benchmark"] = {"family": family, "form": form, "comparison": comparison}
+                out = RESULTS_DIR / f"{prefix}{family}_{form}_{comparison.replace('/', '_vs_')}.json"
                 for sk in rep["skipped"]:
                     reason = sk["reason"] if len(sk["reason"]) < 260 else sk["reason"][:90] + " ... " + sk["reason"][-160:]
-                    notes.append(f"{label} {name} {sk['shape']}: skipped ({reason})")
+                    notes.append(f"{label} {comparison} {sk['shape']}: skipped ({reason})")
+                notes += [f"{label} {comparison}: {n}" for n in rep["notes"]]
                 for r in rep["results"]:  # keep the JSON readable: samples stay, rounded
                     for k in ("A", "B"):
                         r[k]["samples_ms"] = [round(v, 4) for v in r[k]["samples_ms"]]
                 out.write_text(json.dumps(rep, indent=1))
                 for r in rep["results"]:
-                    rows.append({"family": family, "form": form, "comparison": name, "shape": r["shape"],
+                    rows.append({"family": family, "form": form, "comparison": comparison, "shape": r["shape"],
                                  "dims": f"{r['batch']}x{r['sequence']}" + (f" past {r['past']}" if r["past"] else ""),
                                  "provider": r["provider"], "A_ms": r["A"]["median_ms"], "B_ms": r["B"]["median_ms"],
                                  "ratio": r["ratio"]["median"], "lo": r["ratio"]["ci95"][0],
-                                 "hi": r["ratio"]["ci95"][1], "verdict": r["ratio"]["verdict"], "runs": runs})
-                    print(f"[bench] {label} {name} {r['shape']} {r['provider']}: "
+                                 "hi": r["ratio"]["ci95"][1], "verdict": r["ratio"]["verdict"], "pairs": r["pairs"],
+                                 "stopped": r["stopped"]})
+                    print(f"[bench] {label} {comparison} {r['shape']} {r['provider']}: "
                           f"{r['ratio']['median']:.3f} [{r['ratio']['ci95'][0]:.3f}, {r['ratio']['ci95'][1]:.3f}] "
-                          f"({time.time() - t0:.0f}s)", flush=True)
+                          f"{r['pairs']} pairs ({time.time() - t0:.0f}s)", flush=True)
                 write_results(rows, notes, args, started)
     write_results(rows, notes, args, started)
     return 0
@@ -285,22 +316,25 @@ def write_results(rows: list[dict], notes: list[str], args, started: float) -> N
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}; GPU: {m['gpu']['name'] + ' driver ' + m['gpu']['driver'] if m['gpu'] else 'none'}.",
         f"- CUDA: {'measured' if any(r['provider'] == 'cuda' for r in rows) else 'not measured: ' + ('no GPU on this machine (the CUDA provider does not load)' if m['cuda'] == 'listed' else m['cuda'])}.",
-        f"- Method: `flashnorm_onnx.profiling.profile` -- A and B in one process, {args.warmup} warm-up runs each, "
-        "then N interleaved pairs (A B / B A alternating); IO binding; ratio = median(B)/median(A) with a "
-        "paired-bootstrap 95% interval (2000 resamples). Ratio < 1: B is faster.",
-        f"- Runs (pairs) per shape: tiny {args.runs}, SmolLM2 {args.smollm2_runs} (SmolLM2 fold/ort-opt and no-norm/input: "
-        f"shapes {args.smollm2_extra_shapes or 'all'} only). "
-        f"Total wall time {time.time() - started:.0f} s, finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-        "- Comparisons: `fold/input` = flashnorm output vs the export itself; `fold/ort-opt` = flashnorm output "
-        "vs ORT's transformers optimizer (gpt2, opt_level 0) on the same export; `no-norm/input` = every norm "
-        "replaced by identity (wrong function; the lower bound of what removing norm work could save) vs the export.",
+        f"- Method: `flashnorm_onnx.profiling.profile` -- A and B in one process on one shared intra-op thread "
+        f"pool, {args.warmup} warm-up runs each, then interleaved pairs (A B / B A alternating); IO binding; "
+        "B/A = median of the per-pair ratios with a paired-bootstrap 95% interval. Pairs run until the "
+        f"interval's half-width is within {args.target:g}% or {args.budget:g} s per shape"
+        + (f" (fixed {args.runs} pairs)" if args.runs else "") + ". Ratio < 1: B is faster.",
+        f"- Total wall time {time.time() - started:.0f} s, finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        "- Variants: `export` = the export itself; `fold` = `flashnorm-onnx optimize`; `for-ort` = "
+        "`flashnorm-onnx optimize --for-ort` (exact ORT fusions, then the fold); `ort-opt` = ORT's transformers "
+        "optimizer (gpt2, opt_level 0); `onnxscript` = onnxscript's `optimize_for_ort` as shipped (its GQA "
+        "fusion ignores the attention mask: a reference point, not an equivalent model); `no-norm` = every "
+        "norm replaced by identity (wrong function; the lower bound of what removing norm work could save).",
         "",
-        "| model | form | comparison | shape | provider | A median ms | B median ms | B/A | 95% CI | verdict |",
-        "|---|---|---|---|---|---:|---:|---:|---|---|",
+        "| model | form | B / A | shape | provider | A median ms | B median ms | B/A | 95% CI | verdict | pairs |",
+        "|---|---|---|---|---|---:|---:|---:|---|---|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['family']} | {r['form']} | {r['comparison']} | {r['shape']} ({r['dims']}) | {r['provider']} | "
-                     f"{r['A_ms']:.3f} | {r['B_ms']:.3f} | {r['ratio']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] | {r['verdict']} |")
+                     f"{r['A_ms']:.3f} | {r['B_ms']:.3f} | {r['ratio']:.3f} | [{r['lo']:.3f}, {r['hi']:.3f}] | {r['verdict']} | "
+                     f"{r['pairs']} |")
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in _compact(notes)]
     out = Path(args.output)
@@ -325,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny,smollm2")
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--shape", dest="shapes", action="append", help="override the shapes (NAME=BxT[,past=N])")
-    p.add_argument("--runs", type=int, default=60, help="interleaved pairs per shape, tiny model")
-    p.add_argument("--smollm2-runs", type=int, default=12, help="interleaved pairs per shape, SmolLM2")
-    p.add_argument("--smollm2-extra-shapes", default="prefill128,decode",
-                   help="SmolLM2: shapes for fold/ort-opt and no-norm/input (prefill 1x512 takes ~2 s a run on 2 cores)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="tiny model only, 10 runs")
-    p.add_argument("--skip-extra", action="store_true", help="only fold/input (no ORT-optimizer, no no-norm)")
+    p.add_argument("--comparisons", default=",".join(COMPARISONS), help="B/A pairs of variants")
+    p.add_argument("--runs", type=int, help="a fixed number of pairs per shape (default: adaptive)")
+    p.add_argument("--target", type=float, default=3.0, help="interval half-width to reach, percent (default 3)")
+    p.add_argument("--budget", type=float, default=90.0, help="seconds per shape at most (default 90)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: ORT's, one per physical core)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny model only, few pairs")
     p.add_argument("--no-cuda", dest="cuda", action="store_false", help="CPU only even when CUDA works")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--output", type=Path, default=RESULTS_MD, help="the Markdown table to write (default RESULTS.md)")

@@ -21,9 +21,11 @@ onnxscript's ``optimize_for_ort``, measured on SmolLM2's dynamo export:
   of shape [batch, sequence], and a dynamo export computes them as [1, sequence] inside the
   graph, so the fused model fails at batch 2. Fixed here: the position ids are expanded to the
   batch of the rotary's input (``_expand_position_ids``), which is what broadcasting did;
-* attention (SDPA -> ``GroupQueryAttention`` / ``MultiHeadAttention``): not applied. The GQA
-  fusion derives ``seqlens_k`` from the position ids and ignores the attention mask, so a
-  padded batch computes another function (and with in-graph position ids it fails at batch 2).
+* attention: scaled dot-product attention becomes ``com.microsoft.MultiHeadAttention`` with
+  the mask as its additive ``attention_bias`` (exact, padded batches included: measured max
+  relative difference 2e-6 on SmolLM2 with a left-padded row). Not ``GroupQueryAttention``: that
+  fusion derives ``seqlens_k`` from the position ids and ignores the attention mask, so a padded
+  batch computes another function (and with in-graph position ids it fails at batch 2).
 
 The whole-model ONNX Runtime check compares the fused, folded output against the unfused input,
 so it covers the fusions too. Where a rewrite raises, the model is loaded again and folded
@@ -75,6 +77,10 @@ def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
         counts[name] = fuse(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
     counts["partial_rotary_embedding"] = ort_fusions.fuse_partial_rotary_embedding(model)
+    # attention as MultiHeadAttention with the mask as an additive bias (exact for padded batches);
+    # not GroupQueryAttention, whose seqlens_k comes from the position ids instead of the mask
+    counts["sdpa"] = ort_fusions.fuse_sdpa(model, apply_shape_inference=True)
+    counts["sdpa_via_mha"] = ort_fusions.replace_sdpa_by_mha(model)
     counts["gelu"] = ort_fusions.fuse_gelu(model)
     counts["bias_gelu"] = ort_fusions.fuse_bias_gelu(model)
     optimize(model)

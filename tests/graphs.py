@@ -35,6 +35,8 @@ def build(
     """One norm over x[batch, seq, k] (x[batch, k] for Gemm readers) and its readers.
 
     consumers: "matmul" (W [k, n]), "matmul_t" (Transpose(W [n, k])), "gemm", "gemm_tb",
+    "fused_matmul" / "fused_matmul_tb" (com.microsoft.FusedMatMul, alpha 0.75, transB 0 / 1),
+    "fused_matmul_ta" (FusedMatMul with transA=1 over 5 tokens: refused),
     "cast_matmul" (Cast(y) -> MatMul), "matmul_castw" (MatMul(y, Cast(W fp16))),
     "tied" (Transpose(E) also read by a Gather embedding), "shared" (two readers, one W).
     extra: "residual" (y also feeds Add(y, x)), "graph_output" (y is an output), "shape"
@@ -158,6 +160,16 @@ def build(
         elif kind == "gemm_tb":
             inits.append(_init(f"w{i}", np.ascontiguousarray(w.T)))
             nodes.append(helper.make_node("Gemm", [y, f"w{i}"], [out], transB=1))
+        elif kind in ("fused_matmul", "fused_matmul_tb"):  # com.microsoft.FusedMatMul, alpha != 1
+            ms_opset = True
+            tb = kind == "fused_matmul_tb"
+            inits.append(_init(f"w{i}", np.ascontiguousarray(w.T) if tb else w))
+            nodes.append(helper.make_node("FusedMatMul", [y, f"w{i}"], [out], domain="com.microsoft",
+                                          alpha=0.75, transB=int(tb)))
+        elif kind == "fused_matmul_ta":  # y^T @ W: mixes tokens, not channels (W is [seq=5, n])
+            ms_opset = True
+            inits.append(_init(f"w{i}", (rng.standard_normal((5, n_out)) / np.sqrt(5)).astype(npdt)))
+            nodes.append(helper.make_node("FusedMatMul", [y, f"w{i}"], [out], domain="com.microsoft", transA=1))
         elif kind == "cast_matmul":
             inits.append(_init(f"w{i}", w.astype(np.float16)))
             nodes += [helper.make_node("Cast", [y], [f"y16_{i}"], to=TensorProto.FLOAT16),

@@ -73,7 +73,7 @@ def test_opset23_chain_becomes_rmsnormalization():
 @pytest.mark.parametrize(
     "consumers",
     [("matmul",), ("matmul_t",), ("gemm",), ("gemm_tb",), ("cast_matmul",), ("matmul_castw",),
-     ("matmul", "matmul", "matmul"), ("shared",)],
+     ("matmul", "matmul", "matmul"), ("shared",), ("fused_matmul",), ("fused_matmul_tb", "matmul")],
 )
 def test_each_reader_kind(consumers):
     model = graphs.build("dynamo", consumers=consumers)
@@ -81,6 +81,23 @@ def test_each_reader_kind(consumers):
     assert report.folded == 1, report.text()
     fp16 = any(c in ("cast_matmul", "matmul_castw") for c in consumers)
     assert_same(model, out, rtol=1e-2 if fp16 else 1e-5, atol=1e-2 if fp16 else 1e-5)
+
+
+@pytest.mark.parametrize("consumers", [("fused_matmul",), ("fused_matmul_tb",)])
+def test_layernorm_bias_into_fused_matmul_is_scaled_by_alpha(consumers):
+    """(x*g + beta) @ B * alpha == x @ (g*B) * alpha + alpha * (beta @ B): the moved bias carries alpha."""
+    model = graphs.build("layernorm", consumers=consumers)
+    out, report = fold(model)
+    assert report.folded == 1, report.text()
+    assert_same(model, out)
+
+
+def test_fused_matmul_that_transposes_the_activation_is_refused():
+    model = graphs.build("dynamo", consumers=("fused_matmul_ta",))
+    out, report = fold(model)
+    (decision,) = report.decisions
+    assert decision.status == "skipped" and "transA" in decision.reason
+    assert_same(model, out, rtol=0, atol=0)
 
 
 def test_weights_written_once_when_one_tensor_feeds_two_readers():
