@@ -142,6 +142,15 @@ def optimize_file(
     report = result.report
     report.model = str(info.path)
     if for_ort:
+        if not fusion_note:
+            from flashnorm_onnx.fusions import FusionFailed, fuse_after_fold, merge
+
+            try:
+                fusions = merge(fusions, fuse_after_fold(ir_model))
+            except FusionFailed as e:  # the graph may be half rewritten: nothing of this run is kept
+                from flashnorm_onnx.errors import FlashNormError
+
+                raise FlashNormError(f"ORT fusions after the fold failed ({e}); rerun without --for-ort") from e
         report.fusions = fusions
         if fusion_note:
             report.notes.append(fusion_note)

@@ -10,8 +10,11 @@ the fold then runs on the fused graph:
 * the final norm then feeds the output layer as ``com.microsoft.FusedMatMul`` (transB=1), a
   linear reader the fold absorbs.
 
-The order matters: fusing after the fold would see a norm whose scale is the ones tensor and
-fold nothing more.
+The order matters: fusing only after the fold would miss nothing of the fold but would keep
+the RMSNorm patterns from seeing the original scales; fusing only before would leave the chains
+onnxscript does not recognise (legacy, optimum exports) without their skip fusion. So the
+residual add + norm fusions run once more after the fold (:func:`fuse_after_fold`), on the
+weightless fused norms the fold wrote.
 
 Only rewrites that compute the same function for every valid input are applied. Of
 onnxscript's ``optimize_for_ort``, measured on SmolLM2's dynamo export:
@@ -94,6 +97,39 @@ def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
         common_passes.ShapeInferencePass(),
     )(model)
     return model, {name: int(n) for name, n in counts.items() if n}
+
+
+def fuse_after_fold(model: ir.Model) -> dict[str, int]:
+    """The residual add + norm fusions once more, after the fold.
+
+    The fold writes every decomposed chain it folds as one weightless fused norm. Chains that
+    onnxscript's RMSNorm patterns do not recognise (the legacy exporter's, optimum's) reach the
+    skip fusions only then: ``Add`` + ``SimplifiedLayerNormalization`` becomes
+    ``SkipSimplifiedLayerNormalization``, exactly as ORT's transformers optimizer does."""
+    try:
+        from onnxscript.rewriter import rewrite
+        from onnxscript.rewriter.ort_fusions import _core as ort_fusions
+
+        counts = {
+            "skip_rms_normalization": ort_fusions.fuse_skip_rms_normalization(model),
+            "skip_layer_normalization": ort_fusions.fuse_skip_layer_normalization(model),
+        }
+        before = _count(model.graph, "FusedMatMul")
+        rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
+        counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - before
+    except Exception as e:  # noqa: BLE001
+        logger.debug("post-fold fusions failed", exc_info=True)
+        text = str(e).strip().splitlines()
+        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+    return {name: int(n) for name, n in counts.items() if n}
+
+
+def merge(*counts: dict[str, int]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for c in counts:
+        for name, n in c.items():
+            out[name] = out.get(name, 0) + n
+    return out
 
 
 def _count(graph: ir.Graph, op_type: str) -> int:

@@ -66,12 +66,10 @@ NORM_OPS = {
     "RMSNormalization",
     "GroupNormalization",
     "BatchNormalization",
-    # pieces of decomposed RMSNorm/LayerNorm chains (not used elsewhere in these models)
-    "Pow",
-    "ReduceMean",
-    "Sqrt",
-    "Reciprocal",
 }
+"""Fused norm ops. The nodes of decomposed chains are found by the fold's own catalogue
+(:func:`flashnorm_onnx.passes.norm_patterns.find_norms`), by name: a GELU's ``Pow`` or an
+attention's ``Sqrt`` is not normalization time."""
 LINEAR_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QGemm", "MatMulIntegerToFloat",
               "DynamicQuantizeMatMul", "FusedGemm"}
 ATTENTION_OPS = {"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
@@ -577,16 +575,16 @@ def norm_chain_nodes(graph) -> list[tuple[str, list[str], str]]:
 
 
 def _norm_names(model_path: Path) -> set[str]:
-    import onnx
+    """Names of the nodes that compute a norm, as the fold's catalogue finds them."""
+    import onnx_ir as ir
+
+    from flashnorm_onnx.passes.norm_patterns import find_norms, norm_nodes
 
     try:
-        model = onnx.load(str(model_path), load_external_data=False)
+        model = ir.load(str(model_path))  # external data stays on disk
     except Exception:
         return set()
-    names = set()
-    for _x, nodes, _end in norm_chain_nodes(model.graph):
-        names.update(nodes)
-    return names
+    return {n.name for match in find_norms(model.graph) for n in norm_nodes(match) if n.name}
 
 
 def op_group(op_type: str, node_name: str, input_shapes: list, norm_names: set[str]) -> str:

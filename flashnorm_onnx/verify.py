@@ -98,21 +98,25 @@ def compare_models(
     cases: list[Case] | None = None,
     rtol: float | None = None,
     timeout: float | None = None,
+    provider: str = "cpu",
 ) -> VerificationResult:
     """Run both models on the same generated inputs and compare every output.
+
+    ``provider``: "cpu" (what ``optimize`` uses) or "cuda" (``benchmarks/cuda.sh``: both models on
+    the CUDA provider).
 
     ``timeout``: seconds for the whole comparison (None or 0: no limit); past it, raises
     :class:`VerificationTimeout`. Each case's inputs are sized to
     :func:`~flashnorm_onnx.inputs.verification_cap` before anything is allocated."""
     deadline = Deadline(timeout)
     try:
-        ref = make_session(reference)
+        ref = make_session(reference, provider)
     except Exception as e:
         raise VerificationUnavailable(
             f"ONNX Runtime cannot load the input model ({first_line(e)}); use --no-verify to skip the check"
         ) from e
     try:
-        cand = make_session(candidate)
+        cand = make_session(candidate, provider)
     except Exception as e:
         return VerificationResult(
             method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"

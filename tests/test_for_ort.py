@@ -100,3 +100,20 @@ def test_checks_that_cannot_see_fusions_are_refused(tmp_path, capsys):
     assert rc == 6
     assert "--for-ort" in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_legacy_chains_get_their_skip_fusion_after_the_fold(tmp_path):
+    """onnxscript's RMSNorm patterns do not match the legacy exporter's chain; the fold writes
+    each as one weightless SimplifiedLayerNormalization, and the skip fusion then runs on those."""
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_legacy"))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    assert data["summary"]["skipped"] == 0
+    ops = _ops(out)
+    skip = ops[("com.microsoft", "SkipSimplifiedLayerNormalization")]
+    assert skip == data["ort_fusions"]["skip_rms_normalization"] > 0
+    plain = sum(n for (_domain, op), n in ops.items() if op == "SimplifiedLayerNormalization")
+    assert plain + skip == data["summary"]["norms"]
+    _run_both(source, out, Case("b3", batch=3, sequence=6))

@@ -206,3 +206,27 @@ def test_norm_chain_finder(pair):
     source, _ = pair
     chains = norm_chain_nodes(onnx.load(str(source), load_external_data=False).graph)
     assert len(chains) == 5  # 2 layers x 2 norms + final norm
+
+
+def test_norm_time_is_what_the_catalogue_calls_a_norm():
+    """--ops counts as normalization the nodes the fold's catalogue finds: every decomposed
+    RMSNorm chain of the Llama export, and none of GPT-2's GELU Pow/Tanh nodes."""
+    import onnx
+
+    from flashnorm_onnx.profiling import _norm_names
+    from models import fixtures
+
+    llama = Path(fixtures.build("llama_dynamo"))
+    graph = onnx.load(str(llama), load_external_data=False).graph
+    names = _norm_names(llama)
+    reduce_means = [n.name for n in graph.node if n.op_type == "ReduceMean"]
+    assert reduce_means and set(reduce_means) <= names
+    assert {n.op_type for n in graph.node if n.name in names} <= {"Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal",
+                                                                    "Div", "Mul", "Cast", "Constant"}
+    gpt2 = Path(fixtures.build("gpt2_dynamo"))
+    graph = onnx.load(str(gpt2), load_external_data=False).graph
+    names = _norm_names(gpt2)
+    pows = [n for n in graph.node if n.op_type == "Pow"]
+    assert pows, "the GELU of this export has a Pow"
+    assert not any(n.name in names for n in pows)
+    assert any(n.op_type == "LayerNormalization" and n.name in names for n in graph.node)

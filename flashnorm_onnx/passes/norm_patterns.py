@@ -409,6 +409,31 @@ def _scale_shape_problem(source: ir.Value) -> str | None:
     return None
 
 
+def norm_nodes(match: NormMatch, limit: int = 32) -> list[ir.Node]:
+    """Every node that computes ``match``: the fused op, or a chain from its (pre-Cast) input to
+    its anchor -- statistics, normalization, scale and bias, and Casts of its constants. What
+    the profiler counts as normalization time."""
+    if match.chain_input is None:
+        return [match.anchor]
+    stop = {id(match.chain_input), id(match.outer_input)}
+    nodes: list[ir.Node] = [] if match.pre_cast is None else [match.pre_cast]
+    seen: set[int] = {id(n) for n in nodes}
+    frontier = [match.anchor] + ([match.post_cast] if match.post_cast is not None else [])
+    while frontier and len(nodes) < limit:
+        node = frontier.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        nodes.append(node)
+        for value in node.inputs:
+            if value is None or id(value) in stop or value.is_graph_input():
+                continue
+            producer = value.producer()
+            if producer is not None and id(producer) not in seen:
+                frontier.append(producer)
+    return nodes
+
+
 def find_norms(graph: ir.Graph) -> list[NormMatch]:
     """All normalizations of the main graph, in topological order."""
     matches: list[NormMatch] = []
