@@ -18,8 +18,8 @@ export X the variants are:
 * ``no-norm``: X with every norm replaced by identity (a WRONG function: the lower bound of
   what removing norm work could save).
 
-Comparisons (B vs A): fold/export, for-ort/export, for-ort/ort-opt, for-ort/fold,
-onnxscript/export, no-norm/export (``--comparisons`` picks). Shapes: prefill 1x1, 1x128, 1x512
+Comparisons (B vs A): fold/export, for-ort/export, for-ort/ort-opt for every form; also
+for-ort/fold, onnxscript/export, no-norm/export for ``--full-forms`` (default dynamo). Shapes: prefill 1x1, 1x128, 1x512
 and decode 1 token on 256 and 1024 past where the export has a cache. Each shape runs pairs
 until the interval's half-width is within ``--target`` (default 3%) or ``--budget`` seconds.
 CPU always; CUDA too when a CUDA provider loads.
@@ -57,6 +57,8 @@ SHAPES = ("prefill1=1x1", "prefill128=1x128", "prefill512=1x512", "decode256=1x1
           "decode1024=1x1,past=1024")
 COMPARISONS = ("fold/export", "for-ort/export", "for-ort/ort-opt", "for-ort/fold", "onnxscript/export",
                "no-norm/export")
+CORE = ("fold/export", "for-ort/export", "for-ort/ort-opt")
+"""What every form gets; ``--full-forms`` get all of COMPARISONS."""
 
 
 def source_model(family: str, form: str) -> Path:
@@ -256,7 +258,8 @@ def run(args) -> int:
             dims = genai_dims(src)
             providers = ["cpu"] + (["cuda"] if args.cuda and cuda_works(src) else [])
             paths: dict[str, Path] = {}
-            for comparison in comparisons:
+            full = form in args.full_forms.split(",")
+            for comparison in comparisons if full else [c for c in comparisons if c in CORE]:
                 b_name, a_name = comparison.split("/")
                 if form == "ort_opt" and "ort-opt" in (a_name, b_name):
                     continue  # the export is already the ORT optimizer's output
@@ -360,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--forms", default=",".join(FORMS))
     p.add_argument("--shape", dest="shapes", action="append", help="override the shapes (NAME=BxT[,past=N])")
     p.add_argument("--comparisons", default=",".join(COMPARISONS), help="B/A pairs of variants")
+    p.add_argument("--full-forms", default="dynamo",
+                   help="forms that get every comparison; the others get " + ", ".join(CORE))
     p.add_argument("--runs", type=int, help="a fixed number of pairs per shape (default: adaptive)")
     p.add_argument("--target", type=float, default=3.0, help="interval half-width to reach, percent (default 3)")
     p.add_argument("--budget", type=float, default=90.0, help="seconds per shape at most (default 90)")

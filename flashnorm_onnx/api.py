@@ -151,6 +151,13 @@ def optimize_file(
                 from flashnorm_onnx.errors import FlashNormError
 
                 raise FlashNormError(f"ORT fusions after the fold failed ({e}); rerun without --for-ort") from e
+            if not fusions:
+                # nothing fused (e.g. the genai builder's graph): fold the model as loaded, not the
+                # one onnxscript's clean-up rewrote, so the output is the plain fold's, node for node
+                ir_model = model_io.load(info)
+                result = fold(ir_model)
+                report = result.report
+                report.model = str(info.path)
         report.fusions = fusions
         if fusion_note:
             report.notes.append(fusion_note)
@@ -226,10 +233,10 @@ def _fuse(info: model_io.InputInfo, model: ir.Model, verify: bool, verify_mode: 
             "--for-ort is checked by running both whole models in ONNX Runtime, and this model is too "
             "large for that here; fold without --for-ort (checked piece by piece), or --no-verify")
     try:
-        model, counts = fuse_for_ort(model)
+        fused, counts = fuse_for_ort(model)
     except FusionFailed as e:
         return model_io.load(info), {}, f"ORT fusions failed ({e}); folded without them"
-    return model, counts, ""
+    return fused, counts, ""
 
 
 def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, vocab, rtol, timeout) -> VerificationResult:

@@ -117,3 +117,20 @@ def test_legacy_chains_get_their_skip_fusion_after_the_fold(tmp_path):
     plain = sum(n for (_domain, op), n in ops.items() if op == "SimplifiedLayerNormalization")
     assert plain + skip == data["summary"]["norms"]
     _run_both(source, out, Case("b3", batch=3, sequence=6))
+
+
+@pytest.mark.genai
+def test_genai_builder_output_is_the_fold_alone_when_nothing_fuses(tmp_path):
+    """The genai builder already writes ORT's fused ops: no fusion applies, and the --for-ort
+    output is node for node the plain fold's (never slower than the fold alone)."""
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_genai_fp32"))
+    out = tmp_path / "for_ort.onnx"
+    data = _optimize(source, out)
+    assert data["ort_fusions"] == {} and data["verification"]["passed"]
+    plain = tmp_path / "fold.onnx"
+    assert main(["optimize", str(source), "-o", str(plain), "-q"]) == 0
+    a = onnx.load(str(plain), load_external_data=False).graph
+    b = onnx.load(str(out), load_external_data=False).graph
+    assert [(n.op_type, list(n.input)) for n in a.node] == [(n.op_type, list(n.input)) for n in b.node]
