@@ -37,6 +37,7 @@ def build(
     consumers: "matmul" (W [k, n]), "matmul_t" (Transpose(W [n, k])), "gemm", "gemm_tb",
     "fused_matmul" / "fused_matmul_tb" (com.microsoft.FusedMatMul, alpha 0.75, transB 0 / 1),
     "fused_matmul_ta" (FusedMatMul with transA=1 over 5 tokens: refused),
+    "scaled_matmul" (Mul(y, constant scalar) -> MatMul), "vector_mul_matmul" (Mul by a [k] vector),
     "cast_matmul" (Cast(y) -> MatMul), "matmul_castw" (MatMul(y, Cast(W fp16))),
     "tied" (Transpose(E) also read by a Gather embedding), "shared" (two readers, one W).
     extra: "residual" (y also feeds Add(y, x)), "graph_output" (y is an output), "shape"
@@ -170,6 +171,14 @@ def build(
             ms_opset = True
             inits.append(_init(f"w{i}", (rng.standard_normal((5, n_out)) / np.sqrt(5)).astype(npdt)))
             nodes.append(helper.make_node("FusedMatMul", [y, f"w{i}"], [out], domain="com.microsoft", transA=1))
+        elif kind == "scaled_matmul":  # T5: Mul(y, d_model**-0.5) -> MatMul
+            inits += [_init(f"w{i}", w), _init(f"s{i}", np.array(k ** -0.5, dtype=npdt))]
+            nodes += [helper.make_node("Mul", [y, f"s{i}"], [f"ys{i}"]),
+                      helper.make_node("MatMul", [f"ys{i}", f"w{i}"], [out])]
+        elif kind == "vector_mul_matmul":  # Mul by a per-channel vector: not a scalar, refused
+            inits += [_init(f"w{i}", w), _init(f"s{i}", rng.uniform(0.5, 1.5, k).astype(npdt))]
+            nodes += [helper.make_node("Mul", [y, f"s{i}"], [f"ys{i}"]),
+                      helper.make_node("MatMul", [f"ys{i}", f"w{i}"], [out])]
         elif kind == "cast_matmul":
             inits.append(_init(f"w{i}", w.astype(np.float16)))
             nodes += [helper.make_node("Cast", [y], [f"y16_{i}"], to=TensorProto.FLOAT16),

@@ -73,7 +73,8 @@ def test_opset23_chain_becomes_rmsnormalization():
 @pytest.mark.parametrize(
     "consumers",
     [("matmul",), ("matmul_t",), ("gemm",), ("gemm_tb",), ("cast_matmul",), ("matmul_castw",),
-     ("matmul", "matmul", "matmul"), ("shared",), ("fused_matmul",), ("fused_matmul_tb", "matmul")],
+     ("matmul", "matmul", "matmul"), ("shared",), ("fused_matmul",), ("fused_matmul_tb", "matmul"),
+     ("scaled_matmul",), ("scaled_matmul", "matmul_t")],
 )
 def test_each_reader_kind(consumers):
     model = graphs.build("dynamo", consumers=consumers)
@@ -90,6 +91,18 @@ def test_layernorm_bias_into_fused_matmul_is_scaled_by_alpha(consumers):
     out, report = fold(model)
     assert report.folded == 1, report.text()
     assert_same(model, out)
+
+
+@pytest.mark.parametrize("form, consumers, reason", [
+    ("layernorm", ("scaled_matmul",), "scalar Mul"),  # the moved bias would need the scalar too
+    ("dynamo", ("vector_mul_matmul",), "not a linear layer"),
+])
+def test_scaled_readers_that_cannot_fold(form, consumers, reason):
+    model = graphs.build(form, consumers=consumers)
+    out, report = fold(model)
+    (decision,) = report.decisions
+    assert decision.status == "skipped" and reason in decision.reason, decision.reason
+    assert_same(model, out, rtol=0, atol=0)
 
 
 def test_fused_matmul_that_transposes_the_activation_is_refused():

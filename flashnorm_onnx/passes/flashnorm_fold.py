@@ -281,6 +281,8 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 return [], f"{use.description} has a bias computed at run time"
             if use.node.op_type == "Attention" and use.bias_source is None:
                 return [], f"{use.description} has no constant bias to absorb the norm's bias"
+            if use.scaled:
+                return [], f"{use.description} reads the norm through a scalar Mul, which would scale the moved bias"
             weight = use.weight.tensor.numpy()
             delta = fold_math.bias_delta(weight, beta, use.weight.k_axis)
             delta = output_scale(use.node) * delta  # Gemm / FusedMatMul: alpha * (beta @ B)

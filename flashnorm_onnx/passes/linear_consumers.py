@@ -11,7 +11,10 @@ constant weight whose input rows are indexed by the norm's channels:
   transposed weight): ``transA=0``, no batch transposes, ``transB`` 0 or 1, any ``alpha``;
 * any of these behind a ``Cast`` of ``y``.
 
-``Shape`` readers only read the shape and never block the fold. Anything else — a residual
+Between the norm and the linear, ops that keep the channel axis (Cast, Identity, a Reshape that
+keeps the last dimension, Slice/Gather of rows, a Transpose that keeps the last axis last) and a
+``Mul``/``Div`` by a constant scalar are looked through. ``Shape`` readers only read the shape
+and never block the fold. Anything else — a residual
 ``Add``, RoPE, attention, a graph output, a quantized ``MatMulNBits``, a weight that is a graph
 input — blocks it, and :func:`find_linear_uses` says which reader and why.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from flashnorm_onnx.passes.graph_utils import (
@@ -83,6 +87,9 @@ class LinearUse:
     """MatMul followed by Add(constant): the Add (used to fold a LayerNorm bias)."""
     bias_source: ir.Value | None = None
     bias_path: list[ir.Node] = dataclasses.field(default_factory=list)
+    scaled: bool = False
+    """A constant scalar Mul/Div lies between the norm and this reader (it commutes with the
+    per-channel scale, but would scale a moved LayerNorm bias too)."""
 
     @property
     def description(self) -> str:
@@ -258,6 +265,22 @@ def _keeps_channels(node: ir.Node, index: int, channels: int | None) -> bool:
     return False
 
 
+def _constant_scalar_factor(node: ir.Node, index: int) -> bool:
+    """``Mul(y, c)`` / ``Mul(c, y)`` / ``Div(y, c)`` with ``c`` a constant of one element: a
+    scalar commutes with the per-channel scale (T5 scales the decoder output by d_model**-0.5
+    before its tied output layer)."""
+    if node.domain not in ONNX_DOMAINS or node.op_type not in ("Mul", "Div") or len(node.inputs) != 2:
+        return False
+    if node.op_type == "Div" and index != 0:
+        return False
+    other = node.inputs[1 - index]
+    if other is None or other.is_graph_input():
+        return False
+    array = small_const_array(other)
+    return array is not None and array.size == 1 and array.dtype.kind == "f" and bool(np.isfinite(array).all()) \
+        and float(array.reshape(-1)[0]) != 0.0
+
+
 def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAnalysis:
     """Every reader of ``value``; ``channels`` is the norm's channel count when known."""
     result = ConsumerAnalysis(uses=[], refusals=[], shape_readers=0)
@@ -271,8 +294,12 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
         if is_op(node, "Shape") or is_op(node, "Size"):
             result.shape_readers += 1
             continue
-        if (is_op(node, "Cast") and index == 0) or _keeps_channels(node, index, channels):
+        scalar = _constant_scalar_factor(node, index)
+        if (is_op(node, "Cast") and index == 0) or scalar or _keeps_channels(node, index, channels):
             inner = find_linear_uses(node.outputs[0], channels)
+            if scalar:
+                for inner_use in inner.uses:
+                    inner_use.scaled = True
             result.uses += inner.uses
             result.refusals += inner.refusals
             result.shape_readers += inner.shape_readers
