@@ -36,10 +36,41 @@ def inspect(model: str | os.PathLike, *, untie: bool = True, keep_structure: boo
     """Analyse a model: what would be folded and what skipped, and why. Writes nothing."""
     info = model_io.check_input(model)
     ir_model = model_io.load(info)
+    restore = infer_shapes(ir_model)
     result = FlashNormFoldPass(untie=untie, keep_structure=keep_structure)(ir_model)
+    restore()
     report = result.report
     report.model = str(info.path)
     return report
+
+
+def infer_shapes(model: ir.Model) -> Callable[[], None]:
+    """ONNX shape inference (with data propagation) to inform the fold's decisions; returns a
+    function that puts every pre-existing value's shape and type back as it was, so the output
+    carries the input's own value_info.
+
+    Legacy, optimum and ORT-optimizer graphs have no ``value_info``: without it a ``Reshape`` whose
+    target is computed from ``Shape`` (GPT-2's final norm) or a ``Gather`` of the CLS row has no
+    known rank, and the fold must refuse them. The inference runs on the graph without its
+    initializers' data (onnx-ir's ShapeInferencePass), so it costs no memory; where it fails, the
+    model is left as it was."""
+    import onnx_ir.passes.common as common_passes
+
+    saved = [(v, v.shape, v.type) for g in model.graphs() for v in ir.convenience.create_value_mapping(g).values()]
+    level = logging.getLogger("onnx_ir").level
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # its "left unchanged" warning is ours to judge
+    try:
+        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+    except Exception:  # noqa: BLE001 - decisions then use the shapes the file has
+        logger.debug("shape inference failed", exc_info=True)
+    finally:
+        logging.getLogger("onnx_ir").setLevel(level)
+
+    def restore() -> None:
+        for value, shape, type_ in saved:
+            value.type, value.shape = type_, shape
+
+    return restore
 
 
 def optimize(
@@ -138,7 +169,9 @@ def optimize_file(
         keep_structure=keep_structure,
         progress=(lambda i, n: progress("fold", i, n)) if progress else None,
     )
+    restore = infer_shapes(ir_model)
     result = fold(ir_model)
+    restore()
     report = result.report
     report.model = str(info.path)
     if for_ort:
