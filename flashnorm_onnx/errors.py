@@ -10,7 +10,8 @@ code   meaning
 4      cannot write the output (same path as the input, not a folder, disk full)
 5      verification failed: the output does not compute the same function
 6      verification could not run the models (inputs could not be generated)
-7      requested execution provider unavailable (e.g. CUDA on a CPU-only machine)
+7      ONNX Runtime or the requested execution provider unavailable (no ``onnxruntime`` module:
+       install ``flashnorm-onnx[cpu]`` or ``[gpu]``; CUDA on a CPU-only machine)
 8      ``export``: the exporter failed on the checkpoint (:class:`flashnorm_onnx.export.ExportFailed`)
 9      verification did not finish within ``--verify-timeout`` seconds (nothing written)
 =====  ==========================================================================
@@ -44,7 +45,14 @@ class VerificationUnavailable(FlashNormError):
 
 
 class ProviderUnavailable(FlashNormError):
+    """ONNX Runtime itself, or the execution provider asked for, is not available here."""
+
     exit_code = 7
+
+
+#: The one line the CLI prints when no ONNX Runtime family is installed (exit 7).
+ORT_MISSING = ("ONNX Runtime is not installed: pip install 'flashnorm-onnx[cpu]' "
+               "(or 'flashnorm-onnx[gpu]' for CUDA; one of the two, never both)")
 
 
 class VerificationTimeout(FlashNormError):

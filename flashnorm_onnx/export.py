@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from flashnorm_onnx.errors import FlashNormError, InputModelError
+from flashnorm_onnx.errors import FlashNormError, InputModelError, OutputPathError
 from flashnorm_onnx.report import FoldReport
 
 logger = logging.getLogger(__name__)
@@ -128,8 +128,11 @@ def export(
     src = resolve_checkpoint(path_or_id)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise FlashNormError(f"{outdir}: output is not a folder")
-    outdir.mkdir(parents=True, exist_ok=True)
+        raise OutputPathError(f"{outdir}: output is not a folder (export writes a folder)")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a parent is a file, no permission, read-only file system
+        raise OutputPathError(f"{outdir}: cannot create the output folder ({e.strerror or e})") from e
     with tempfile.TemporaryDirectory(prefix=".flashnorm-export-", dir=outdir) as tmp:
         staging = Path(tmp)
         say(f"exporting {src} with {exporter} ({task}, {dtype}) ...")

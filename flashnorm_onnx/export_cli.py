@@ -6,20 +6,37 @@ import sys
 
 
 def register(sub) -> None:
+    import argparse
+    import textwrap
+
+    from flashnorm_onnx.cli import EPILOG_EXIT_CODES
+
     p = sub.add_parser(
         "export",
         help="export a transformers checkpoint to ONNX, fold it, verify it",
-        description="Export PATH_OR_ID (a local transformers folder, or a hub id already in the local "
-        "cache: nothing is downloaded) with optimum's exporter or torch.onnx dynamo, fold every "
-        "foldable norm, verify in ONNX Runtime, and write OUTDIR with model.onnx (+ data), the config "
-        "and tokenizer files, and flashnorm_report.json. OUTDIR loads in optimum's ORTModel classes.",
+        description=textwrap.fill(  # the raw formatter (for the exit codes) does not wrap it
+            "Export PATH_OR_ID (a local transformers folder, or a hub id already in the local "
+            "cache: nothing is downloaded) with optimum's exporter or torch.onnx dynamo, fold every "
+            "foldable norm, verify in ONNX Runtime, and write OUTDIR with model.onnx (+ data), the config "
+            "and tokenizer files, and flashnorm_report.json. OUTDIR loads in optimum's ORTModel classes.", 79),
+        epilog=EPILOG_EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", metavar="PATH_OR_ID")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR")
-    p.add_argument("--exporter", choices=["optimum", "dynamo"], default="optimum")
+    p.add_argument("model", metavar="PATH_OR_ID",
+                   help="a local transformers checkpoint folder (with config.json), or a hub id already in "
+                   "the local Hugging Face cache (nothing is downloaded)")
+    p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
+                   help="output folder (created; an existing file there is an error, exit 4)")
+    p.add_argument("--exporter", choices=["optimum", "dynamo"], default="optimum",
+                   help="optimum: optimum-onnx's exporter (KV cache with text-generation-with-past); "
+                   "dynamo: torch.onnx.export(dynamo=True), no KV cache (default: optimum)")
     p.add_argument("--task", choices=["text-generation", "text-generation-with-past", "feature-extraction"],
-                   default="text-generation-with-past")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+                   default="text-generation-with-past",
+                   help="what the exported model computes: logits, logits with past key/values inputs and "
+                   "outputs, or the last hidden state (default: text-generation-with-past)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="weights and activations of the export (default: fp32; fp16 is verified with the "
+                   "16-bit tolerance)")
     p.add_argument("--opset", type=int, help="ONNX opset for the export (default: the exporter's)")
     p.add_argument("--no-untie", action="store_true", help="skip norms whose weight is shared instead of untying")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime comparison")
@@ -27,6 +44,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    if not args.no_verify:
+        # the check runs ONNX Runtime: without it, stop now (exit 7) rather than after the export
+        import importlib
+
+        importlib.import_module("onnxruntime")
+
     from flashnorm_onnx.export import export
 
     report = export(

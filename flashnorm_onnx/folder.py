@@ -212,6 +212,7 @@ def optimize_folder(
     force_write: bool = False,
     verify_timeout: float | None = 600.0,
     progress: Callable[[str, int, int], None] | None = None,
+    for_ort: bool = False,
 ) -> FolderReport:
     """Fold and verify every ``*.onnx`` model of ``folder`` into the folder ``output``; copy the
     companions; publish only when every model verified. See the module docstring.
@@ -244,7 +245,7 @@ def optimize_folder(
 
     # -- fold, stage and verify each model; nothing is visible yet
     options = dict(untie=untie, keep_structure=keep_structure, verify=verify, verify_mode=verify_mode, dims=dims,
-                   rtol=rtol, verify_timeout=verify_timeout)
+                   rtol=rtol, verify_timeout=verify_timeout, for_ort=for_ort)
     from flashnorm_onnx.api import optimize_file
 
     staged: list[tuple[str, FoldReport]] = []

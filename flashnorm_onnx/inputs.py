@@ -79,7 +79,126 @@ def has_past(specs: list[InputSpec]) -> bool:
 def default_cases(specs: list[InputSpec]) -> list[Case]:
     if has_past(specs):
         return [Case("prefill", batch=1, sequence=8, past=0), Case("decode", batch=1, sequence=1, past=5)]
-    return [Case("batch2", batch=2, sequence=8, past=0), Case("batch1", batch=1, sequence=3, past=0)]
+    # named by order, not by size: --dim (and a model's fixed sizes) decide the shapes that run,
+    # which the case line then lists
+    return [Case("run1", batch=2, sequence=8, past=0), Case("run2", batch=1, sequence=3, past=0)]
+
+
+#: Width a verification case line is summarised to (a terminal's; the report indents it by 8).
+CASE_WIDTH = 120
+
+_NUMBER = re.compile(r"\d+")
+_TOKEN = re.compile(r"\{[^}]*\}|[^./{}]+|[./]")
+_ITEM = re.compile(r"([^\s,\[\]]+)\[([0-9, ]*)\]")
+
+
+def _numbers(values: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``{0..3,7}``."""
+    values = sorted(set(values))
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    parts = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs]
+    return "{" + ",".join(parts) + "}"
+
+
+def _merge_numbers(items: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+    """Names that differ only in one number and have the same shape become one
+    (``past_key_values.0.key`` ... ``past_key_values.29.key`` -> ``past_key_values.{0..29}.key``)."""
+    groups: dict[tuple, list[tuple[str, ...]]] = {}
+    order: list[tuple] = []
+    for name, shape in items:
+        nums = tuple(_NUMBER.findall(name))
+        if any(n != str(int(n)) for n in nums):  # leading zeros: keep the name as it is
+            key = (name, None, shape)
+        else:
+            key = (_NUMBER.sub("\0", name), len(nums), shape)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(nums)
+    out: list[tuple[str, tuple]] = []
+    for key in order:
+        template, count, shape = key
+        members = groups[key]
+        varying = [i for i in range(count or 0) if len({m[i] for m in members}) > 1]
+        if count is None or len(members) == 1 or len(varying) != 1:
+            # one name, or several numbers varying at once: each name as it is
+            out += [(_fill(template, nums), shape) for nums in members]
+            continue
+        i = varying[0]
+        parts = list(members[0])
+        parts[i] = _numbers([int(m[i]) for m in members])
+        out.append((_fill(template, parts), shape))
+    return out
+
+
+def _fill(template: str, parts) -> str:
+    it = iter(parts)
+    return "".join(next(it) if piece == "\0" else piece for piece in re.split("(\0)", template))
+
+
+def _merge_words(items: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+    """Names with the same shape that differ in one dot-separated part become one
+    (``past_key_values.{0..29}.key`` and ``.value`` -> ``past_key_values.{0..29}.{key,value}``)."""
+    merged: list[dict] = []  # tokens, shape, the position that differs (None: one name), its words
+    for name, shape in items:
+        tokens = _TOKEN.findall(name)
+        if "".join(tokens) == name and len(tokens) > 1:  # a part of a dotted name, never a whole name
+            for entry in merged:
+                if entry["shape"] != shape or len(entry["tokens"]) != len(tokens):
+                    continue
+                diff = [i for i, (a, b) in enumerate(zip(entry["tokens"], tokens)) if a != b]
+                if len(diff) != 1 or tokens[diff[0]] in "./" or entry["at"] not in (None, diff[0]):
+                    continue
+                if entry["at"] is None:
+                    entry["at"] = diff[0]
+                    entry["words"].append(entry["tokens"][diff[0]])
+                entry["words"].append(tokens[diff[0]])
+                break
+            else:
+                merged.append({"tokens": tokens, "shape": shape, "at": None, "words": []})
+        else:
+            merged.append({"tokens": [name], "shape": shape, "at": None, "words": []})
+    out = []
+    for entry in merged:
+        tokens = list(entry["tokens"])
+        if entry["at"] is not None:
+            tokens[entry["at"]] = "{" + ",".join(entry["words"]) + "}"
+        out.append(("".join(tokens), entry["shape"]))
+    return out
+
+
+def summarize_inputs(shapes, width: int | None = None) -> str:
+    """``name[shape]`` for each input, with the names of inputs of the same shape grouped
+    (``past_key_values.{0..29}.{key,value}[2, 3, 4, 64]``). ``shapes``: a mapping or pairs of
+    name and shape. With ``width``, cut to that many characters and say how many were left out."""
+    items = [(str(name), tuple(int(d) for d in shape))
+             for name, shape in (shapes.items() if hasattr(shapes, "items") else shapes)]
+    parts = [f"{name}{list(shape)}" for name, shape in _merge_words(_merge_numbers(items))]
+    text = ", ".join(parts)
+    if width is None or len(text) <= width:
+        return text
+    for keep in range(len(parts) - 1, 0, -1):
+        cut = ", ".join(parts[:keep]) + f", ... ({len(parts) - keep} more)"
+        if len(cut) <= width:
+            return cut
+    return parts[0] + (f", ... ({len(parts) - 1} more)" if len(parts) > 1 else "")
+
+
+def summarize_case(text: str, width: int = CASE_WIDTH) -> str:
+    """A verification case line ``NAME: in0[1, 8], in1[1, 8], ...`` with its inputs grouped by
+    :func:`summarize_inputs` to fit ``width``; any other line unchanged."""
+    head, sep, rest = text.partition(": ")
+    if not sep or len(text) <= width:
+        return text
+    items = [(m.group(1), [int(d) for d in m.group(2).split(",") if d.strip()]) for m in _ITEM.finditer(rest)]
+    if not items or ", ".join(f"{n}{s}" for n, s in items) != rest:
+        return text  # not a list of inputs (a note): as it is
+    return f"{head}: {summarize_inputs(items, max(40, width - len(head) - 2))}"
 
 
 def _dim_value(dim, case: Case, dims: dict[str, int], position: int, spec: InputSpec) -> int:

@@ -36,14 +36,16 @@ class NormDecision:
     bytes_rewritten: int = 0
     shape_readers: int = 0
 
-    def line(self) -> str:
+    def line(self, planned: bool = False) -> str:
+        """``planned``: the words of an analysis that writes nothing (``inspect``: "would fold into")."""
         feeds = ", ".join(self.feeds) if self.feeds else "-"
         head = f"[{self.index:3d}] {self.form:<34s} {self.name}"
         if self.status == "folded":
             extra = f" -> {self.rewritten_as}" if self.rewritten_as else ""
             untied = sum(1 for c in self.consumers if c.action == "untied copy")
             tie = f", {untied} untied copy(ies) +{_fmt_bytes(self.bytes_added)}" if untied else ""
-            return f"{head}\n      folded into {feeds}{tie}{extra}"
+            verb = "would fold into" if planned else "folded into"
+            return f"{head}\n      {verb} {feeds}{tie}{extra}"
         if self.status == "already-weightless":
             return f"{head}\n      already weightless (scale is all ones): nothing to fold"
         return f"{head}\n      skipped: {self.reason}"
@@ -79,8 +81,11 @@ class VerificationResult:
         for part in self.method.split("+"):
             if part in PROVES:
                 out.append(f"  checks ({part}): {PROVES[part]}")
+        from flashnorm_onnx.inputs import summarize_case
+
         for case in self.cases:
-            out.append(f"  case: {case}")
+            # inputs grouped by name and shape (a KV cache: 2 inputs per layer) to fit a terminal
+            out.append(f"  case: {summarize_case(case)}")
         shown = self.outputs
         if len(shown) > 8:
             # logits first, then the worst of the rest
@@ -174,15 +179,18 @@ class FoldReport:
             f.write("\n")
 
     def text(self, planned: bool = False) -> str:
-        lines = [d.line() for d in self.decisions]
+        lines = [d.line(planned) for d in self.decisions]
         if self.fusions is not None:
             from flashnorm_onnx.fusions import describe
 
             lines.append(describe(self.fusions))
         lines.append(self.summary_line(planned))
-        lines += self.notes
+        # "wrote ..." last: the output is published only after the verification passed
+        wrote = [n for n in self.notes if n.startswith("wrote ")]
+        lines += [n for n in self.notes if not n.startswith("wrote ")]
         if self.verification is not None:
             lines += self.verification.lines()
+        lines += wrote
         return "\n".join(lines)
 
 

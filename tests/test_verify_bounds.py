@@ -132,8 +132,8 @@ def test_symbolic_sizes_are_reduced_to_fit(tmp_path, capsys, monkeypatch):
     assert "input shapes reduced to fit the verification cap" in proc.stdout
     cases = json.loads(report.read_text())["verification"]["cases"]
     reduced = [c for c in cases if "reduced" in c]
-    assert reduced == ["batch2: input shapes reduced to fit the verification cap (0.6 KiB): sequence 8 -> 4"], cases
-    assert "batch2: x[2, 4, 16]" in cases and "batch1: x[1, 3, 16]" in cases
+    assert reduced == ["run1: input shapes reduced to fit the verification cap (0.6 KiB): sequence 8 -> 4"], cases
+    assert "run1: x[2, 4, 16]" in cases and "run2: x[1, 3, 16]" in cases
     assert out.is_file() and snapshot(src.parent) == inputs_before
 
 

@@ -84,7 +84,12 @@ class NormMatch:
 
     @property
     def name(self) -> str:
-        return self.scale_source.name or self.anchor.name or self.form
+        """The scale's name when only this norm reads it (``model.layers.0.input_layernorm.weight``);
+        else the norm's node (or output) name. After a fold every weightless norm reads one
+        shared ones constant, whose name says nothing about which norm it is."""
+        if self.scale_source.name and sum(1 for _ in self.scale_source.uses()) <= 1:
+            return self.scale_source.name
+        return self.anchor.name or self.output.name or self.scale_source.name or self.form
 
     def scale_array(self) -> np.ndarray:
         return const_array(self.scale_source)

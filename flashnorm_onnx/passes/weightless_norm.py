@@ -130,7 +130,7 @@ def _fused_replacement(match: NormMatch, graph: ir.Graph, pool: ConstantPool, op
     attributes = {"axis": ir.AttrInt64("axis", -1), "epsilon": ir.AttrFloat32("epsilon", match.epsilon)}
     attributes["stash_type"] = ir.AttrInt64("stash_type", 1)
     norm = ir.Node("", op, [x, ones], attributes=list(attributes.values()), num_outputs=1,
-                   name=pool.unique(f"flashnorm/{op}"))
+                   name=pool.unique(f"{match.scale_source.name or op}/flashnorm"))  # named after the scale it had
     norm.outputs[0].name = out_name
     norm.outputs[0].type = ir.TensorType(x_dtype)
     norm.outputs[0].shape = match.output.shape
