@@ -255,7 +255,14 @@ def optimize_file(
 def _fuse(info: model_io.InputInfo, model: ir.Model, verify: bool, verify_mode: str):
     """``--for-ort``: (model, fusions applied, note). A failure reloads the model, unfused."""
     from flashnorm_onnx.errors import VerificationUnavailable
-    from flashnorm_onnx.fusions import FusionFailed, fuse_for_ort
+    from flashnorm_onnx.fusions import (
+        FusionFailed,
+        fuse_for_ort,
+        fuse_light,
+        new_ops,
+        ort_transformers_optimizer,
+        written_by_dynamo,
+    )
 
     if verify and verify_mode in ("subgraph", "algebraic"):
         raise VerificationUnavailable(
@@ -265,11 +272,22 @@ def _fuse(info: model_io.InputInfo, model: ir.Model, verify: bool, verify_mode: 
         raise VerificationUnavailable(
             "--for-ort is checked by running both whole models in ONNX Runtime, and this model is too "
             "large for that here; fold without --for-ort (checked piece by piece), or --no-verify")
+    if not written_by_dynamo(model):
+        # the legacy exporter, optimum, the genai builder: ORT's transformers optimizer knows those
+        try:
+            optimized = ort_transformers_optimizer(info.path)
+            counts = {f"ort_transformers_optimizer:{op}": n for op, n in new_ops(model, optimized).items()}
+            return optimized, {**counts, **fuse_light(optimized)}, ""
+        except FusionFailed as e:
+            note = f"ORT's transformers optimizer failed ({e}); used onnxscript's fusions"
+            model = model_io.load(info)
+    else:
+        note = ""
     try:
         fused, counts = fuse_for_ort(model)
     except FusionFailed as e:
         return model_io.load(info), {}, f"ORT fusions failed ({e}); folded without them"
-    return fused, counts, ""
+    return fused, counts, note
 
 
 def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, vocab, rtol, timeout) -> VerificationResult:

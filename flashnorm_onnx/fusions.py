@@ -30,6 +30,13 @@ onnxscript's ``optimize_for_ort``, measured on SmolLM2's dynamo export:
   fusion derives ``seqlens_k`` from the position ids and ignores the attention mask, so a padded
   batch computes another function (and with in-graph position ids it fails at batch 2).
 
+onnxscript's patterns are written for torch.onnx dynamo graphs (:func:`written_by_dynamo`). On
+other graphs (the legacy exporter's, optimum's) they miss the rotary embedding and take minutes
+(134 s on SmolLM2's optimum export) to find little; there ONNX Runtime's transformers optimizer
+(:func:`ort_transformers_optimizer`, what such a user would otherwise ship) runs on the input
+file instead, it fuses those graphs' rotary embeddings and residual + norm pairs, and only
+onnxscript's FusedMatMul rules and the position-id fix follow (:func:`fuse_light`).
+
 The whole-model ONNX Runtime check compares the fused, folded output against the unfused input,
 so it covers the fusions too. Where a rewrite raises, the model is loaded again and folded
 without fusions, with a note: the output is then the fold alone, never a half-fused graph.
@@ -97,6 +104,85 @@ def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
         common_passes.ShapeInferencePass(),
     )(model)
     return model, {name: int(n) for name, n in counts.items() if n}
+
+
+def ort_transformers_optimizer(path) -> ir.Model:
+    """ONNX Runtime's transformers optimizer on the file ``path`` (model_type gpt2, opt_level 0:
+    graph fusions only, no ORT session optimizations baked in), as an in-memory ``ir.Model``.
+
+    What such a user runs today. It recognises rotary embeddings and residual + norm forms of
+    the legacy exporter and optimum that onnxscript's patterns miss. It loads the whole model
+    (``--for-ort`` needs the whole-model check anyway, so the model fits in memory)."""
+    import contextlib
+    import io
+
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as e:
+        raise FusionFailed(f"ONNX Runtime's transformers optimizer is not available: {e}") from e
+    quiet = logging.getLogger("onnxruntime.transformers")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its advice on num_heads
+            optimized = optimize_model(str(path), model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0)
+        model = ir.serde.deserialize_model(optimized.model)
+        if any(node.domain == "com.microsoft" for node in model.graph):
+            model.opset_imports.setdefault("com.microsoft", 1)  # it fuses without importing the domain
+        return model
+    except Exception as e:  # noqa: BLE001
+        logger.debug("ORT transformers optimizer failed", exc_info=True)
+        text = str(e).strip().splitlines()
+        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+    finally:
+        quiet.setLevel(level)
+
+
+def written_by_dynamo(model: ir.Model) -> bool:
+    """torch.onnx's dynamo exporter marks its nodes (``pkg.torch.onnx.fx_node``); onnxscript's
+    fusion patterns are written for those graphs."""
+    for i, node in enumerate(model.graph):
+        if "pkg.torch.onnx.fx_node" in node.metadata_props:
+            return True
+        if i > 500:
+            break
+    return False
+
+
+def fuse_light(model: ir.Model) -> dict[str, int]:
+    """onnxscript's FusedMatMul/softmax rules and the position-id fix only: for a graph ORT's
+    transformers optimizer already fused (the full onnxscript pipeline takes minutes on such
+    graphs and finds nothing more)."""
+    try:
+        from onnxscript.rewriter import rewrite
+        from onnxscript.rewriter.ort_fusions import _core as ort_fusions
+
+        import onnx_ir.passes.common as common_passes
+
+        # ORT's optimizer writes no value_info: the position ids' rank comes from inference
+        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
+        before = _count(model.graph, "FusedMatMul")
+        rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
+        counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - before
+    except Exception as e:  # noqa: BLE001
+        logger.debug("light fusions failed", exc_info=True)
+        text = str(e).strip().splitlines()
+        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+    return {name: int(n) for name, n in counts.items() if n}
+
+
+def new_ops(before: ir.Model, after: ir.Model) -> dict[str, int]:
+    """com.microsoft operators ``after`` has beyond those ``before`` had, by type."""
+    def count(model):
+        out: dict[str, int] = {}
+        for node in model.graph:
+            if node.domain == "com.microsoft":
+                out[node.op_type] = out.get(node.op_type, 0) + 1
+        return out
+
+    a, b = count(before), count(after)
+    return {op: n - a.get(op, 0) for op, n in b.items() if n > a.get(op, 0)}
 
 
 def fuse_after_fold(model: ir.Model) -> dict[str, int]:

@@ -201,6 +201,13 @@ def summarize_case(text: str, width: int = CASE_WIDTH) -> str:
     return f"{head}: {summarize_inputs(items, max(40, width - len(head) - 2))}"
 
 
+def _is_image(spec: InputSpec) -> bool:
+    """A rank-4 floating input of image pixels (``pixel_values``, ``images``, ``image``)."""
+    low = spec.name.lower()
+    return len(spec.shape) == 4 and (spec.dtype.kind == "f" or spec.dtype.name == "bfloat16") and (
+        "pixel" in low or "image" in low)
+
+
 def _dim_value(dim, case: Case, dims: dict[str, int], position: int, spec: InputSpec) -> int:
     if isinstance(dim, int) and dim >= 0:
         return dim
@@ -217,6 +224,12 @@ def _dim_value(dim, case: Case, dims: dict[str, int], position: int, spec: Input
         return case.past
     if low in ("kv_cache_dim", "head_size", "head_dim") and "head_size" in dims:
         return dims["head_size"]
+    if _is_image(spec) and position in (1, 2, 3):
+        # NCHW pixels (optimum names the axes batch_size, num_channels, height, width): channels and
+        # size from the model's config (dims_from_configs), else RGB at the ImageNet size
+        if position == 1:
+            return dims.get("num_channels", 3)
+        return dims.get("height" if position == 2 else "width", dims.get("image_size", 224))
     if low in ("", "none") or not name:
         # unnamed dynamic dim: batch first, then the sequence
         if position == 0:
@@ -418,7 +431,9 @@ def vocab_sizes(model) -> dict[str, int]:
 
 
 def dims_from_configs(model_path) -> dict[str, int]:
-    """Dimension values a runtime config beside the model states (genai's head_size, HF's head_dim)."""
+    """Dimension values a runtime config beside the model states: genai's head_size, HF's head_dim,
+    and for image inputs the channels and size (config.json ``num_channels`` / ``image_size``, or
+    preprocessor_config.json ``crop_size`` / ``size``)."""
     import json
     from pathlib import Path
 
@@ -432,9 +447,30 @@ def dims_from_configs(model_path) -> dict[str, int]:
         pass
     try:
         hf = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    try:
         head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         dims.setdefault("head_size", int(head))
         dims.setdefault("head_dim", int(head))
-    except (OSError, KeyError, ValueError, TypeError, ZeroDivisionError):
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, AttributeError):
         pass
+    # images (ViT, CLIP vision, ...): channels and size from config.json, else preprocessor_config.json
+    vision = hf.get("vision_config", hf) if isinstance(hf, dict) else {}
+    if isinstance(vision.get("num_channels"), int):
+        dims.setdefault("num_channels", vision["num_channels"])
+    size = vision.get("image_size")
+    try:
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        pre = {}
+    if size is None and isinstance(pre, dict):
+        size = pre.get("crop_size") or pre.get("size")
+    if isinstance(size, dict):
+        size = [size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))]
+    if isinstance(size, int):
+        size = [size, size]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        dims.setdefault("height", size[0])
+        dims.setdefault("width", size[1])
     return dims

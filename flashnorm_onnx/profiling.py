@@ -1031,7 +1031,9 @@ def profile(
 
     The sessions live in a fresh process (``spawn``): ORT's shared thread pool, which keeps the
     two sessions from taking each other's cores, is process-wide, and once it exists every
-    session of that process must use it -- the caller's own sessions stay as they were.
+    session of that process must use it -- the caller's own sessions stay as they were. As with
+    any ``spawn``, a script that calls this at import time must do so under
+    ``if __name__ == "__main__":``.
     """
     import multiprocessing
 

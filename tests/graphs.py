@@ -38,6 +38,7 @@ def build(
     "fused_matmul" / "fused_matmul_tb" (com.microsoft.FusedMatMul, alpha 0.75, transB 0 / 1),
     "fused_matmul_ta" (FusedMatMul with transA=1 over 5 tokens: refused),
     "scaled_matmul" (Mul(y, constant scalar) -> MatMul), "vector_mul_matmul" (Mul by a [k] vector),
+    "moe" (Reshape to rows -> router MatMul, and Unsqueeze -> Gather(axis 1) of rows -> expert MatMul),
     "cast_matmul" (Cast(y) -> MatMul), "matmul_castw" (MatMul(y, Cast(W fp16))),
     "tied" (Transpose(E) also read by a Gather embedding), "shared" (two readers, one W).
     extra: "residual" (y also feeds Add(y, x)), "graph_output" (y is an output), "shape"
@@ -171,6 +172,17 @@ def build(
             ms_opset = True
             inits.append(_init(f"w{i}", (rng.standard_normal((5, n_out)) / np.sqrt(5)).astype(npdt)))
             nodes.append(helper.make_node("FusedMatMul", [y, f"w{i}"], [out], domain="com.microsoft", transA=1))
+        elif kind == "moe":  # Mixtral (legacy export): router on the rows, one expert on selected rows
+            inits += [_init(f"shape{i}", np.array([-1, k], np.int64)), _init(f"axes{i}", np.array([0], np.int64)),
+                      _init(f"rows{i}", np.array([0, 2, 1], np.int64)), _init(f"router{i}", w[:, :4].copy()),
+                      _init(f"w{i}", w)]
+            nodes += [helper.make_node("Reshape", [y, f"shape{i}"], [f"flat{i}"]),
+                      helper.make_node("MatMul", [f"flat{i}", f"router{i}"], [f"logits{i}"]),
+                      helper.make_node("Unsqueeze", [f"flat{i}", f"axes{i}"], [f"u{i}"]),
+                      helper.make_node("Gather", [f"u{i}", f"rows{i}"], [f"sel{i}"], axis=1),
+                      helper.make_node("Reshape", [f"sel{i}", f"shape{i}"], [f"rows_{i}"]),
+                      helper.make_node("MatMul", [f"rows_{i}", f"w{i}"], [out])]
+            outputs.append(helper.make_tensor_value_info(f"logits{i}", xdt, None))
         elif kind == "scaled_matmul":  # T5: Mul(y, d_model**-0.5) -> MatMul
             inits += [_init(f"w{i}", w), _init(f"s{i}", np.array(k ** -0.5, dtype=npdt))]
             nodes += [helper.make_node("Mul", [y, f"s{i}"], [f"ys{i}"]),

@@ -102,9 +102,9 @@ def test_checks_that_cannot_see_fusions_are_refused(tmp_path, capsys):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_legacy_chains_get_their_skip_fusion_after_the_fold(tmp_path):
-    """onnxscript's RMSNorm patterns do not match the legacy exporter's chain; the fold writes
-    each as one weightless SimplifiedLayerNormalization, and the skip fusion then runs on those."""
+def test_legacy_export_goes_through_ort_transformers_optimizer(tmp_path):
+    """onnxscript's patterns are written for dynamo graphs: on the legacy exporter's graph ORT's
+    transformers optimizer fuses the residual + norm pairs, and the fold then folds every norm."""
     from models import fixtures
 
     source = Path(fixtures.build("llama_legacy"))
@@ -113,7 +113,7 @@ def test_legacy_chains_get_their_skip_fusion_after_the_fold(tmp_path):
     assert data["summary"]["skipped"] == 0
     ops = _ops(out)
     skip = ops[("com.microsoft", "SkipSimplifiedLayerNormalization")]
-    assert skip == data["ort_fusions"]["skip_rms_normalization"] > 0
+    assert skip == data["ort_fusions"]["ort_transformers_optimizer:SkipSimplifiedLayerNormalization"] > 0
     plain = sum(n for (_domain, op), n in ops.items() if op == "SimplifiedLayerNormalization")
     assert plain + skip == data["summary"]["norms"]
     _run_both(source, out, Case("b3", batch=3, sequence=6))

@@ -105,6 +105,20 @@ def test_scaled_readers_that_cannot_fold(form, consumers, reason):
     assert_same(model, out, rtol=0, atol=0)
 
 
+def test_mixture_of_experts_row_selection_folds(tmp_path):
+    """The router and the expert (through Unsqueeze and a Gather of rows) both fold. The graph
+    has no value_info: the Gather's rank comes from the shape inference optimize runs first."""
+    from flashnorm_onnx import optimize
+
+    model = graphs.build("dynamo", consumers=("moe",))
+    src = graphs.save(model, tmp_path / "moe.onnx")
+    report = optimize(src, tmp_path / "out.onnx")
+    (decision,) = report.decisions
+    assert decision.status == "folded", decision.reason
+    assert len(decision.consumers) == 2 and report.verification.passed
+    assert_same(model, onnx.load(str(tmp_path / "out.onnx")))
+
+
 def test_fused_matmul_that_transposes_the_activation_is_refused():
     model = graphs.build("dynamo", consumers=("fused_matmul_ta",))
     out, report = fold(model)

@@ -12,7 +12,8 @@ constant weight whose input rows are indexed by the norm's channels:
 * any of these behind a ``Cast`` of ``y``.
 
 Between the norm and the linear, ops that keep the channel axis (Cast, Identity, a Reshape that
-keeps the last dimension, Slice/Gather of rows, a Transpose that keeps the last axis last) and a
+keeps the last dimension, Slice/Gather of rows, a Transpose that keeps the last axis last, an
+Unsqueeze that adds leading axes: a mixture of experts selects each expert's rows so) and a
 ``Mul``/``Div`` by a constant scalar are looked through. ``Shape`` readers only read the shape
 and never block the fold. Anything else — a residual
 ``Add``, RoPE, attention, a graph output, a quantized ``MatMulNBits``, a weight that is a graph
@@ -262,6 +263,14 @@ def _keeps_channels(node: ir.Node, index: int, channels: int | None) -> bool:
     if is_op(node, "Transpose"):
         perm = attr(node, "perm", None)
         return perm is not None and rank is not None and perm[-1] in (-1, rank - 1)
+    if is_op(node, "Unsqueeze"):
+        # MoE routing: hidden_states[None, top_x] -> Unsqueeze(axis 0) -> Gather of rows
+        axes = small_const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None \
+            else (np.array(attr(node, "axes", None)) if attr(node, "axes", None) is not None else None)
+        if axes is None or rank is None:
+            return False
+        out_rank = rank + axes.size
+        return all(int(a) % out_rank != out_rank - 1 for a in axes.reshape(-1))
     return False
 
 
