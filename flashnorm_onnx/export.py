@@ -8,6 +8,16 @@
 3. ``optimize`` the exported model into OUTDIR (fold + ONNX Runtime verification);
 4. copy the config and tokenizer files a runtime needs (optimum's ORTModel, genai) into OUTDIR
    and write ``flashnorm_report.json``.
+
+Encoder-decoder tasks (:data:`SEQ2SEQ_TASKS`: T5, BART, Whisper ...; optimum only) export several
+models: ``encoder_model.onnx``, ``decoder_model.onnx`` and, with past, ``decoder_with_past_model.onnx``.
+Step 3 is then folder mode, ``optimize(STAGING_DIR, OUTDIR)``: every model of the folder is folded
+and verified (nothing is published unless all pass) and its companions (config, generation config,
+tokenizer, preprocessor) are copied. The staging folder is then a sibling of OUTDIR, not inside it
+(folder mode refuses an input folder inside its output folder). No merged decoder
+(``decoder_model_merged.onnx``) is written: optimum's merge puts both decoders in the branches of an
+``If``, whose subgraphs the fold does not enter, and optimum's ORTModel classes load the unmerged
+files (as optimum's own ``ORTModel.from_pretrained(export=True)`` writes them).
 """
 
 from __future__ import annotations
@@ -16,18 +26,26 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from flashnorm_onnx.errors import FlashNormError, InputModelError, OutputPathError
 from flashnorm_onnx.report import FoldReport
 
+if TYPE_CHECKING:
+    from flashnorm_onnx.folder import FolderReport
+
 logger = logging.getLogger(__name__)
 
-TASKS = ("text-generation", "text-generation-with-past", "feature-extraction")
+#: Encoder-decoder tasks (optimum's names): text-to-text (T5, BART, ...) and speech recognition
+#: (Whisper, ...); -with-past adds decoder_with_past_model.onnx (the KV-cache decoder).
+SEQ2SEQ_TASKS = ("text2text-generation", "text2text-generation-with-past",
+                 "automatic-speech-recognition", "automatic-speech-recognition-with-past")
+TASKS = ("text-generation", "text-generation-with-past", "feature-extraction", *SEQ2SEQ_TASKS)
 RUNTIME_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
     "added_tokens.json", "chat_template.jinja", "sentence_bert_config.json", "modules.json",
+    "preprocessor_config.json", "spiece.model", "normalizer.json",
 )
 
 
@@ -77,8 +95,10 @@ def _export_optimum(src: Path, out: Path, task: str, dtype: str, opset: int | No
         kwargs["opset"] = opset
     if dtype == "fp16":
         kwargs["dtype"] = "fp16"
+    if task in SEQ2SEQ_TASKS:
+        kwargs["no_post_process"] = True  # no decoder_model_merged.onnx: see the module docstring
     main_export(**kwargs)
-    return out / "model.onnx"
+    return out if task in SEQ2SEQ_TASKS else out / "model.onnx"
 
 
 def _export_dynamo(src: Path, out: Path, task: str, dtype: str, opset: int | None) -> Path:
@@ -108,6 +128,19 @@ def _export_dynamo(src: Path, out: Path, task: str, dtype: str, opset: int | Non
     return path
 
 
+def _staging_folder(outdir: Path, beside: bool) -> tempfile.TemporaryDirectory:
+    """The exporter's temporary folder: inside OUTDIR, or (``beside``: folder mode refuses an input
+    folder inside its output folder) a hidden sibling of it, else the system's temporary folder
+    when OUTDIR's parent cannot take one."""
+    if not beside:
+        return tempfile.TemporaryDirectory(prefix=".flashnorm-export-", dir=outdir)
+    resolved = outdir.resolve()  # "." has no name and is its own parent
+    try:
+        return tempfile.TemporaryDirectory(prefix=f".{resolved.name}.flashnorm-export-", dir=resolved.parent)
+    except OSError:
+        return tempfile.TemporaryDirectory(prefix="flashnorm-export-")
+
+
 def export(
     path_or_id: str,
     outdir: str | Path,
@@ -119,12 +152,16 @@ def export(
     untie: bool = True,
     verify: bool = True,
     status: Callable[[str], None] | None = None,
-) -> FoldReport:
+) -> FoldReport | FolderReport:
     from flashnorm_onnx.api import optimize
 
     say = status or (lambda msg: logger.info(msg))
     if task not in TASKS:
         raise ExportFailed(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
+    seq2seq = task in SEQ2SEQ_TASKS
+    if seq2seq and exporter == "dynamo":
+        raise ExportFailed(f"--exporter dynamo does not export encoder-decoder models (--task {task}): "
+                           "use --exporter optimum")
     src = resolve_checkpoint(path_or_id)
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
@@ -133,7 +170,7 @@ def export(
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a parent is a file, no permission, read-only file system
         raise OutputPathError(f"{outdir}: cannot create the output folder ({e.strerror or e})") from e
-    with tempfile.TemporaryDirectory(prefix=".flashnorm-export-", dir=outdir) as tmp:
+    with _staging_folder(outdir, beside=seq2seq) as tmp:
         staging = Path(tmp)
         say(f"exporting {src} with {exporter} ({task}, {dtype}) ...")
         try:
@@ -149,13 +186,22 @@ def export(
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportFailed(f"{exporter} export of {src} failed: {first[:300]}") from e
         say("folding and verifying ...")
-        report = optimize(exported, outdir / "model.onnx", untie=untie, verify=verify,
-                          report_path=outdir / "flashnorm_report.json", force_write=True)
-        for name in RUNTIME_FILES:
-            for candidate in (staging / name, src / name):
-                if candidate.exists():
-                    shutil.copy2(candidate, outdir / name)
-                    break
+        if seq2seq:
+            # folder mode: every model of the export folded and verified, the companions copied
+            report = optimize(exported, outdir, untie=untie, verify=verify,
+                              report_path=outdir / "flashnorm_report.json")
+            report.model = str(src)  # the folder's heading names the checkpoint, not the staging folder
+            missing = [name for name in RUNTIME_FILES if (src / name).exists() and not (outdir / name).exists()]
+            for name in missing:  # what optimum did not save beside the models
+                shutil.copy2(src / name, outdir / name)
+        else:
+            report = optimize(exported, outdir / "model.onnx", untie=untie, verify=verify,
+                              report_path=outdir / "flashnorm_report.json", force_write=True)
+            for name in RUNTIME_FILES:
+                for candidate in (staging / name, src / name):
+                    if candidate.exists():
+                        shutil.copy2(candidate, outdir / name)
+                        break
     report.notes.append(f"exported with {exporter} ({task}, {dtype}) from {src}")
     report.write_json(outdir / "flashnorm_report.json")
     return report

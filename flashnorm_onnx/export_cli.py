@@ -10,6 +10,7 @@ def register(sub) -> None:
     import textwrap
 
     from flashnorm_onnx.cli import EPILOG_EXIT_CODES
+    from flashnorm_onnx.export import TASKS
 
     p = sub.add_parser(
         "export",
@@ -18,7 +19,11 @@ def register(sub) -> None:
             "Export PATH_OR_ID (a local transformers folder, or a hub id already in the local "
             "cache: nothing is downloaded) with optimum's exporter or torch.onnx dynamo, fold every "
             "foldable norm, verify in ONNX Runtime, and write OUTDIR with model.onnx (+ data), the config "
-            "and tokenizer files, and flashnorm_report.json. OUTDIR loads in optimum's ORTModel classes.", 79),
+            "and tokenizer files, and flashnorm_report.json. OUTDIR loads in optimum's ORTModel classes. "
+            "Encoder-decoder tasks (T5, BART, Whisper; optimum only) write encoder_model.onnx, "
+            "decoder_model.onnx and, with past, decoder_with_past_model.onnx, each folded and verified "
+            "(nothing is written unless every model passes); OUTDIR loads in ORTModelForSeq2SeqLM / "
+            "ORTModelForSpeechSeq2Seq.", 79),
         epilog=EPILOG_EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -28,12 +33,18 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR",
                    help="output folder (created; an existing file there is an error, exit 4)")
     p.add_argument("--exporter", choices=["optimum", "dynamo"], default="optimum",
-                   help="optimum: optimum-onnx's exporter (KV cache with text-generation-with-past); "
-                   "dynamo: torch.onnx.export(dynamo=True), no KV cache (default: optimum)")
-    p.add_argument("--task", choices=["text-generation", "text-generation-with-past", "feature-extraction"],
-                   default="text-generation-with-past",
-                   help="what the exported model computes: logits, logits with past key/values inputs and "
-                   "outputs, or the last hidden state (default: text-generation-with-past)")
+                   help="optimum: optimum-onnx's exporter (KV cache with the -with-past tasks); "
+                   "dynamo: torch.onnx.export(dynamo=True), no KV cache, no encoder-decoder task "
+                   "(default: optimum)")
+    p.add_argument("--task", choices=TASKS, default="text-generation-with-past", metavar="TASK",
+                   help="what the exported model computes: text-generation (logits), "
+                   "text-generation-with-past (logits with past key/values inputs and outputs), "
+                   "feature-extraction (the last hidden state); encoder-decoder, optimum only: "
+                   "text2text-generation (T5, BART: encoder_model.onnx + decoder_model.onnx), "
+                   "automatic-speech-recognition (Whisper: the same two), "
+                   "text2text-generation-with-past and automatic-speech-recognition-with-past "
+                   "(+ decoder_with_past_model.onnx, the KV-cache decoder) "
+                   "(default: text-generation-with-past)")
     p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
                    help="weights and activations of the export (default: fp32; fp16 is verified with the "
                    "16-bit tolerance)")
