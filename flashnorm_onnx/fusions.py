@@ -48,7 +48,15 @@ import logging
 
 import onnx_ir as ir
 
+from flashnorm_onnx.errors import first_line
+
 logger = logging.getLogger(__name__)
+
+
+def _failed(what: str, e: Exception) -> "FusionFailed":
+    """``e`` (raised by a rewrite) as a one-line FusionFailed; the traceback goes to the debug log."""
+    logger.debug("%s failed", what, exc_info=e)
+    return FusionFailed(f"{type(e).__name__}: {first_line(e, 200)}")
 
 
 class FusionFailed(Exception):
@@ -60,9 +68,7 @@ def fuse_for_ort(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
     try:
         return _fuse(model)
     except Exception as e:  # noqa: BLE001 - any failure falls back to the fold alone
-        logger.debug("ORT fusions failed", exc_info=True)
-        text = str(e).strip().splitlines()
-        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+        raise _failed("ORT fusions", e) from e
 
 
 def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
@@ -131,9 +137,7 @@ def ort_transformers_optimizer(path) -> ir.Model:
             model.opset_imports.setdefault("com.microsoft", 1)  # it fuses without importing the domain
         return model
     except Exception as e:  # noqa: BLE001
-        logger.debug("ORT transformers optimizer failed", exc_info=True)
-        text = str(e).strip().splitlines()
-        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+        raise _failed("ORT transformers optimizer", e) from e
     finally:
         quiet.setLevel(level)
 
@@ -166,9 +170,7 @@ def fuse_light(model: ir.Model) -> dict[str, int]:
         rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
         counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - before
     except Exception as e:  # noqa: BLE001
-        logger.debug("light fusions failed", exc_info=True)
-        text = str(e).strip().splitlines()
-        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+        raise _failed("light fusions", e) from e
     return {name: int(n) for name, n in counts.items() if n}
 
 
@@ -204,9 +206,7 @@ def fuse_after_fold(model: ir.Model) -> dict[str, int]:
         rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
         counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - before
     except Exception as e:  # noqa: BLE001
-        logger.debug("post-fold fusions failed", exc_info=True)
-        text = str(e).strip().splitlines()
-        raise FusionFailed(f"{type(e).__name__}: {text[0][:200] if text else ''}") from e
+        raise _failed("post-fold fusions", e) from e
     return {name: int(n) for name, n in counts.items() if n}
 
 
