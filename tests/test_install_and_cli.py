@@ -230,8 +230,9 @@ def test_make_demo_says_which_model_it_folded_and_where_it_wrote(tmp_path):
     if not (venv / "bin" / "flashnorm-onnx").exists():
         pytest.fail(f"{venv}/bin/flashnorm-onnx missing: `make demo` runs the installed command")
     # -o: use this environment as it is (never reinstall it)
-    proc = subprocess.run(["make", "-o", f"{venv}/.installed-stamp", "demo", f"VENV={venv}", f"DEMO_DIR={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    # --no-print-directory: under `make test` this is a sub-make, which would print its directory
+    proc = subprocess.run(["make", "--no-print-directory", "-o", f"{venv}/.installed-stamp", "demo", f"VENV={venv}",
+                           f"DEMO_DIR={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     folding = next(line for line in lines if line.startswith("demo: folding "))
