@@ -89,8 +89,17 @@ def optimize(
     verify_timeout: float | None = 600.0,
     progress: Callable[[str, int, int], None] | None = None,
     for_ort: bool = False,
+    quantize=None,
+    quantize_order: str | None = None,
+    requantize: bool = False,
 ):
     """Fold every foldable normalization of ``model`` and write the result to ``output``.
+
+    ``quantize``: a :class:`~flashnorm_onnx.quantize.QuantSpec`: the output is int4
+    (``MatMulNBits``), quantized from the float model in the order ``quantize_order`` (see
+    :data:`QUANTIZE_ORDERS`; None: the default, :data:`DEFAULT_QUANTIZE_ORDER`). ``requantize``:
+    the input is an int4 model; its norms are folded into the dequantized weights, which are
+    quantized again as their nodes were (not exact: the added error is reported).
 
     ``for_ort``: first apply onnxscript's ONNX Runtime fusions (RMSNorm, skip-RMSNorm, rotary,
     attention, FusedMatMul; see :mod:`flashnorm_onnx.fusions`), then fold the fused graph. The
@@ -110,9 +119,15 @@ def optimize(
     """
     if verify_mode not in VERIFY_MODES:
         raise ValueError(f"verify_mode must be one of {', '.join(VERIFY_MODES)}")
+    if quantize is not None and requantize:
+        raise ValueError("quantize and requantize exclude each other")
+    if quantize_order is None:
+        quantize_order = DEFAULT_QUANTIZE_ORDER
+    if quantize_order not in QUANTIZE_ORDERS:
+        raise ValueError(f"quantize_order must be one of {', '.join(QUANTIZE_ORDERS)}")
     options = dict(untie=untie, keep_structure=keep_structure, verify=verify, verify_mode=verify_mode, dims=dims,
                    rtol=rtol, force_write=force_write, verify_timeout=verify_timeout, progress=progress,
-                   for_ort=for_ort)
+                   for_ort=for_ort, quantize=quantize, quantize_order=quantize_order, requantize=requantize)
     if Path(model).is_dir() and not in_place:
         from flashnorm_onnx.folder import optimize_folder
 
@@ -129,8 +144,135 @@ def optimize(
 #: ``--verify`` choices: what each proves is in the README ("What verification proves").
 VERIFY_MODES = ("auto", "onnxruntime", "subgraph", "algebraic")
 
+#: ``--quantize-order``: "fold-first" folds g into the float weights, then quantizes them;
+#: "quantize-first" quantizes the weights as exported, then folds only the norms whose readers
+#: stayed float (the int4 ones keep g in their norm, which costs nothing at run time).
+QUANTIZE_ORDERS = ("quantize-first", "fold-first")
+#: Measured on SmolLM2-135M (benchmarks/RESULTS_int4.md): see the README's int4 section.
+DEFAULT_QUANTIZE_ORDER = "quantize-first"
+
 
 def optimize_file(
+    info: model_io.InputInfo,
+    target: Path,
+    *,
+    quantize=None,
+    quantize_order: str = DEFAULT_QUANTIZE_ORDER,
+    report_path: str | os.PathLike | None = None,
+    publish_output: bool = True,
+    **options,
+) -> FoldReport:
+    """One checked input model to one checked output path (see :func:`fold_file`); with
+    ``quantize``, the output is the int4 model (see :func:`quantize_file`)."""
+    if quantize is None:
+        return fold_file(info, target, report_path=report_path, publish_output=publish_output, **options)
+    return quantize_file(info, target, quantize, quantize_order, report_path=report_path,
+                         publish_output=publish_output, **options)
+
+
+def quantize_file(
+    info: model_io.InputInfo,
+    target: Path,
+    spec,
+    order: str,
+    *,
+    report_path: str | os.PathLike | None = None,
+    publish_output: bool = True,
+    **options,
+) -> FoldReport:
+    """``--quantize``: fold and quantize in ``order`` (see :data:`QUANTIZE_ORDERS`), each step
+    staged and checked, then the int4 output checked against the float input with measures
+    that fit quantization. Tensors stream: one weight in memory at a time."""
+    from flashnorm_onnx.quantize import quantize_model
+
+    options = {**options, "force_write": True}
+    if options.get("requantize"):
+        raise ValueError("quantize and requantize exclude each other")
+    external = model_io.wants_external_data(info, info.tensor_bytes)
+    progress = options.get("progress")
+    write_progress = (lambda i, n: progress("write", i, n)) if progress else None
+    intermediate = None
+    try:
+        if order == "fold-first":
+            report = fold_file(info, target, publish_output=False, **options)
+            intermediate = report.staged
+            model = model_io.load(model_io.check_input(intermediate.model_path))
+            stats = quantize_model(model, spec)
+            staged = model_io.write_atomic(model, target, external, progress=write_progress)
+            del model
+        else:
+            model = model_io.load(info)
+            stats = quantize_model(model, spec)
+            intermediate = model_io.write_atomic(model, target, external, progress=write_progress)
+            del model
+            report = fold_file(model_io.check_input(intermediate.model_path), target, publish_output=False, **options)
+            report.model = str(info.path)
+            staged = report.staged
+            report.notes = [n for n in report.notes if not n.startswith("nothing to fold")]
+        intermediate.abandon()
+        intermediate = None
+    except BaseException:
+        if intermediate is not None:
+            intermediate.abandon()
+        raise
+    report.staged = None
+    try:
+        summary = f"{stats.quantized} MatMul(s) to MatMulNBits"
+        reason = ("fold-first: g folded into the float weights, then quantized" if order == "fold-first" else
+                  "quantize-first: weights quantized as exported; norms read by int4 linears keep their scale "
+                  "(folding g first measured worse at int4, README 'int4'), float readers folded")
+        report.quantization = dict(mode="quantize", order=order, spec=spec.describe(), summary=summary, reason=reason,
+                                   quantized=stats.quantized, left_float=stats.left_float,
+                                   weight_errors=dict(stats.weight_errors))
+        if not stats.quantized:
+            report.notes.append("no MatMul with a constant float weight of 16 rows or more: nothing quantized")
+        if order == "quantize-first":
+            for d in report.decisions:
+                if d.status == "skipped" and "MatMulNBits" in d.reason:
+                    d.reason = ("kept its scale: read by int4 MatMulNBits (quantize-first keeps g in the norm, "
+                                "where it costs nothing; --quantize-order fold-first folds it before quantizing)")
+        if options.get("verify", True):
+            report.quant_verification = _verify_quantized(info, staged.model_path, options)
+            if not report.quant_verification.passed:
+                report.notes.append("the quantized model failed its check: no output written")
+                _write_report(report, report_path)
+                raise VerificationFailed(
+                    f"the int4 model failed its check: {report.quant_verification.message}; no output written",
+                    report=report)
+        return _publish(report, staged, target, report_path, publish_output)
+    except BaseException:
+        staged.abandon()
+        raise
+
+
+def _verify_quantized(info: model_io.InputInfo, output: Path, options: dict) -> VerificationResult:
+    """The quantized output against the float (or, ``--requantize``, int4) input, run whole in
+    ONNX Runtime with quantization's measures; too large to run whole: skipped, with a note."""
+    if not _fits_in_memory(info):
+        return VerificationResult(method="skipped", passed=True, message=(
+            "the model is too large to run twice in memory: per-weight quantization errors above"))
+    from flashnorm_onnx.verify import compare_models
+
+    dims = {**dims_from_configs(info.path), **(options.get("dims") or {})}
+    return compare_models(info.path, output, dims=dims, vocab=vocab_sizes(model_io.load(info)),
+                          timeout=options.get("verify_timeout"), quantized=True)
+
+
+def _publish(report: FoldReport, staged, target: Path, report_path, publish_output: bool) -> FoldReport:
+    if not publish_output:
+        report.staged = staged
+        return report
+
+    def before_publish(paths: list[Path]) -> None:
+        report.output = str(target)
+        report.notes.append("wrote " + ", ".join(str(p) for p in paths))
+        _write_report(report, report_path)
+
+    staged.commit(before_publish)
+    return report
+
+
+def fold_file(
     info: model_io.InputInfo,
     target: Path,
     *,
@@ -146,14 +288,26 @@ def optimize_file(
     progress: Callable[[str, int, int], None] | None = None,
     publish_output: bool = True,
     for_ort: bool = False,
+    requantize: bool = False,
 ) -> FoldReport:
     """One checked input model to one checked output path: load -> fold -> stage -> verify -> publish.
+
+    ``requantize``: 4-bit ``MatMulNBits`` are dequantized for the fold, and the ones whose weight
+    it rewrote quantized again with their own spec; the check is then quantization's measures
+    against the int4 input.
 
     With ``publish_output=False`` the verified output stays staged: the report's ``staged``
     attribute holds it, for the caller to ``commit()`` or ``abandon()``."""
     ir_model = model_io.load(info)
     vocab = vocab_sizes(ir_model)
     fusions = None
+    dequantized = None
+    if requantize:
+        from flashnorm_onnx.quantize import dequantize_for_fold
+
+        if for_ort:
+            raise ValueError("--requantize and --for-ort exclude each other")
+        dequantized = dequantize_for_fold(ir_model)
     if for_ort:
         ir_model, fusions, fusion_note = _fuse(info, ir_model, verify, verify_mode)
     if rtol is None and _has_16bit_floats(ir_model):
@@ -174,6 +328,8 @@ def optimize_file(
     restore()
     report = result.report
     report.model = str(info.path)
+    if dequantized is not None:
+        _requantize(ir_model, dequantized, report)
     if for_ort:
         if not fusion_note:
             from flashnorm_onnx.fusions import FusionFailed, fuse_after_fold, merge
@@ -217,6 +373,9 @@ def optimize_file(
             report.verification = VerificationResult(method="skipped", passed=True, message="--no-verify")
         elif not modified:
             report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
+        elif dequantized is not None:
+            report.verification = _verify_quantized(info, staged.model_path,
+                                                    dict(dims=dims, verify_timeout=verify_timeout))
         else:
             report.verification = _verify("onnxruntime" if fusions else verify_mode, info, staged.model_path,
                                           result, dims, vocab, rtol, verify_timeout)
@@ -236,20 +395,25 @@ def optimize_file(
             raise VerificationFailed(
                 f"verification failed: {report.verification.message}; no output written", report=report
             )
-        if not publish_output:
-            report.staged = staged
-            return report
-
-        def before_publish(paths: list[Path]) -> None:
-            report.output = str(target)
-            report.notes.append("wrote " + ", ".join(str(p) for p in paths))
-            _write_report(report, report_path)
-
-        staged.commit(before_publish)
+        return _publish(report, staged, target, report_path, publish_output)
     except BaseException:
         staged.abandon()
         raise
-    return report
+
+
+def _requantize(model: ir.Model, dequantized, report: FoldReport) -> None:
+    """``--requantize`` after the fold: quantize the folded weights again (see :mod:`quantize`)."""
+    from flashnorm_onnx.quantize import requantize_after_fold
+
+    stats = requantize_after_fold(model, dequantized)
+    specs = sorted({item.spec.describe() for item in dequantized})
+    report.quantization = dict(
+        mode="requantize", order="", spec="; ".join(specs) or "no 4-bit MatMulNBits found",
+        summary=f"{stats.requantized} folded weight(s) quantized again, {stats.restored} MatMulNBits untouched",
+        reason="not exact: each folded weight is rounded to int4 again; its added error is below",
+        quantized=stats.requantized, left_float=stats.left_float, weight_errors=stats.weight_errors)
+    if not dequantized:
+        report.notes.append("--requantize: the model has no 4-bit MatMulNBits; folded as a float model")
 
 
 def _fuse(info: model_io.InputInfo, model: ir.Model, verify: bool, verify_mode: str):

@@ -165,6 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
                      "skip-RMSNorm, rotary embedding, attention/GQA, FusedMatMul), then fold the fused graph. "
                      "The output uses com.microsoft operators (ONNX Runtime only) and is verified as a whole "
                      "against MODEL in ONNX Runtime; the report lists the fusions applied")
+    q = opt.add_argument_group(
+        "int4 (MatMulNBits)",
+        "--quantize writes an int4 model (ONNX Runtime's block-wise RTN quantization, the kernel of its "
+        "MatMulNBitsQuantizer; defaults as onnxruntime-genai's model builder uses them), checked against the "
+        "float MODEL with relative error, cosine similarity and argmax agreement. --requantize folds into "
+        "a model that is already int4.")
+    q.add_argument("--quantize", choices=["int4"], help="quantize every MatMul with a constant weight to int4")
+    q.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="int4 block size along the input axis: 16, 32, 64, 128 or 256 (default: 32)")
+    q.add_argument("--asymmetric", action="store_true",
+                   help="asymmetric int4 (uint4 with a zero point per block; default: symmetric)")
+    q.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy_level: the least precision its activations are computed in "
+                   "(4: int8, 1: fp32, 0: the provider's choice; default: 4, the genai builder's CPU default)")
+    q.add_argument("--quantize-order", choices=["quantize-first", "fold-first"], default=None,
+                   help="quantize-first (default): quantize the weights as exported; norms read by int4 "
+                   "linears keep their scale (no run-time cost: the norm kernel applies it), norms read by "
+                   "float linears are folded. fold-first: fold g into the float weights, then quantize. "
+                   "On SmolLM2-135M fold-first raised int4 perplexity at every block size and symmetry "
+                   "tried (benchmarks/RESULTS_int4.md)")
+    q.add_argument("--requantize", action="store_true",
+                   help="MODEL is int4: dequantize the MatMulNBits weights a norm feeds, fold, and quantize "
+                   "them again with each node's own block size, symmetry and accuracy level. Not exact: the "
+                   "added error is reported per weight and for the model")
     opt.add_argument("--no-verify", action="store_true", help="skip verification")
     opt.add_argument(
         "--verify",
@@ -251,6 +275,7 @@ def _cmd_optimize(args) -> int:
     dims = _dims(args.dim)
     rtol = _number("--rtol", args.rtol)
     verify_timeout = _number("--verify-timeout", args.verify_timeout, default=600.0) or None
+    spec = _quant_spec(args)
     from flashnorm_onnx.api import optimize
 
     try:
@@ -269,6 +294,9 @@ def _cmd_optimize(args) -> int:
             force_write=args.force_write,
             progress=_progress_factory(True),
             for_ort=args.for_ort,
+            quantize=spec,
+            quantize_order=args.quantize_order,
+            requantize=args.requantize,
         )
     except VerificationFailed as e:
         if e.report is not None:
@@ -276,6 +304,34 @@ def _cmd_optimize(args) -> int:
         raise
     print(_quiet_text(report) if args.quiet else report.text())
     return 0
+
+
+def _quant_spec(args):
+    """``--quantize`` and its options as a QuantSpec (None without --quantize); one-line errors."""
+    quant_only = [name for name, given in (("--block-size", args.block_size is not None),
+                                           ("--asymmetric", args.asymmetric),
+                                           ("--accuracy-level", args.accuracy_level is not None),
+                                           ("--quantize-order", args.quantize_order is not None)) if given]
+    if args.requantize and args.quantize:
+        raise argparse.ArgumentTypeError("--requantize keeps the model's own int4 settings; do not combine it "
+                                         "with --quantize")
+    if args.requantize and args.for_ort:
+        raise argparse.ArgumentTypeError("--requantize and --for-ort cannot be combined")
+    if not args.quantize:
+        if quant_only:
+            raise argparse.ArgumentTypeError(f"{', '.join(quant_only)} only apply with --quantize int4")
+        return None
+    if args.for_ort:
+        raise argparse.ArgumentTypeError("--quantize and --for-ort cannot be combined yet")
+    from flashnorm_onnx.quantize import GENAI_DEFAULTS, QuantSpec
+
+    try:
+        return QuantSpec(block_size=args.block_size or GENAI_DEFAULTS["block_size"],
+                         symmetric=not args.asymmetric,
+                         accuracy_level=GENAI_DEFAULTS["accuracy_level"] if args.accuracy_level is None
+                         else args.accuracy_level)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--block-size: {e}") from None
 
 
 def _quiet_text(report) -> str:

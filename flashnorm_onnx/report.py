@@ -57,6 +57,8 @@ PROVES = {
     "subgraph": "each rewritten norm and each of its linears, cut out of the written file and run in ONNX Runtime, "
                 "equals the input's (y_in == y_out*g + beta, z_in(d*g + beta) == z_out(d)), and is wired the same",
     "algebraic": "each folded tensor as written equals diag(g)·B (arithmetic only; the graph is not run)",
+    "onnxruntime-quantized": "the int4 output model, run on the generated inputs, stays close to the float "
+                             "input model (relative error, cosine similarity, argmax agreement of logits)",
     "structure": "each folded norm is weightless in the output and read by its linears; moved LayerNorm biases "
                  "equal beta @ B",
 }
@@ -92,10 +94,13 @@ class VerificationResult:
             key = lambda o: (0 if "logit" in o["name"].lower() else 1, -o["max_rel"])  # noqa: E731
             shown = sorted(shown, key=key)[:6]
         for o in shown:
-            s = (
-                f"  {o['case']:<10s} {o['name']:<28s} max|abs err| {o['max_abs']:.3e}  "
-                f"max rel err {o['max_rel']:.3e}"
-            )
+            if "cosine" in o:  # a quantized model against the float one
+                s = f"  {o['case']:<10s} {o['name']:<28s} rel err {o['rel_err']:.3e}  cosine {o['cosine']:.4f}"
+            else:
+                s = (
+                    f"  {o['case']:<10s} {o['name']:<28s} max|abs err| {o['max_abs']:.3e}  "
+                    f"max rel err {o['max_rel']:.3e}"
+                )
             if o.get("argmax_agreement") is not None:
                 s += f"  argmax agree {100 * o['argmax_agreement']:.1f}%"
             out.append(s)
@@ -114,6 +119,11 @@ class FoldReport:
     notes: list[str] = dataclasses.field(default_factory=list)
     fusions: dict[str, int] | None = None
     """``--for-ort``: onnxscript's ORT fusions applied before the fold, by name (None: not asked)."""
+    quantization: dict[str, Any] | None = None
+    """``--quantize`` / ``--requantize``: what was quantized, how, and the per-weight errors."""
+    quant_verification: VerificationResult | None = None
+    """``--quantize`` / ``--requantize``: the quantized output against the input, measured as
+    quantization error (``verification`` stays the fold's own check)."""
 
     @property
     def folded(self) -> int:
@@ -168,6 +178,8 @@ class FoldReport:
             "output": self.output,
             "summary": self.summary(),
             "ort_fusions": self.fusions,
+            "quantization": self.quantization,
+            "quantized_verification": dataclasses.asdict(self.quant_verification) if self.quant_verification else None,
             "norms": [dataclasses.asdict(d) for d in self.decisions],
             "verification": dataclasses.asdict(self.verification) if self.verification else None,
             "notes": self.notes,
@@ -190,8 +202,28 @@ class FoldReport:
         lines += [n for n in self.notes if not n.startswith("wrote ")]
         if self.verification is not None:
             lines += self.verification.lines()
+        if self.quantization is not None:
+            lines += quantization_lines(self.quantization)
+        if self.quant_verification is not None:
+            lines += self.quant_verification.lines()
         lines += wrote
         return "\n".join(lines)
+
+
+def quantization_lines(q: dict[str, Any]) -> list[str]:
+    """The report's lines on ``--quantize`` / ``--requantize`` (``q``: FoldReport.quantization)."""
+    lines = [f"quantization ({q['mode']}): {q['spec']}; {q['summary']}"]
+    if q.get("reason"):
+        lines.append(f"  {q['reason']}")
+    errors = q.get("weight_errors") or {}
+    if errors:
+        worst = max(errors, key=errors.get)
+        mean = sum(errors.values()) / len(errors)
+        lines.append(f"  weight error ||W_int4 - W|| / ||W||: mean {mean:.3e}, worst {errors[worst]:.3e} ({worst})")
+    if q.get("left_float"):
+        names = q["left_float"]
+        lines.append(f"  left in float ({len(names)}): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
+    return lines
 
 
 def _fmt_bytes(n: int) -> str:
