@@ -11,6 +11,7 @@ Usage::
     python -m models.fixtures list
     python -m models.fixtures build llama_dynamo qwen3_ort_opt
     python -m models.fixtures build --all
+    python -m models.fixtures table          # fold each fixture: the README's table of fold counts
     python -m models.fixtures genai-env      # create <repo>/.venv-genai (genai builder recipes)
 
 ``build`` exits 1 if a build failed, 3 if a fixture is unavailable here (the genai recipes
@@ -59,7 +60,8 @@ from typing import Any
 #: Bump when a change to this file should invalidate every cached fixture.
 RECIPE_VERSION = 1
 #: Bump when describe()/find_norms() change: cached fixtures get a new fixture.json, no rebuild.
-ANALYZER_VERSION = 1
+#: 2: find_norms() asks the fold pass's catalogue (norm_patterns) instead of its own matcher.
+ANALYZER_VERSION = 2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO_ROOT / "build" / "fixtures"
@@ -92,6 +94,9 @@ MAX_POS = 128
 # ViT
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
+# Mixtral (mixture of experts)
+EXPERTS = 4
+EXPERTS_PER_TOKEN = 2
 _DIMS = dict(hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
              intermediate=INTERMEDIATE, vocab=VOCAB, max_pos=MAX_POS, image=IMAGE_SIZE, patch=PATCH_SIZE,
              seed=SEED)
@@ -111,7 +116,7 @@ class Recipe:
     """How to build one fixture. ``doc`` records what the export was observed to contain."""
 
     name: str
-    family: str  # llama | qwen3 | mistral | bert | gpt2 | vit
+    family: str  # llama | qwen3 | mistral | mixtral | bert | gpt2 | vit
     exporter: str  # dynamo | legacy | optimum | ort_opt | genai
     doc: str = ""
     opset: int | None = None  # None: the exporter's default
@@ -205,6 +210,16 @@ _add(Recipe(
     "qwen3_untied_dynamo_opset23", "qwen3", "dynamo", opset=23, max_batch=1,
     doc="""Qwen3, untied, dynamo opset 23: 9 x RMSNormalization (q_norm/k_norm included).
     Runs in ORT at batch 1 only (see llama_dynamo_opset23).""",
+))
+_add(Recipe(
+    "mixtral_legacy", "mixtral", "legacy", opset=17,
+    doc="""MixtralForCausalLM (4 experts, top 2, sliding_window=None), legacy opset 17, IR 8, exported
+    with the MoE block's loop over every expert (_moe_forward_every_expert: the original loop over
+    the experts the sample hits traces to a Split that fails on inputs hitting fewer). 5 Div
+    chains as in llama_legacy. Each post_attention_layernorm output feeds 3 Shape nodes and
+    Reshape(view(-1, hidden)) -> the router MatMul (gate) and Unsqueeze(0) -> per expert
+    Gather(axis 1, top_x) -> Reshape -> w1 and w3 MatMul (8 expert linears per layer); ScatterElements
+    (index_add_) and NonZero (torch.where) route the tokens.""",
 ))
 _add(Recipe(
     "mistral_dynamo", "mistral", "dynamo",
@@ -354,6 +369,8 @@ def recipe_hash(name: str) -> str:
         "libraries": _library_versions(recipe),
         "source": recipe_hash(recipe.source) if recipe.source else None,
     }
+    if recipe.family == "mixtral":  # only here, so that the other fixtures' stamps stay as they were
+        payload["moe"] = {"experts": EXPERTS, "experts_per_token": EXPERTS_PER_TOKEN}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -479,6 +496,9 @@ def _config(family: str, tied: bool):
         return tr.Qwen3Config(**common_lm)
     if family == "mistral":
         return tr.MistralConfig(**common_lm, sliding_window=None)
+    if family == "mixtral":
+        return tr.MixtralConfig(**common_lm, sliding_window=None, num_local_experts=EXPERTS,
+                                num_experts_per_tok=EXPERTS_PER_TOKEN)
     enc = dict(
         hidden_size=HIDDEN,
         num_hidden_layers=LAYERS,
@@ -532,6 +552,7 @@ def make_model(family: str, tied: bool = False, dtype: str = "float32"):
         "llama": tr.LlamaForCausalLM,
         "qwen3": tr.Qwen3ForCausalLM,
         "mistral": tr.MistralForCausalLM,
+        "mixtral": tr.MixtralForCausalLM,
         "gpt2": tr.GPT2LMHeadModel,
     }.get(family)
     if cls is not None:
@@ -549,7 +570,7 @@ def make_model(family: str, tied: bool = False, dtype: str = "float32"):
 
 
 def _is_causal_lm(family: str) -> bool:
-    return family in ("llama", "qwen3", "mistral", "gpt2")
+    return family in ("llama", "qwen3", "mistral", "mixtral", "gpt2")
 
 
 def _traceable(model, family: str):
@@ -709,6 +730,51 @@ def _legacy_mask_patch() -> Iterator[None]:
         mu.find_packed_sequence_indices = orig_find
 
 
+def _moe_forward_every_expert(self, hidden_states):
+    """``MixtralSparseMoeBlock.forward`` with its loop over *every* expert instead of the experts
+    the sample input happens to hit (``for expert_idx in expert_hit``). Traced, the original
+    loop becomes a ``Split`` of ``expert_hit`` into as many pieces as the sample hit, and
+    ONNX Runtime fails on any input that hits fewer experts. Same function (an expert no token
+    selects adds nothing); optimum patches Qwen3-MoE the same way (qwen3_moe_forward_patched)."""
+    import torch
+
+    batch_size, sequence_length, hidden_dim = hidden_states.shape
+    hidden_states = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(hidden_states)
+    routing_weights = torch.nn.functional.softmax(router_logits, dim=1, dtype=torch.float)
+    routing_weights, selected_experts = torch.topk(routing_weights, self.top_k, dim=-1)
+    routing_weights /= routing_weights.sum(dim=-1, keepdim=True)
+    routing_weights = routing_weights.to(hidden_states.dtype)
+    final_hidden_states = torch.zeros(
+        (batch_size * sequence_length, hidden_dim), dtype=hidden_states.dtype, device=hidden_states.device
+    )
+    expert_mask = torch.nn.functional.one_hot(selected_experts, num_classes=self.num_experts).permute(2, 1, 0)
+    for expert_idx in range(self.num_experts):
+        expert_layer = self.experts[expert_idx]
+        idx, top_x = torch.where(expert_mask[expert_idx].squeeze(0))
+        current_state = hidden_states[None, top_x].reshape(-1, hidden_dim)
+        current_hidden_states = expert_layer(current_state) * routing_weights[top_x, idx, None]
+        final_hidden_states.index_add_(0, top_x, current_hidden_states.to(hidden_states.dtype))
+    final_hidden_states = final_hidden_states.reshape(batch_size, sequence_length, hidden_dim)
+    return final_hidden_states, router_logits
+
+
+@contextlib.contextmanager
+def _legacy_moe_patch(family: str) -> Iterator[None]:
+    """For a legacy (TorchScript) export of Mixtral: :func:`_moe_forward_every_expert`."""
+    if family != "mixtral":
+        yield
+        return
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    original = MixtralSparseMoeBlock.forward
+    MixtralSparseMoeBlock.forward = _moe_forward_every_expert
+    try:
+        yield
+    finally:
+        MixtralSparseMoeBlock.forward = original
+
+
 # --------------------------------------------------------------------------------------------
 # Builders (one per exporter). Each writes <out>/model.onnx (and whatever else it writes).
 # --------------------------------------------------------------------------------------------
@@ -733,7 +799,7 @@ def _build_torch(recipe: Recipe, out: Path, root: Path) -> None:
                 dynamic_shapes=dims, external_data=False, verbose=False, **kwargs,
             )
         else:
-            with _legacy_mask_patch():
+            with _legacy_mask_patch(), _legacy_moe_patch(recipe.family):
                 torch.onnx.export(
                     model, tuple(inputs.values()), str(path), dynamo=False,
                     dynamic_axes={**axes, out_name: out_axes}, **kwargs,
@@ -858,21 +924,15 @@ def _cap_ir_version(path: Path) -> None:
 # What a graph contains
 # --------------------------------------------------------------------------------------------
 
-#: (domain, op_type) -> (form, index of the scale input). "" is the default ai.onnx domain;
-#: ORT writes SimplifiedLayerNormalization there (a quirk), com.microsoft also accepted.
-FUSED_NORM_OPS = {
-    ("", "RMSNormalization"): ("RMSNormalization", 1),
-    ("", "SimplifiedLayerNormalization"): ("SimplifiedLayerNormalization", 1),
-    ("com.microsoft", "SimplifiedLayerNormalization"): ("SimplifiedLayerNormalization", 1),
-    ("com.microsoft", "SkipSimplifiedLayerNormalization"): ("SkipSimplifiedLayerNormalization", 2),
-    ("", "LayerNormalization"): ("LayerNormalization", 1),
-    ("com.microsoft", "LayerNormalization"): ("LayerNormalization", 1),
-    ("com.microsoft", "SkipLayerNormalization"): ("SkipLayerNormalization", 2),
-    ("com.microsoft", "EmbedLayerNormalization"): ("EmbedLayerNormalization", 5),
-}
+#: The fixtures' names of the norm forms, one per way an exporter writes a norm. What is a
+#: norm is decided by the pass's catalogue (:mod:`flashnorm_onnx.passes.norm_patterns`), the
+#: only one: a form added there is counted here too. These names only split its decomposed
+#: chains by how they write 1/sqrt and drop the domain of fused ops.
 NORM_FORMS = [
     "rms_chain_reciprocal",  # [Cast] Pow -> ReduceMean -> Add -> Sqrt -> Reciprocal -> Mul [Cast] -> Mul(scale)
     "rms_chain_div",  # [Cast] Pow -> ReduceMean -> Add -> Sqrt -> Div(1, .) -> Mul [Cast] -> Mul(scale)
+    #                   (or Div(x, Sqrt) -> Mul(scale))
+    "rms_chain_pow",  # ... -> Add -> Pow(., -0.5) -> Mul(x, .) -> Mul(scale)
     "layernorm_chain",  # ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul -> Add
     "SimplifiedLayerNormalization",
     "SkipSimplifiedLayerNormalization",
@@ -881,81 +941,49 @@ NORM_FORMS = [
     "SkipLayerNormalization",
     "EmbedLayerNormalization",
 ]
+_RMS_CHAIN_FORMS = {"reciprocal": "rms_chain_reciprocal", "div": "rms_chain_div", "div_sqrt": "rms_chain_div",
+                    "pow": "rms_chain_pow"}
+
+
+def fixture_form(match) -> str:
+    """The NORM_FORMS name of one ``norm_patterns.NormMatch``."""
+    from flashnorm_onnx.passes.norm_patterns import FORM_LN_CHAIN, FORM_RMS_CHAIN
+
+    if match.form == FORM_LN_CHAIN:
+        return "layernorm_chain"
+    if match.form == FORM_RMS_CHAIN:
+        return _RMS_CHAIN_FORMS[match.inv_std]
+    return match.anchor.op_type  # a fused op, whatever its domain
+
+
+def _ir_model(model):
+    """An onnx-ir model of a path, a ModelProto or an ir.Model (external data stays lazy)."""
+    import onnx
+    import onnx_ir as ir
+
+    if isinstance(model, ir.Model):
+        return model
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    return ir.load(str(model))
 
 
 def find_norms(model) -> list[dict[str, Any]]:
-    """Every norm occurrence: {"form", "node", "scale"} (scale: initializer name or None)."""
-    graph = model.graph
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name for t in graph.initializer}
+    """Every norm of the main graph, as the fold pass finds them (``norm_patterns.find_norms``),
+    in topological order: {"form" (a NORM_FORMS name), "node" (the node carrying its result),
+    "scale" (the initializer behind its scale, or None), "problem" (why the fold must not
+    touch it, or None)}. ``model``: a path, an onnx.ModelProto or an onnx_ir.Model. A
+    ModelProto loaded without its external data works only when the norms' scales are stored
+    in the model file (the catalogue reads them); give the path otherwise."""
+    from flashnorm_onnx.passes.norm_patterns import find_norms as catalogue
 
-    def skip_casts_up(name: str) -> str:
-        while name in producer and producer[name].op_type == "Cast":
-            name = producer[name].input[0]
-        return name
-
-    def through_casts_down(name: str) -> list:
-        out = []
-        for c in consumers.get(name, []):
-            if c.op_type == "Cast":
-                out.extend(through_casts_down(c.output[0]))
-            else:
-                out.append(c)
-        return out
-
-    def init_behind(name: str) -> str | None:
-        name = skip_casts_up(name)
-        return name if name in inits else None
-
+    graph = _ir_model(model).graph
     norms: list[dict[str, Any]] = []
-    for node in graph.node:
-        fused = FUSED_NORM_OPS.get((node.domain if node.domain != "ai.onnx" else "", node.op_type))
-        if fused:
-            form, scale_idx = fused
-            scale = node.input[scale_idx] if len(node.input) > scale_idx else None
-            norms.append({"form": form, "node": node.name, "scale": init_behind(scale) if scale else None})
-            continue
-        if node.op_type != "ReduceMean":
-            continue
-        src = producer.get(skip_casts_up(node.input[0]))
-        if src is None:
-            continue
-        if src.op_type == "Pow" or (src.op_type == "Mul" and src.input[0] == src.input[1]):
-            pass
-        else:
-            continue
-        # LayerNorm decomposition: the squared value is x - mean(x).
-        pow_in = producer.get(skip_casts_up(src.input[0]))
-        is_ln = pow_in is not None and pow_in.op_type == "Sub"
-        nxt = [c for c in through_casts_down(node.output[0]) if c.op_type == "Add"]
-        if not nxt:
-            continue
-        sq = [c for c in through_casts_down(nxt[0].output[0]) if c.op_type == "Sqrt"]
-        if not sq:
-            continue
-        inv = [c for c in through_casts_down(sq[0].output[0]) if c.op_type in ("Reciprocal", "Div")]
-        if not inv:
-            continue
-        if is_ln:
-            form = "layernorm_chain"
-        else:
-            form = "rms_chain_reciprocal" if inv[0].op_type == "Reciprocal" else "rms_chain_div"
-        # RMS: Mul(x, inv) -> [Cast] -> Mul(scale, .); LayerNorm: Div(x - mean, sqrt) -> Mul(scale).
-        if form == "layernorm_chain":
-            normed = [inv[0]]
-        else:
-            normed = [c for c in through_casts_down(inv[0].output[0]) if c.op_type == "Mul"]
-        scale = None
-        for m in normed:
-            for c in through_casts_down(m.output[0]):
-                if c.op_type == "Mul":
-                    for i in c.input:
-                        scale = scale or init_behind(i)
-        norms.append({"form": form, "node": node.name, "scale": scale})
+    for match in catalogue(graph):
+        source = match.scale_source
+        scale = source.name if source is not None and source.is_initializer() else None
+        norms.append({"form": fixture_form(match), "node": match.anchor.name or match.output.name,
+                      "scale": scale, "problem": match.problem})
     return norms
 
 
@@ -986,7 +1014,7 @@ def describe(recipe: Recipe, path: Path) -> dict[str, Any]:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    norms = find_norms(model)
+    norms = find_norms(path)
     counts = Counter(n["form"] for n in norms)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     elem = None
@@ -1009,12 +1037,12 @@ def describe(recipe: Recipe, path: Path) -> dict[str, Any]:
         "num_layers": LAYERS,
         "hidden_size": HIDDEN,
         "num_heads": HEADS,
-        "num_kv_heads": KV_HEADS if recipe.family in ("llama", "qwen3", "mistral") else HEADS,
+        "num_kv_heads": KV_HEADS if recipe.family in ("llama", "qwen3", "mistral", "mixtral") else HEADS,
         "head_dim": HEAD_DIM,
         "vocab_size": VOCAB if recipe.family != "vit" else None,
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
-        "norm_counts": {f: counts.get(f, 0) for f in NORM_FORMS},
+        "norm_counts": {**{f: 0 for f in NORM_FORMS}, **counts},  # a form new to the catalogue counts too
         "norms": norms,
         "op_counts": dict(sorted(ops.items())),
         "recipe": recipe.params(),
@@ -1023,6 +1051,80 @@ def describe(recipe: Recipe, path: Path) -> dict[str, Any]:
         "analyzer_version": ANALYZER_VERSION,
         "doc": inspect.cleandoc(recipe.doc),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# Fold counts (the README's table of architectures x exporters)
+# --------------------------------------------------------------------------------------------
+
+
+def _variant(recipe: Recipe, info: dict[str, Any]) -> str:
+    parts = [f"opset {info['opset']}"]
+    if recipe.dtype != "float32":
+        parts.append(recipe.dtype.replace("float", "fp"))
+    if recipe.tied:
+        parts.append("tied")
+    if recipe.exporter == "dynamo" and not recipe.optimize:
+        parts.append("optimize=False")
+    if recipe.task:
+        parts.append(recipe.task)
+    if recipe.source:
+        parts.append(f"from {recipe.source}, model_type {recipe.ort_model_type}, opt_level {recipe.ort_opt_level}")
+    if recipe.precision:
+        parts.append(recipe.precision)
+    return ", ".join(parts)
+
+
+def _short_reason(reason: str) -> str:
+    """A skip reason without the node and tensor names (so equal reasons count together)."""
+    import re
+
+    first = re.sub(r"'[^']*'", "'…'", reason.split("; ")[0])
+    return first.split(" (post-LN")[0].split(": ")[0]
+
+
+def fold_row(name: str, root: Path | str | None = None) -> dict[str, Any]:
+    """Build fixture ``name`` and ``flashnorm_onnx.optimize`` it (default options, ONNX Runtime
+    verification) into a temporary folder: what was folded, skipped (and why), untied, verified."""
+    import flashnorm_onnx
+
+    recipe = FIXTURES[name]
+    row: dict[str, Any] = {"fixture": name, "family": recipe.family, "exporter": recipe.exporter}
+    try:
+        path = build(name, root)
+    except FixtureUnavailable as e:
+        row["unavailable"] = str(e)
+        return row
+    info = json.loads((path.parent / "fixture.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="flashnorm-table-") as tmp:
+        report = flashnorm_onnx.optimize(path, Path(tmp) / "model.onnx")
+    reasons = Counter(_short_reason(d.reason) for d in report.decisions if d.status == "skipped")
+    row.update(
+        variant=_variant(recipe, info),
+        norms=len(report.decisions),
+        folded=report.folded,
+        skipped=report.skipped,
+        untied=sum(c.action == "untied copy" for d in report.decisions for c in d.consumers),
+        verification=("-" if report.verification is None or report.verification.method == "skipped" else
+                      f"{report.verification.method}: {'passed' if report.verification.passed else 'FAILED'}"),
+        reasons=dict(reasons),
+    )
+    return row
+
+
+def format_fold_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`fold_row` as a Markdown table."""
+    lines = ["| architecture | exporter | fixture (variant) | norms | folded | skipped: why | untied copies "
+             "| verification |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "unavailable" in r:
+            lines.append(f"| {r['family']} | {r['exporter']} | `{r['fixture']}` | not built here | | | | |")
+            continue
+        why = "; ".join(f"{n} × {reason}" for reason, n in r["reasons"].items()) or "-"
+        lines.append(f"| {r['family']} | {r['exporter']} | `{r['fixture']}` ({r['variant']}) | {r['norms']} | "
+                     f"{r['folded']} | {r['skipped']}{': ' + why if r['skipped'] else ''} | {r['untied']} | "
+                     f"{r['verification']} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1064,6 +1166,11 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-unavailable", action="store_true",
         help="exit 0 although some fixtures could not be built here (genai without .venv-genai); else exit 3",
     )
+    p_table = sub.add_parser(
+        "table", help="fold every fixture (or the ones named) and print a Markdown table of the counts")
+    p_table.add_argument("names", nargs="*")
+    p_table.add_argument("--root", type=Path, default=None)
+    p_table.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     p_env = sub.add_parser("genai-env", help=f"create {GENAI_VENV.name} for the genai builder recipes")
     p_env.add_argument("--venv", type=Path, default=GENAI_VENV)
     args = parser.parse_args(argv)
@@ -1084,6 +1191,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "genai-env":
         create_genai_env(args.venv)
         return 0
+    if args.cmd == "table":
+        unknown = [n for n in args.names if n not in FIXTURES]
+        if unknown:
+            parser.error(f"unknown fixtures: {', '.join(unknown)}")
+        families = {f: i for i, f in enumerate(("llama", "mistral", "mixtral", "qwen3", "gpt2", "bert", "vit"))}
+        exporters = {e: i for i, e in enumerate(("dynamo", "legacy", "optimum", "ort_opt", "genai"))}
+        names = sorted(args.names or FIXTURES, key=lambda n: (
+            families.get(FIXTURES[n].family, 99), exporters.get(FIXTURES[n].exporter, 99), n))
+        with _quiet():
+            rows = [fold_row(n, args.root) for n in names]
+        print(format_fold_table(rows))
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 1 if any(r.get("verification", "").endswith("FAILED") for r in rows) else 0
     names = list(FIXTURES) if args.all else args.names
     if not names:
         parser.error("build: give fixture names or --all")

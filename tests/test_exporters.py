@@ -29,6 +29,8 @@ EXPECTED = {
     "llama_optimum_past": (5, 0, 1),
     "llama_ort_opt": (5, 0, 0),
     "mistral_dynamo": (5, 0, 0),
+    # mixture of experts: the post-attention norm folds into the router and all 8 expert linears
+    "mixtral_legacy": (5, 0, 0),
     # Qwen3: 2 input + 2 post-attention norms and the final norm fold; q_norm/k_norm (4) are skipped
     "qwen3_tied_dynamo": (5, 4, 1),
     "qwen3_untied_dynamo": (5, 4, 0),
@@ -124,6 +126,35 @@ def test_qwen3_decisions_name_the_norms(tmp_path):
             assert d.status == "skipped" and "not a linear layer" in d.reason
     final = by_name["model.norm.weight"]
     assert final.status == "folded" and [c.action for c in final.consumers] == ["untied copy"]
+
+
+def test_mixtral_moe_folds_into_the_router_and_every_expert(tmp_path):
+    """Legacy-exported Mixtral (4 experts, top 2): each post-attention norm reaches the router
+    through Reshape(view(-1, hidden)) and every expert's w1/w3 through Unsqueeze -> Gather of
+    the expert's rows -> Reshape; all of them fold, and the folded model computes what the
+    transformers model computes, also on inputs that leave experts without tokens."""
+    import onnxruntime as ort
+
+    src = _build("mixtral_legacy")
+    out = tmp_path / "model.onnx"
+    report = flashnorm_onnx.optimize(src, out)
+    assert (report.folded, report.skipped) == (5, 0), report.text()
+    by_name = {d.name: d for d in report.decisions}
+    for layer in range(fixtures.LAYERS):
+        d = by_name[f"model.layers.{layer}.post_attention_layernorm.weight"]
+        assert d.status == "folded"
+        names = sorted(c.node for c in d.consumers)
+        moe = f"/model/layers.{layer}/block_sparse_moe"
+        assert names == sorted([f"{moe}/gate/MatMul"] + [f"{moe}/experts.{e}/{w}/MatMul"
+                                                         for e in range(fixtures.EXPERTS) for w in ("w1", "w3")])
+        assert all(c.action == "in place" for c in d.consumers)
+    a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch, seq in ((2, 5), (1, 1), (1, 16)):  # one token selects 2 of the 4 experts
+        feeds = fixtures.feeds_for(src, batch=batch, seq=seq, seed=seq)
+        (x,), (y,) = a.run(None, feeds), b.run(None, feeds)
+        np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(y, fixtures.reference_output("mixtral_legacy", feeds), rtol=0, atol=1e-4)
 
 
 def test_tied_embedding_bytes_unchanged_and_no_untie(tmp_path):

@@ -1,7 +1,8 @@
 """Each fixture of models/fixtures.py really has the export form it claims, and runs.
 
 Checks are written against the raw graph (op types, domains, initializers) where possible, so
-they do not only trust models.fixtures.find_norms; the expected counts are what the exporters
+they do not only trust models.fixtures.find_norms (which asks the fold pass's catalogue,
+flashnorm_onnx.passes.norm_patterns, and only names its forms); the expected counts are what the exporters
 were observed to produce (see each recipe's doc), for 2 layers:
 decoder norms = 2 per layer + final = 5; Qwen3 adds q_norm + k_norm per layer = 9.
 """
@@ -15,7 +16,9 @@ import numpy as np
 import onnx
 import pytest
 
+from flashnorm_onnx.passes import norm_patterns
 from models import fixtures as F
+from tests import graphs
 
 # name -> (norm forms with their counts, embedding shared with lm_head in the graph, opset)
 EXPECTED: dict[str, tuple[dict[str, int], bool, int]] = {
@@ -30,6 +33,7 @@ EXPECTED: dict[str, tuple[dict[str, int], bool, int]] = {
     "qwen3_tied_legacy": ({"rms_chain_div": 9}, False, 17),
     "qwen3_untied_dynamo_opset23": ({"RMSNormalization": 9}, False, 23),
     "mistral_dynamo": ({"rms_chain_reciprocal": 5}, False, 20),
+    "mixtral_legacy": ({"rms_chain_div": 5}, False, 17),
     "llama_optimum": ({"rms_chain_div": 5}, False, 18),
     "llama_optimum_past": ({"rms_chain_div": 5}, True, 18),
     "qwen3_optimum_past": ({"rms_chain_div": 9}, True, 18),
@@ -95,7 +99,7 @@ def test_form(name, build_fixture, fixture_info):
     assert info["vocab_size"] == (None if recipe.family == "vit" else F.VOCAB)
     norm_counts = {k: v for k, v in info["norm_counts"].items() if v}
     assert norm_counts == expected_forms
-    assert Counter(n["form"] for n in F.find_norms(model)) == Counter(expected_forms)
+    assert Counter(n["form"] for n in F.find_norms(path)) == Counter(expected_forms)
     assert info["tied_in_graph"] is expected_shared
     assert info["opset"] == expected_opset
     assert model.ir_version <= F.MAX_IR_VERSION
@@ -212,6 +216,59 @@ def test_opset23_batch_limit(build_fixture):
         sess.run(None, F.feeds_for(path, batch=2))
 
 
+# -- one catalogue of norm forms ---------------------------------------------------------------
+
+# the fixtures' name of the one norm in each hand-built form of tests/graphs.py
+GRAPH_FORMS = {
+    "dynamo": "rms_chain_reciprocal", "legacy": "rms_chain_div", "legacy17": "rms_chain_div",
+    "fp16_chain": "rms_chain_div", "mulxx_div": "rms_chain_div", "pow_neg_half": "rms_chain_pow",
+    "rmsnorm23": "RMSNormalization", "sln": "SimplifiedLayerNormalization",
+    "skip_sln": "SkipSimplifiedLayerNormalization", "layernorm": "LayerNormalization",
+    "layernorm_nobias": "LayerNormalization", "ln_chain": "layernorm_chain", "skip_ln": "SkipLayerNormalization",
+}
+
+
+def test_graph_forms_cover_the_hand_built_graphs():
+    assert set(GRAPH_FORMS) == set(graphs.RMS_FORMS + graphs.LN_FORMS)
+    assert set(GRAPH_FORMS.values()) <= set(F.NORM_FORMS)
+
+
+@pytest.mark.parametrize("form", sorted(GRAPH_FORMS))
+def test_find_norms_counts_what_the_pass_finds(form):
+    """Every form the pass knows is counted, named, and has its scale found (the fixtures' own
+    matcher missed Pow(., -0.5) chains and the scale of Div(x, Sqrt) chains)."""
+    model = graphs.build(form)
+    norms = F.find_norms(model)
+    matches = norm_patterns.find_norms(F._ir_model(model).graph)
+    assert [n["form"] for n in norms] == [GRAPH_FORMS[form]]
+    assert len(matches) == 1
+    assert norms[0]["scale"] == "g" and norms[0]["problem"] is None
+    assert norms[0]["node"] == (matches[0].anchor.name or matches[0].output.name)
+
+
+def test_find_norms_follows_the_catalogue(monkeypatch):
+    """A norm form is added in one place: whatever norm_patterns.find_norms returns is what
+    the fixtures count (here: the catalogue is made to see nothing, then one norm twice)."""
+    model = graphs.build("dynamo")
+    assert len(F.find_norms(model)) == 1
+    monkeypatch.setattr(norm_patterns, "find_norms", lambda graph: [])
+    assert F.find_norms(model) == []
+    monkeypatch.undo()
+    real = norm_patterns.find_norms
+    monkeypatch.setattr(norm_patterns, "find_norms", lambda graph: real(graph) * 2)
+    assert [n["form"] for n in F.find_norms(model)] == ["rms_chain_reciprocal"] * 2
+
+
+def test_find_norms_reports_a_problem():
+    """A norm the fold must not touch is still a norm; its problem comes along."""
+    model = graphs.build("layernorm")
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            node.attribute.append(onnx.helper.make_attribute("axis", 1))
+    (norm,) = F.find_norms(model)
+    assert norm["form"] == "LayerNormalization" and "axis 1" in norm["problem"]
+
+
 # -- specific consumer forms ------------------------------------------------------------------
 
 
@@ -314,3 +371,18 @@ def test_cli_list(capsys):
     out = capsys.readouterr().out
     for name in F.FIXTURES:
         assert name in out
+
+
+def test_cli_table(capsys, tmp_path):
+    """`python -m models.fixtures table`: the README's fold counts, one optimize run per fixture."""
+    rows_json = tmp_path / "rows.json"
+    assert F.main(["table", "qwen3_untied_dynamo", "llama_dynamo", "--json", str(rows_json)]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert lines[0].startswith("| architecture | exporter |")
+    assert lines[1].startswith("| llama | dynamo | `llama_dynamo` (opset 20) | 5 | 5 | 0 | 0 | onnxruntime: passed |")
+    assert lines[2].startswith("| qwen3 | dynamo | `qwen3_untied_dynamo` (opset 20) | 9 | 5 | 4: 4 × feeds ")
+    rows = json.loads(rows_json.read_text())
+    qwen3 = next(r for r in rows if r["fixture"] == "qwen3_untied_dynamo")
+    assert (qwen3["norms"], qwen3["folded"], qwen3["skipped"], qwen3["untied"]) == (9, 5, 4, 0)
+    assert sum(qwen3["reasons"].values()) == 4

@@ -9,6 +9,10 @@ constant weight whose input rows are indexed by the norm's channels:
   commutes with the per-channel scale);
 * ``com.microsoft.FusedMatMul(y, B)`` (what onnxscript's ORT fusions make of ``MatMul`` with a
   transposed weight): ``transA=0``, no batch transposes, ``transB`` 0 or 1, any ``alpha``;
+* ``Einsum(y, B)`` written as a linear map: ``"...k,kn->...n"``, ``"bsk,nk->bsn"`` (see
+  :func:`einsum_linear`: the equation must contract exactly y's last axis, the norm's channels,
+  with one axis of a constant rank-2 weight, and keep every other axis of y, in any order,
+  before the weight's other axis, which comes last);
 * any of these behind a ``Cast`` of ``y``.
 
 Between the norm and the linear, ops that keep the channel axis (Cast, Identity, a Reshape that
@@ -39,7 +43,7 @@ from flashnorm_onnx.passes.graph_utils import (
 )
 
 
-LINEAR_READERS = ("MatMul", "Gemm", "FusedMatMul")
+LINEAR_READERS = ("MatMul", "Gemm", "FusedMatMul", "Einsum")
 """Op types of the linear readers a fold rewrites (Attention's fused QKV aside)."""
 
 
@@ -50,10 +54,97 @@ def is_linear_reader(node: ir.Node | None) -> bool:
 
 def weight_k_axis(node: ir.Node) -> int:
     """Axis of a linear reader's second input indexed by the norm's channels (before any
-    Transpose on the way to the constant): 1 when the op transposes it (``transB=1``)."""
+    Transpose on the way to the constant): 1 when the op transposes it (``transB=1``), and for
+    an ``Einsum`` the position of the contracted subscript in the weight's term."""
+    if node.op_type == "Einsum":
+        parsed = einsum_linear(node)
+        return parsed if isinstance(parsed, int) else 0
     if node.op_type in ("Gemm", "FusedMatMul") and attr(node, "transB", 0):
         return 1
     return 0
+
+
+def _einsum_terms(equation: str) -> list[list[str]] | None:
+    """``"bsk, nk -> bsn"`` -> ``[["b","s","k"], ["n","k"], ["b","s","n"]]`` (``"..."`` one
+    token); None if the equation is not explicit (no ``->``) or not well-formed."""
+    equation = equation.replace(" ", "")
+    if equation.count("->") != 1:
+        return None
+    lhs, rhs = equation.split("->")
+    terms = []
+    for text in [*lhs.split(","), rhs]:
+        tokens: list[str] = []
+        i = 0
+        while i < len(text):
+            if text.startswith("...", i):
+                tokens.append("...")
+                i += 3
+            elif text[i].isascii() and text[i].isalpha():
+                tokens.append(text[i])
+                i += 1
+            else:
+                return None
+        if tokens.count("...") > 1:
+            return None
+        terms.append(tokens)
+    return terms
+
+
+def einsum_linear(node: ir.Node) -> int | str:
+    """Whether ``Einsum(y, W)`` is the linear map ``y @ W`` over y's last axis: the axis of W
+    the norm's channels index (0 for ``"...k,kn->...n"``, 1 for ``"bsk,nk->bsn"``), or why not.
+
+    With ``k`` the subscript of y's last axis (the norm's channels; every op the analysis looks
+    through keeps them last) and ``n`` W's other one, ``out[..., n] = sum_k y[..., k] W[k, n]``,
+    so ``(y * g) @ W == y @ (g[:, None] * W)``: the fold scales W along k, as for a MatMul.
+    Refused, each with its reason:
+
+    * an implicit output (no ``->``) or more or fewer than two operands;
+    * y's last axis not a single subscript (``"..."`` last), or repeated in y (a diagonal);
+    * W not exactly two distinct subscripts (a batched or multi-head weight, ``"bsk,khd->bshd"``;
+      the fold writes [K, N] matrices only), or k not among them: the channels are not
+      contracted with W, e.g. ``"bsk,nd->bsknd"`` (an outer product) or ``"bsk,sn->bkn"``
+      (another axis of y is contracted, and the channels stay in the output);
+    * k in the output (channels kept, not contracted: ``"bsk,kn->bskn"``);
+    * n also a subscript of y (W's other axis ties to an axis of y: not a matrix product);
+    * another axis of y summed away (``"bsk,kn->bn"``: exact for the weights, but a moved
+      LayerNorm bias would be added once per summed position), or repeated in the output;
+    * n not the output's last axis: a LayerNorm bias moved into the linear is added as a
+      vector over the last axis (``"bsk,kn->bns"`` is refused).
+
+    The last two would be exact for a norm without a bias (an RMSNorm): this analysis does not
+    know the norm's bias, so it refuses them for every norm.
+    """
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return f"it has {len(node.inputs)} operands, not (input, weight)"
+    equation = attr(node, "equation", None)
+    if isinstance(equation, bytes):
+        equation = equation.decode()
+    terms = _einsum_terms(equation) if isinstance(equation, str) else None
+    if terms is None or len(terms) != 3:
+        return f"its equation {equation!r} is not an explicit two-operand equation (a, b -> out)"
+    y, w, out = terms
+    if not y or y[-1] == "...":
+        return f"its equation {equation!r} does not name the input's last axis"
+    k = y[-1]
+    if y.count(k) != 1:
+        return f"its equation {equation!r} repeats the channel subscript '{k}' in the input (a diagonal)"
+    if len(w) != 2 or "..." in w or w[0] == w[1]:
+        return f"its equation {equation!r} does not read the weight as a [K, N] matrix"
+    if k not in w:
+        return f"its equation {equation!r} does not contract the norm's channels '{k}' with the weight"
+    if k in out:
+        return f"its equation {equation!r} keeps the norm's channels '{k}' in its output"
+    n = w[1 - w.index(k)]
+    if n in y:
+        return f"its equation {equation!r} ties the weight's axis '{n}' to an axis of the input"
+    if not out or out[-1] != n:
+        return f"its equation {equation!r} does not put the weight's axis '{n}' last in its output"
+    rest = y[:-1]
+    if sorted(out[:-1]) != sorted(rest) or len(set(rest)) != len(rest):
+        return (f"its equation {equation!r} does not keep every other axis of the input "
+                "(it sums or repeats one)")
+    return w.index(k)
 
 
 def output_scale(node: ir.Node | None) -> float:
@@ -319,8 +410,13 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
             if flags:
                 result.refusals.append(f"feeds {node_label(node)} with {'='.join(flags)}=1")
                 continue
-        if (is_op(node, "MatMul") or (node.op_type == "FusedMatMul" and node.domain == "com.microsoft")) \
-                and index == 0:
+        if is_op(node, "Einsum") and index == 0:
+            parsed = einsum_linear(node)
+            if isinstance(parsed, str):
+                result.refusals.append(f"feeds {node_label(node)} but {parsed}")
+                continue
+        if (is_op(node, "MatMul") or is_op(node, "Einsum")
+                or (node.op_type == "FusedMatMul" and node.domain == "com.microsoft")) and index == 0:
             traced = trace_weight(node.inputs[1], weight_k_axis(node))
             if isinstance(traced, str):
                 result.refusals.append(f"feeds {node_label(node)} but {traced}")

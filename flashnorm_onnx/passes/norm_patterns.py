@@ -80,6 +80,11 @@ class NormMatch:
     pre_cast: ir.Node | None = None
     post_cast: ir.Node | None = None
     compute_dtype: ir.DataType | None = None
+    inv_std: str | None = None
+    """Decomposed chains: how ``1/sqrt(var + eps)`` is written -- ``"reciprocal"``
+    (``Mul(x, Reciprocal(Sqrt))``), ``"div"`` (``Mul(x, Div(1, Sqrt))``), ``"pow"``
+    (``Mul(x, Pow(., -0.5))``) or ``"div_sqrt"`` (``Div(x, Sqrt)``). Only descriptive (the
+    fixtures' form names); the fold treats them alike."""
     problem: str | None = None
 
     @property
@@ -258,8 +263,8 @@ def _match_variance_plus_eps(a: ir.Value, centered: ir.Value) -> tuple[float, ir
     return None
 
 
-def _match_normalized(value: ir.Value) -> tuple[ir.Value, float, ir.Node] | None:
-    """value == c / sqrt(mean(c^2) + eps) -> (c, eps, the ReduceMean)."""
+def _match_normalized(value: ir.Value) -> tuple[ir.Value, float, ir.Node, str] | None:
+    """value == c / sqrt(mean(c^2) + eps) -> (c, eps, the ReduceMean, how 1/sqrt is written)."""
     node = value.producer()
     if node is None or node.domain not in ONNX_DOMAINS:
         return None
@@ -272,14 +277,14 @@ def _match_normalized(value: ir.Value) -> tuple[ir.Value, float, ir.Node] | None
                 continue
             found = _match_variance_plus_eps(inv[0], c)
             if found:
-                return c, found[0], found[1]
+                return c, found[0], found[1], inv[1]
     elif node.op_type == "Div":
         c, s = node.inputs[0], node.inputs[1]
         sqrt = _producer(s, "Sqrt")
         if sqrt is not None:
             found = _match_variance_plus_eps(sqrt.inputs[0], c)
             if found:
-                return c, found[0], found[1]
+                return c, found[0], found[1], "div_sqrt"
     return None
 
 
@@ -307,7 +312,7 @@ def match_rms_chain(mul: ir.Node) -> NormMatch | None:
         found = _match_normalized(core)
         if found is None:
             continue
-        x, eps, reduce = found
+        x, eps, reduce, inv_std = found
         if _producer(x, "Sub") is not None and _centering_of(x) is not None:
             continue  # that is a LayerNorm chain without its bias Add
         pre_cast = _producer(x, "Cast")
@@ -326,6 +331,7 @@ def match_rms_chain(mul: ir.Node) -> NormMatch | None:
             pre_cast=pre_cast,
             post_cast=post_cast,
             compute_dtype=_dtype_of_cast(pre_cast) or x.dtype or const_tensor(source).dtype,
+            inv_std=inv_std,
         )
         match.problem = _mean_over_last_axis(reduce, x) or _scale_shape_problem(source)
         return match
@@ -364,7 +370,7 @@ def match_layernorm_chain(node: ir.Node) -> NormMatch | None:
         found = _match_normalized(core)
         if found is None:
             continue
-        d, eps, reduce = found
+        d, eps, reduce, inv_std = found
         x = _centering_of(d)
         if x is None:
             continue
@@ -393,6 +399,7 @@ def match_layernorm_chain(node: ir.Node) -> NormMatch | None:
             pre_cast=pre_cast,
             post_cast=post_cast,
             compute_dtype=_dtype_of_cast(pre_cast) or x.dtype or const_tensor(source).dtype,
+            inv_std=inv_std,
         )
         centering_mean = _producer(d, "Sub").inputs[1].producer()
         match.problem = (
