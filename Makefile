@@ -13,7 +13,7 @@ UNAME_S ?= $(shell uname -s)
 UNAME_M ?= $(shell uname -m)
 ORT_EXTRA ?= $(if $(and $(filter Linux,$(UNAME_S)),$(filter x86_64,$(UNAME_M))),gpu,cpu)
 
-.PHONY: help venv genai-env demo test test-fast fixtures bench bench-scale fuzz clean
+.PHONY: help venv genai-env demo test test-fast fixtures bench bench-scale bench-int4 fuzz clean
 
 help:
 	@echo "make demo         build a tiny Llama (torch.onnx dynamo), fold it, verify it in ONNX Runtime"
@@ -22,6 +22,7 @@ help:
 	@echo "make fixtures     build every test model into build/fixtures"
 	@echo "make bench        latency benchmarks (benchmarks/RESULTS.md)"
 	@echo "make bench-scale  fold time / peak memory on large synthetic models"
+	@echo "make bench-int4   int4 perplexity: fold before or after quantizing? (benchmarks/RESULTS_int4.md)"
 	@echo "make fuzz         long differential fuzzing campaign"
 
 venv: $(STAMP)
@@ -61,6 +62,9 @@ bench: $(STAMP) $(GENAI_STAMP)
 
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.run_scale
+
+bench-int4: $(STAMP)
+	$(PY) -m benchmarks.run_int4
 
 fuzz: $(STAMP)
 	FLASHNORM_FUZZ_EXAMPLES=2000 $(PY) -m benchmarks.fuzz_report

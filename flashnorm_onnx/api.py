@@ -412,6 +412,9 @@ def _requantize(model: ir.Model, dequantized, report: FoldReport) -> None:
         summary=f"{stats.requantized} folded weight(s) quantized again, {stats.restored} MatMulNBits untouched",
         reason="not exact: each folded weight is rounded to int4 again; its added error is below",
         quantized=stats.requantized, left_float=stats.left_float, weight_errors=stats.weight_errors)
+    if stats.untied:
+        report.notes.append(f"--requantize: {len(stats.untied)} old int4 weight(s) kept beside their folded copy for "
+                            f"their other readers (untied): {', '.join(stats.untied)}")
     if not dequantized:
         report.notes.append("--requantize: the model has no 4-bit MatMulNBits; folded as a float model")
 

@@ -339,6 +339,9 @@ def _quiet_text(report) -> str:
     lines = [report.summary_line()]
     if report.verification is not None:
         lines.append(report.verification.lines()[0])
+    quantized = getattr(report, "quant_verification", None)
+    if quantized is not None:
+        lines.append(quantized.lines()[0])
     return "\n".join(lines)
 
 

@@ -110,6 +110,11 @@ class FolderReport:
         if verification is not None:
             verdict = "skipped" if verification.method == "skipped" else ("PASSED" if verification.passed else "FAILED")
             line += f"; verification {verdict}"
+        quantized = [r.quant_verification for r in self.models.values() if r.quant_verification is not None]
+        if quantized:
+            run = [v for v in quantized if v.method != "skipped"]
+            verdict = "skipped" if not run else ("PASSED" if all(v.passed for v in run) else "FAILED")
+            line += f"; int4 check {verdict}"
         return line
 
     def text(self, planned: bool = False) -> str:
@@ -213,6 +218,9 @@ def optimize_folder(
     verify_timeout: float | None = 600.0,
     progress: Callable[[str, int, int], None] | None = None,
     for_ort: bool = False,
+    quantize=None,
+    quantize_order: str | None = None,
+    requantize: bool = False,
 ) -> FolderReport:
     """Fold and verify every ``*.onnx`` model of ``folder`` into the folder ``output``; copy the
     companions; publish only when every model verified. See the module docstring.
@@ -245,7 +253,9 @@ def optimize_folder(
 
     # -- fold, stage and verify each model; nothing is visible yet
     options = dict(untie=untie, keep_structure=keep_structure, verify=verify, verify_mode=verify_mode, dims=dims,
-                   rtol=rtol, verify_timeout=verify_timeout, for_ort=for_ort)
+                   rtol=rtol, verify_timeout=verify_timeout, for_ort=for_ort, requantize=requantize)
+    if quantize is not None:
+        options.update(quantize=quantize, quantize_order=quantize_order)
     from flashnorm_onnx.api import optimize_file
 
     staged: list[tuple[str, FoldReport]] = []
@@ -269,7 +279,7 @@ def optimize_folder(
                 raise
             report.models[rel] = model_report
             staged.append((rel, model_report))
-            if model_report.folded == 0:
+            if model_report.folded == 0 and not model_report.quantization:
                 model_report.notes.append(
                     "nothing to fold: written anyway, re-serialized (the runtime needs every model of the folder)")
 

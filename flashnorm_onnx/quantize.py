@@ -351,6 +351,8 @@ class RequantizeStats:
     requantized: int = 0
     restored: int = 0
     left_float: list[str] = dataclasses.field(default_factory=list)
+    #: old int4 weights kept for their other readers (a tied embedding) beside the requantized copy
+    untied: list[str] = dataclasses.field(default_factory=list)
     #: weight name -> relative error of the new int4 weight against the folded float one
     weight_errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -360,6 +362,7 @@ def requantize_after_fold(model: ir.Model, items: list[Dequantized]) -> Requanti
     spec; every other one gets its original ``MatMulNBits`` back, tensors untouched."""
     graph = model.graph
     stats = RequantizeStats()
+    requantized = []
     for item in items:
         weight = item.matmul.inputs[1]
         # the fold either gives the MatMul a new weight value or rewrites the value's tensor in place
@@ -386,6 +389,13 @@ def requantize_after_fold(model: ir.Model, items: list[Dequantized]) -> Requanti
             _matmulnbits(graph, item.matmul, weight, spec, name, record, node_name=item.original.name)
             _drop_unused_initializers(graph, [weight])
             stats.requantized += 1
+            requantized.append(item)
         _drop_unused_initializers(graph, [item.weight])
     _drop_unused_initializers(graph, [v for item in items for v in item.inputs[1:] if v is not None])
+    for item in requantized:
+        old = item.inputs[1]
+        if old is not None and old.name in graph.initializers and old.uses():
+            # requantized, but its old int4 tensor has other readers (the genai builder's tied
+            # embedding, GatherBlockQuantized): both are kept, as the float fold unties a weight
+            stats.untied.append(old.name)
     return stats

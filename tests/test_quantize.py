@@ -276,3 +276,76 @@ def test_quantize_cli_writes_int4_and_reports(llama, tmp_path):
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert nbits and all(len(n.input) == 4 for n in nbits)  # zero points: asymmetric
     assert all({a.name: a.i for a in n.attribute}["block_size"] == 16 for n in nbits)
+
+
+_GENERATE = (
+    "import sys, onnxruntime_genai as og\n"
+    "m = og.Model(sys.argv[1]); p = og.GeneratorParams(m)\n"
+    "p.set_search_options(max_length=20, do_sample=False)\n"
+    "g = og.Generator(m, p); g.append_tokens([[1, 5, 9, 42, 7]])\n"
+    "while not g.is_done(): g.generate_next_token()\n"
+    "print(len(g.get_sequence(0)))\n"
+)
+
+
+def _generates(folder: Path) -> None:
+    python = ROOT / ".venv-genai" / "bin" / "python"
+    r = subprocess.run([str(python), "-c", _GENERATE, str(folder)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "20"
+
+
+@pytest.mark.genai
+def test_requantize_genai_int4_folder_generates(tmp_path):
+    """The genai builder's int4 folder, --requantize: norms folded into MatMulNBits, the tied
+    embedding's int4 tensor kept for GatherBlockQuantized, and onnxruntime-genai generates."""
+    from models import fixtures
+
+    src = fixtures.build("qwen3_genai_int4").parent
+    before = {p.name: _sha(p) for p in src.iterdir() if p.is_file()}
+    out = tmp_path / "out"
+    report = flashnorm_onnx.optimize(src, out, requantize=True)
+    model = report.models["model.onnx"]
+    # input_layernorm x 2 -> packed qkv, post-attention x 2 -> gate/up, final -> lm_head;
+    # q_norm/k_norm feed attention, not linears
+    assert model.folded == 5 and model.quantization["quantized"] == 7
+    assert model.verification.passed
+    assert any("lm_head.MatMul.weight_Q4" in n for n in model.notes)  # untied from the embedding
+    assert (out / "genai_config.json").read_text() == (src / "genai_config.json").read_text()
+    assert {p.name: _sha(p) for p in src.iterdir() if p.is_file()} == before
+    _generates(out)
+
+
+@pytest.mark.genai
+def test_quantize_genai_fp32_folder_generates(tmp_path):
+    from models import fixtures
+
+    src = fixtures.build("qwen3_genai_fp32").parent
+    out = tmp_path / "out"
+    report = flashnorm_onnx.optimize(src, out, quantize=QuantSpec())
+    model = report.models["model.onnx"]
+    assert model.quantization["quantized"] > 0 and model.quant_verification.passed
+    assert "int4 check PASSED" in report.summary_line()
+    assert _ops(out / "model.onnx").get("MatMulNBits") == model.quantization["quantized"]
+    _generates(out)
+
+
+@pytest.mark.parametrize("order", ["fold-first", "quantize-first"])
+def test_quantize_streams_one_weight_at_a_time(tmp_path, order):
+    """A 300 MB fp16 model: --quantize keeps peak memory well below the model's size (the int4
+    tensors are computed as each is written), in either order."""
+    from models import synthetic
+    from tests.test_scale import MB, _peak_rss_of
+
+    dims = synthetic.shape_for_bytes(300 * MB, "float16", hidden=1024)
+    path = tmp_path / "in" / "model.onnx"
+    path.parent.mkdir()
+    synthetic.build(path, *dims, dtype="float16")
+    data_bytes = synthetic.estimate_bytes(*dims, "float16")
+    out = tmp_path / "q.onnx"
+    cmd = [sys.executable, "-m", "flashnorm_onnx", "optimize", str(path), "-o", str(out), "--quantize", "int4",
+           "--quantize-order", order, "--no-verify"]
+    peak, proc = _peak_rss_of(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert _ops(out).get("MatMulNBits", 0) > 0
+    assert peak < 0.3 * data_bytes + 300 * MB, f"peak RSS {peak / MB:.0f} MB for {data_bytes / MB:.0f} MB of data"
