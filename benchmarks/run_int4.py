@@ -66,6 +66,24 @@ def greedy(session, prompt_ids: list[int], steps: int) -> list[int]:
     return ids[len(prompt_ids):]
 
 
+def g_spread(block: int = 32) -> dict[str, float]:
+    """How much the norms' scales g vary inside one quantization block of input channels: the
+    mean over blocks of max|g| / min|g|, median over SmolLM2's norms (the reason folding first
+    can hurt: after the fold one block holds rows scaled by very different g).
+    ``python -c "from benchmarks.run_int4 import g_spread; print(g_spread())"``"""
+    from safetensors.numpy import load_file
+
+    from models import smollm2
+
+    tensors = load_file(str(smollm2.hf_folder() / "model.safetensors"))
+    gs = [np.abs(v.astype(np.float64)) for k, v in tensors.items() if "norm" in k]
+    within = [float(np.mean([g[i:i + block].max() / g[i:i + block].min() for i in range(0, g.size, block)]))
+              for g in gs]  # the last block may be partial, as in MatMulNBits
+    overall = [float(g.max() / np.median(g)) for g in gs]
+    return {"norms": len(gs), "block": block, "median_within_block_max_over_min": float(np.median(within)),
+            "median_max_over_median": float(np.median(overall)), "largest_max_over_median": float(max(overall))}
+
+
 def paired_interval(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """mean(b - a) and its 95% bootstrap interval over windows (resampled in pairs)."""
     d = b - a
@@ -147,11 +165,11 @@ def main(argv=None) -> int:
                     p.unlink()
                     p.with_name(p.name + ".data").unlink(missing_ok=True)
 
-    write(args, results, ids, PACKAGE)
+    write(args, results, ids, PACKAGE, {b: g_spread(b) for b in args.blocks})
     return 0
 
 
-def write(args, results: dict, ids: np.ndarray, package: str) -> None:
+def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | None = None) -> None:
     fp32 = results["fp32"]
     ref_nll = np.array(fp32["nll"])
 
@@ -208,6 +226,15 @@ def write(args, results: dict, ids: np.ndarray, package: str) -> None:
                 verdict = "B worse" if lo > 0 else "B better" if hi < 0 else "no significant difference"
                 lines.append(f"| A = int4 {tag}, B = {other.removeprefix('int4 ')} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
                              f"| {verdict} |")
+    if spread:
+        lines += ["", "## Why: how much g varies inside one quantization block", "",
+                  "Per norm, the mean over blocks of consecutive input channels of max|g| / min|g| "
+                  "(median over the model's norms); after a fold, one block of W holds rows scaled by "
+                  "all of these g, and its int4 scale follows the largest.", ""]
+        for block, sp in spread.items():
+            lines.append(f"- block {block}: {sp['median_within_block_max_over_min']:.1f}x within a block "
+                         f"({sp['norms']} norms; max|g| / median|g| is {sp['median_max_over_median']:.1f}x "
+                         f"typically, {sp['largest_max_over_median']:.1f}x at most)")
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")

@@ -257,7 +257,7 @@ def _describe_refusal(node: ir.Node, index: int, value: ir.Value) -> tuple[str, 
     if node.op_type == "MatMulNBits":
         return (
             f"feeds {label}: a block-quantized weight cannot take an exact fold "
-            "(fold the float model, then quantize)",
+            "(optimize the float model with --quantize int4, or fold into this one with --requantize, not exact)",
             False,
         )
     if node.op_type in LINEAR_READERS and index != 0:
