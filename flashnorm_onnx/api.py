@@ -224,6 +224,7 @@ def quantize_file(
         report.quantization = dict(mode="quantize", order=order, spec=spec.describe(), summary=summary, reason=reason,
                                    quantized=stats.quantized, left_float=stats.left_float,
                                    weight_errors=dict(stats.weight_errors))
+        _check_int4_weights(report, stats, report_path)
         if not stats.quantized:
             report.notes.append("no MatMul with a constant float weight of 16 rows or more: nothing quantized")
         if order == "quantize-first":
@@ -243,6 +244,29 @@ def quantize_file(
     except BaseException:
         staged.abandon()
         raise
+
+
+def _check_int4_weights(report: FoldReport, stats, report_path) -> None:
+    """Every int4 weight written must be a round-to-nearest of the float weight it stands for,
+    within one step of its block (:func:`~flashnorm_onnx.quantize.step_ratio`), measured while
+    it was written. This, not the whole-model run, is what proves the quantization: an int4
+    model's outputs differ from the float model's by design."""
+    if stats is None:
+        return
+    bad = stats.bad_weights()
+    if report.quantization is not None:
+        report.quantization["max_step_ratio"] = max(stats.step_ratios.values(), default=0.0)
+    if bad:
+        worst = max(bad, key=lambda n: stats.step_ratios[n])
+        report.notes.append("an int4 weight is not a quantization of its float weight: no output written")
+        _write_report(report, report_path)
+        raise VerificationFailed(
+            f"int4 weight '{worst}' differs from the float weight it replaces by {stats.step_ratios[worst]:.2f} "
+            f"quantization steps (at most 1 expected; {len(bad)} weight(s) in all); no output written",
+            report=report)
+    if stats.step_ratios:
+        report.notes.append(f"int4 weights: each of the {len(stats.step_ratios)} written is within one "
+                            "quantization step of the float weight it replaces")
 
 
 def _verify_quantized(info: model_io.InputInfo, output: Path, options: dict) -> VerificationResult:
@@ -329,7 +353,7 @@ def fold_file(
     report = result.report
     report.model = str(info.path)
     if dequantized is not None:
-        _requantize(ir_model, dequantized, report)
+        _requantize(ir_model, dequantized, report, result)
     if for_ort:
         if not fusion_note:
             from flashnorm_onnx.fusions import FusionFailed, fuse_after_fold, merge
@@ -369,6 +393,8 @@ def fold_file(
     )
     del ir_model  # the staged file is what gets verified and published
     try:
+        if dequantized is not None:
+            _check_int4_weights(report, getattr(report, "requantize_stats", None), report_path)
         if not verify:
             report.verification = VerificationResult(method="skipped", passed=True, message="--no-verify")
         elif not modified:
@@ -401,11 +427,15 @@ def fold_file(
         raise
 
 
-def _requantize(model: ir.Model, dequantized, report: FoldReport) -> None:
+def _requantize(model: ir.Model, dequantized, report: FoldReport, result) -> None:
     """``--requantize`` after the fold: quantize the folded weights again (see :mod:`quantize`)."""
-    from flashnorm_onnx.quantize import requantize_after_fold
+    from flashnorm_onnx.quantize import RequantizeInconsistent, requantize_after_fold
 
-    stats = requantize_after_fold(model, dequantized)
+    try:
+        stats = requantize_after_fold(model, dequantized, folded_weights=[f.name for f in result.folds])
+    except RequantizeInconsistent as e:
+        raise VerificationFailed(f"--requantize: {e}; no output written", report=report) from e
+    report.requantize_stats = stats
     specs = sorted({item.spec.describe() for item in dequantized})
     report.quantization = dict(
         mode="requantize", order="", spec="; ".join(specs) or "no 4-bit MatMulNBits found",

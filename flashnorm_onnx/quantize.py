@@ -118,6 +118,26 @@ def dequantize(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray |
     return np.ascontiguousarray(values.reshape(n, blocks * block_size)[:, :k].T).astype(dtype, copy=False)
 
 
+def step_ratio(weight: np.ndarray, back: np.ndarray, scales: np.ndarray, block_size: int) -> float:
+    """max |back - weight| / |scale of its block| over the tensor: round-to-nearest int4 keeps
+    each value within one step of its block (half a step inside the range, up to one where a
+    code clips: the symmetric range is [-8, 7] steps, and an asymmetric zero point is rounded).
+    Above :data:`MAX_STEP_RATIO`, the stored codes are not a quantization of that weight."""
+    k, n = weight.shape
+    s = np.abs(np.asarray(scales, dtype=np.float32).reshape(n, -1)).T  # [blocks, N]
+    step = np.repeat(s, block_size, axis=0)[:k]
+    err = np.abs(np.asarray(back, dtype=np.float32) - np.asarray(weight, dtype=np.float32))
+    # a 16-bit weight and scale round the dequantized value once more
+    slack = 2.0 ** -10 * np.abs(np.asarray(weight, dtype=np.float32)) if weight.dtype == np.float16 else 0.0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(step > 0, (err - slack) / step, np.where(err - slack > 0, np.inf, 0.0))
+    return float(max(0.0, ratio.max())) if ratio.size else 0.0
+
+
+#: See :func:`step_ratio`: one step, with room for float32 rounding of the scale.
+MAX_STEP_RATIO = 1.0 + 1e-3
+
+
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     """||approx - reference|| / ||reference|| (Frobenius, float64)."""
     ref = np.asarray(reference, dtype=np.float64)
@@ -259,6 +279,12 @@ class QuantizeStats:
     left_float: list[str] = dataclasses.field(default_factory=list)
     #: weight name -> relative error of the dequantized int4 weight against the float one
     weight_errors: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: weight name -> :func:`step_ratio` (filled as the model is written)
+    step_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def bad_weights(self) -> list[str]:
+        """Weights whose int4 codes are not a round-to-nearest of the float weight."""
+        return [name for name, r in self.step_ratios.items() if not r <= MAX_STEP_RATIO]
 
 
 def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors: bool = True) -> QuantizeStats:
@@ -289,11 +315,15 @@ def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors
     return stats
 
 
-def _error_recorder(stats: QuantizeStats, name: str, spec: QuantSpec):
+def _error_recorder(stats, name: str, spec: QuantSpec):
+    """Measures each weight as it is quantized (the float weight is in memory then): its relative
+    error and its :func:`step_ratio`, the check that the codes quantize that weight."""
+
     def record(weight, packed, scales, zero_points) -> None:
         k, n = weight.shape
         back = dequantize(packed, scales, None if spec.symmetric else zero_points, k, n, spec.block_size)
         stats.weight_errors[name] = relative_error(weight, back)
+        stats.step_ratios[name] = step_ratio(weight, back, scales, spec.block_size)
 
     return record
 
@@ -353,20 +383,36 @@ class RequantizeStats:
     left_float: list[str] = dataclasses.field(default_factory=list)
     #: old int4 weights kept for their other readers (a tied embedding) beside the requantized copy
     untied: list[str] = dataclasses.field(default_factory=list)
+    #: weight name -> :func:`step_ratio` of the new int4 weight against the folded float one
+    step_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def bad_weights(self) -> list[str]:
+        return [name for name, r in self.step_ratios.items() if not r <= MAX_STEP_RATIO]
     #: weight name -> relative error of the new int4 weight against the folded float one
     weight_errors: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def requantize_after_fold(model: ir.Model, items: list[Dequantized]) -> RequantizeStats:
+class RequantizeInconsistent(RuntimeError):
+    """A weight the fold rewrote would have been put back unfolded (a bug, never written)."""
+
+
+def requantize_after_fold(model: ir.Model, items: list[Dequantized], folded_weights=()) -> RequantizeStats:
     """After the fold: a MatMul whose weight the fold rewrote is quantized again with its node's
-    spec; every other one gets its original ``MatMulNBits`` back, tensors untouched."""
+    spec; every other one gets its original ``MatMulNBits`` back, tensors untouched.
+
+    ``folded_weights``: the names of the weights the fold reports it rewrote; a MatMul reading
+    one of them is never put back as it was (its norm is weightless now)."""
     graph = model.graph
+    folded_weights = set(folded_weights)
     stats = RequantizeStats()
     requantized = []
     for item in items:
         weight = item.matmul.inputs[1]
         # the fold either gives the MatMul a new weight value or rewrites the value's tensor in place
         if weight is item.weight and weight.const_value is item.tensor:
+            if item.weight.name in folded_weights:
+                raise RequantizeInconsistent(
+                    f"the fold rewrote '{item.weight.name}' but its MatMulNBits would be put back unfolded")
             for value in item.inputs[1:]:
                 # the fold's clean-up dropped them while no node read them
                 if value is not None and value.name not in graph.initializers:
@@ -379,14 +425,8 @@ def requantize_after_fold(model: ir.Model, items: list[Dequantized]) -> Requanti
             stats.left_float.append(item.original.name or weight.name or "?")  # not a constant [K, N]
         else:
             name = (item.inputs[1].name or "w").removesuffix("_Q4") + ".flashnorm"
-            spec = item.spec
-
-            def record(w, packed, scales, zp, name=name, spec=spec) -> None:
-                k, n = w.shape
-                back = dequantize(packed, scales, None if spec.symmetric else zp, k, n, spec.block_size)
-                stats.weight_errors[name] = relative_error(w, back)
-
-            _matmulnbits(graph, item.matmul, weight, spec, name, record, node_name=item.original.name)
+            _matmulnbits(graph, item.matmul, weight, item.spec, name, _error_recorder(stats, name, item.spec),
+                         node_name=item.original.name)
             _drop_unused_initializers(graph, [weight])
             stats.requantized += 1
             requantized.append(item)

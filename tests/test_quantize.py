@@ -236,16 +236,42 @@ def test_requantize_that_restored_unfolded_weights_fails_verification(llama, tmp
     int4 = tmp_path / "int4.onnx"
     flashnorm_onnx.optimize(llama, int4, quantize=QuantSpec())
 
-    def broken(model, items):
+    def broken(model, items, **kwargs):
         for item in items:
             item.tensor = item.matmul.inputs[1].const_value  # looks unfolded: restored as it was
-        return original(model, items)
+        return original(model, items, **kwargs)
 
     original = q.requantize_after_fold
     monkeypatch.setattr(q, "requantize_after_fold", broken)
     with pytest.raises(VerificationFailed):
         flashnorm_onnx.optimize(int4, tmp_path / "bad.onnx", requantize=True)
     assert not (tmp_path / "bad.onnx").exists()
+
+
+@pytest.mark.parametrize("order", ["quantize-first", "fold-first"])
+def test_codes_that_do_not_quantize_the_weight_fail_the_check(llama, tmp_path, monkeypatch, order):
+    """A mutation: the int4 codes written with the low and high nibbles swapped. The whole-model
+    run alone cannot be trusted to see it (int4 differs from float by design); the per-weight
+    check does: exit 5, nothing written."""
+    from flashnorm_onnx import quantize as q
+
+    original = q.quantize_weight
+
+    def swapped(weight, spec):
+        packed, scales, zp = original(weight, spec)
+        return ((packed << 4) | (packed >> 4)).astype(np.uint8), scales, zp
+
+    monkeypatch.setattr(q, "quantize_weight", swapped)
+    with pytest.raises(VerificationFailed, match="quantization steps"):
+        flashnorm_onnx.optimize(llama, tmp_path / "bad.onnx", quantize=QuantSpec(), quantize_order=order)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_every_written_int4_weight_is_within_one_step(llama, tmp_path):
+    for spec in (QuantSpec(), QuantSpec(block_size=16, symmetric=False), QuantSpec(block_size=128)):
+        report = flashnorm_onnx.optimize(llama, tmp_path / f"q{spec.block_size}.onnx", quantize=spec)
+        assert 0.4 < report.quantization["max_step_ratio"] <= 1.001
+        assert any("within one quantization step" in n for n in report.notes)
 
 
 def test_quantize_options_need_quantize(llama, tmp_path):
