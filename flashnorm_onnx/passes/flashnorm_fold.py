@@ -37,7 +37,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from flashnorm_onnx.passes import fold_math
+from flashnorm_onnx.passes import fold_math, provenance
 from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_label, opset_version, release_tensor
 from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses, is_linear_reader, output_scale
 from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms, strip_casts
@@ -151,6 +151,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
             _ensure_opset(model)
+            provenance.record(model, report)  # survives a PassManager, tells a folded model apart
         return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds, sites=self._sites)
 
     # -- one norm ------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         for write in writes:
             tensor = const_tensor(write.source)
             try:
-                fold_math.check_fold(tensor.numpy(), g, write.k_axis)
+                fold_math.check_tensor(tensor, g, write.k_axis)  # block by block, nothing mapped
             except fold_math.FoldRefused as e:
                 decision.reason = f"folding into '{write.source.name}' is not representable: {e}"
                 return decision
@@ -447,16 +448,9 @@ def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -
 
 
 def _lazy_fold(original: ir.TensorProtocol, g: np.ndarray, k_axis: int, name: str | None) -> ir.TensorProtocol:
-    """A tensor computed only when it is read (written or serialized)."""
-    g = np.array(g, copy=True)
-
-    def compute() -> ir.Tensor:
-        try:
-            return ir.Tensor(fold_math.fold_scale(original.numpy(), g, k_axis, check=False), name=name)
-        finally:
-            release_tensor(original)
-
-    return ir.LazyTensor(compute, dtype=original.dtype, shape=ir.Shape(original.shape.numpy()), name=name)
+    """A tensor computed only when it is read (written or serialized); the streamed writer reads
+    it block by block (see fold_math.FoldedTensor)."""
+    return fold_math.FoldedTensor(original, g, k_axis, name=name)
 
 
 def _nbytes(tensor: ir.TensorProtocol) -> int:
