@@ -207,24 +207,30 @@ def quantizable_weight(node: ir.Node) -> ir.Value | None:
 
 
 def _matmulnbits(graph: ir.Graph, node: ir.Node, weight: ir.Value, spec: QuantSpec, base: str,
-                 on_done=None, node_name: str | None = None) -> ir.Node:
+                 on_done=None, node_name: str | None = None, shared: dict | None = None) -> ir.Node:
     """Replace ``node`` (a MatMul reading ``weight``) by a MatMulNBits with lazily quantized
-    tensors; returns the new node."""
+    tensors; returns the new node. ``shared``: id(weight) -> the int4 values already made for it
+    (a weight several MatMuls read is quantized once, and stays shared)."""
     shape = weight.const_value.shape.numpy()
     k, n = int(shape[-2]), int(shape[-1])
     blocks = -(-k // spec.block_size)
-    once = _Once(weight.const_value, spec, on_done)
-    names = _unique_names(graph, base, ("_Q4", "_scales", "_zero_points"))
-    inputs = [node.inputs[0]]
-    parts = [("packed", ir.DataType.UINT8, (n, blocks, spec.block_size // 2)),
-             ("scales", weight.dtype, (n, blocks))]
-    if not spec.symmetric:
-        parts.append(("zero_points", ir.DataType.UINT8, (n, (blocks + 1) // 2)))
-    for (part, dtype, part_shape), name in zip(parts, names):
-        value = ir.Value(name=name, shape=ir.Shape(part_shape), type=ir.TensorType(dtype),
-                         const_value=_lazy(once, part, dtype, part_shape, name))
-        graph.register_initializer(value)
-        inputs.append(value)
+    made = shared.get(id(weight)) if shared is not None else None
+    if made is None:
+        once = _Once(weight.const_value, spec, on_done)
+        names = _unique_names(graph, base, ("_Q4", "_scales", "_zero_points"))
+        parts = [("packed", ir.DataType.UINT8, (n, blocks, spec.block_size // 2)),
+                 ("scales", weight.dtype, (n, blocks))]
+        if not spec.symmetric:
+            parts.append(("zero_points", ir.DataType.UINT8, (n, (blocks + 1) // 2)))
+        made = []
+        for (part, dtype, part_shape), name in zip(parts, names):
+            value = ir.Value(name=name, shape=ir.Shape(part_shape), type=ir.TensorType(dtype),
+                             const_value=_lazy(once, part, dtype, part_shape, name))
+            graph.register_initializer(value)
+            made.append(value)
+        if shared is not None:
+            shared[id(weight)] = made
+    inputs = [node.inputs[0], *made]
     attributes = [ir.AttrInt64("K", k), ir.AttrInt64("N", n), ir.AttrInt64("bits", spec.bits),
                   ir.AttrInt64("block_size", spec.block_size)]
     if spec.accuracy_level:
@@ -295,6 +301,7 @@ def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors
     if MS_DOMAIN not in model.opset_imports:
         model.opset_imports[MS_DOMAIN] = 1
     replaced = []
+    shared: dict[int, list] = {}
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
@@ -308,7 +315,7 @@ def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors
             continue
         name = weight.name or "weight"
         on_done = _error_recorder(stats, name, spec) if record_errors else None
-        _matmulnbits(graph, node, weight, spec, name, on_done)
+        _matmulnbits(graph, node, weight, spec, name, on_done, shared=shared)
         stats.quantized += 1
         replaced.append(weight)
     _drop_unused_initializers(graph, replaced)

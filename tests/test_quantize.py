@@ -375,3 +375,25 @@ def test_quantize_streams_one_weight_at_a_time(tmp_path, order):
     assert proc.returncode == 0, proc.stderr
     assert _ops(out).get("MatMulNBits", 0) > 0
     assert peak < 0.3 * data_bytes + 300 * MB, f"peak RSS {peak / MB:.0f} MB for {data_bytes / MB:.0f} MB of data"
+
+
+def test_a_weight_two_matmuls_read_is_quantized_once_and_stays_shared(tmp_path):
+    import onnxruntime as ort
+
+    k, n = 64, 32
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y1"], name="a"), helper.make_node("MatMul", ["x2", "W"], ["y2"], name="b")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, k]),
+                                           helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, k])],
+                              [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [2, n]),
+                               helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, n])],
+                              [numpy_helper.from_array(w, "W")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10))
+    stats = quantize_model(model, QuantSpec(accuracy_level=0))
+    proto = ir.to_proto(model)
+    assert stats.quantized == 2 and sorted(t.name for t in proto.graph.initializer) == ["W_Q4", "W_scales"]
+    assert [list(node.input[1:]) for node in proto.graph.node] == [["W_Q4", "W_scales"]] * 2
+    x = RNG.standard_normal((2, k)).astype(np.float32)
+    y1, y2 = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "x2": x})
+    np.testing.assert_array_equal(y1, y2)
