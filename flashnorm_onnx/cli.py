@@ -167,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "against MODEL in ONNX Runtime; the report lists the fusions applied")
     q = opt.add_argument_group(
         "int4 (MatMulNBits)",
-        "--quantize writes an int4 model (ONNX Runtime's block-wise RTN quantization, the kernel of its "
-        "MatMulNBitsQuantizer; defaults as onnxruntime-genai's model builder uses them), checked against the "
-        "float MODEL with relative error, cosine similarity and argmax agreement. --requantize folds into "
-        "a model that is already int4.")
+        textwrap.fill(
+            "--quantize writes an int4 model (ONNX Runtime's block-wise round-to-nearest, the kernel of its "
+            "MatMulNBitsQuantizer; defaults as onnxruntime-genai's model builder uses them). Every int4 weight is "
+            "checked to be within one quantization step of the float weight it replaces, and the output is run "
+            "against the float MODEL (relative error, cosine similarity, argmax agreement reported). "
+            "--requantize folds into a model that is already int4.", 79))
     q.add_argument("--quantize", choices=["int4"], help="quantize every MatMul with a constant weight to int4")
     q.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="int4 block size along the input axis: 16, 32, 64, 128 or 256 (default: 32)")
