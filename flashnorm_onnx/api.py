@@ -37,9 +37,9 @@ def inspect(model: str | os.PathLike, *, untie: bool = True, keep_structure: boo
     info = model_io.check_input(model)
     ir_model = model_io.load(info)
     restore = infer_shapes(ir_model)
-    result = FlashNormFoldPass(untie=untie, keep_structure=keep_structure)(ir_model)
+    fold = FlashNormFoldPass(untie=untie, keep_structure=keep_structure)
+    report = fold.report_of(fold.analyse(ir_model))  # the analysis alone: the model is not touched
     restore()
-    report = result.report
     report.model = str(info.path)
     return report
 

@@ -97,6 +97,10 @@ PATCH_SIZE = 8
 # Mixtral (mixture of experts)
 EXPERTS = 4
 EXPERTS_PER_TOKEN = 2
+# GPT-J: rotary embedding on the first ROTARY_DIM of each head's HEAD_DIM channels
+ROTARY_DIM = 8
+# ViTForImageClassification (head="classification")
+NUM_LABELS = 10
 _DIMS = dict(hidden=HIDDEN, layers=LAYERS, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM,
              intermediate=INTERMEDIATE, vocab=VOCAB, max_pos=MAX_POS, image=IMAGE_SIZE, patch=PATCH_SIZE,
              seed=SEED)
@@ -116,7 +120,7 @@ class Recipe:
     """How to build one fixture. ``doc`` records what the export was observed to contain."""
 
     name: str
-    family: str  # llama | qwen3 | mistral | mixtral | bert | gpt2 | vit
+    family: str  # llama | qwen3 | mistral | mixtral | bert | gpt2 | gptj | vit
     exporter: str  # dynamo | legacy | optimum | ort_opt | genai
     doc: str = ""
     opset: int | None = None  # None: the exporter's default
@@ -129,6 +133,7 @@ class Recipe:
     ort_opt_level: int | None = None
     precision: str | None = None  # genai: fp32 | int4
     max_batch: int | None = None  # largest batch ORT CPU runs it with (None: any)
+    head: str | None = None  # vit: "classification" = ViTForImageClassification (None: ViTModel)
 
     @property
     def has_past(self) -> bool:
@@ -137,6 +142,8 @@ class Recipe:
     def params(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("doc")
+        if d["head"] is None:  # only where set, so that the other fixtures' stamps stay as they were
+            d.pop("head")
         return d
 
 
@@ -318,6 +325,45 @@ _add(Recipe(
     final layernorm -> graph output).""",
 ))
 
+_add(Recipe(
+    "gpt2_optimum", "gpt2", "optimum", tied=True, task="text-generation",
+    doc="""optimum main_export(task="text-generation") from _hf/gpt2_tied: opset 18, IR 8, no value_info;
+    inputs input_ids, attention_mask, position_ids. 5 x LayerNormalization -> Reshape -> Gemm (c_attn,
+    c_fc; Conv1D weights [in, out]); ln_f -> Reshape(shape = Concat of Shape-derived dims) -> lm_head.
+    Tie kept (optimum deduplicates it, with a warning): lm_head = MatMul(., Transpose(transformer.wte.weight))
+    and the embedding Gather reads transformer.wte.weight.""",
+))
+_add(Recipe(
+    "gptj_legacy", "gptj", "legacy", opset=17,
+    doc="""GPTJForCausalLM (parallel attention + MLP: one ln_1 per layer feeds q/k/v AND fc_in; rotary_dim 8
+    of head_dim 16; untied, lm_head with bias), legacy opset 17, IR 8, no value_info: 3 x
+    LayerNormalization. ln_f -> Reshape(shape = Concat of Shape-derived dims) -> lm_head MatMul
+    (onnx::MatMul_N [64, 512]) -> Add(lm_head.bias).""",
+))
+_add(Recipe(
+    "gptj_optimum", "gptj", "optimum", task="text-generation",
+    doc="""optimum main_export(task="text-generation") from _hf/gptj_untied: opset 18, IR 8, inputs input_ids,
+    attention_mask, position_ids; the same 3 x LayerNormalization and consumers as gptj_legacy
+    (ln_f -> Reshape from Shape -> lm_head MatMul + bias).""",
+))
+_add(Recipe(
+    "vit_legacy", "vit", "legacy", opset=17,
+    doc="""ViTModel (no pooler), legacy opset 17, IR 8, input pixel_values [batch, 3, 32, 32]: 5 x
+    LayerNormalization as in vit_dynamo (layernorm_before/after -> q/k/v or intermediate MatMul;
+    the final layernorm is the graph output last_hidden_state).""",
+))
+_add(Recipe(
+    "vit_cls_legacy", "vit", "legacy", opset=17, head="classification",
+    doc="""ViTForImageClassification (10 labels), legacy opset 17, IR 8, output logits: 5 x
+    LayerNormalization; the final vit.layernorm -> Gather(axis 1, Constant 0) (the CLS row) ->
+    classifier Gemm(transB=1, classifier.weight [10, 64], bias).""",
+))
+_add(Recipe(
+    "vit_cls_optimum", "vit", "optimum", task="image-classification", head="classification",
+    doc="""optimum main_export(task="image-classification") from _hf/vit_untied_classification: opset 18,
+    IR 8; pixel_values with all four dims symbolic (batch_size, num_channels, height, width: channels
+    and size come from config.json). Norms and the CLS Gather -> classifier Gemm as in vit_cls_legacy.""",
+))
 
 # --------------------------------------------------------------------------------------------
 # Paths, stamps, atomic builds
@@ -371,7 +417,18 @@ def recipe_hash(name: str) -> str:
     }
     if recipe.family == "mixtral":  # only here, so that the other fixtures' stamps stay as they were
         payload["moe"] = {"experts": EXPERTS, "experts_per_token": EXPERTS_PER_TOKEN}
+    payload.update(_extra_dims(recipe.family, recipe.head))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _extra_dims(family: str, head: str | None = None) -> dict[str, Any]:
+    """The dimensions only some families use (in their stamps only: the others stay as they were)."""
+    extra: dict[str, Any] = {}
+    if family == "gptj":
+        extra["gptj"] = {"rotary_dim": ROTARY_DIM}
+    if head == "classification":
+        extra["head"] = {"head": head, "num_labels": NUM_LABELS}
+    return extra
 
 
 STAMP = ".recipe-hash"
@@ -476,7 +533,7 @@ def load_info(name: str, root: Path | str | None = None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def _config(family: str, tied: bool):
+def _config(family: str, tied: bool, head: str | None = None):
     import transformers as tr
 
     common_lm = dict(
@@ -508,7 +565,13 @@ def _config(family: str, tied: bool):
     if family == "bert":
         return tr.BertConfig(**enc, vocab_size=VOCAB, max_position_embeddings=MAX_POS)
     if family == "vit":
-        return tr.ViTConfig(**enc, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3)
+        labels = {"num_labels": NUM_LABELS} if head == "classification" else {}
+        return tr.ViTConfig(**enc, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_channels=3, **labels)
+    if family == "gptj":
+        return tr.GPTJConfig(
+            n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=INTERMEDIATE, rotary_dim=ROTARY_DIM,
+            vocab_size=VOCAB, n_positions=MAX_POS, tie_word_embeddings=tied,
+        )
     if family == "gpt2":
         if not tied:
             raise ValueError("GPT2LMHeadModel always ties lm_head to the token embedding")
@@ -541,24 +604,30 @@ def _randomize_norms(model) -> int:
     return count
 
 
-def make_model(family: str, tied: bool = False, dtype: str = "float32"):
-    """The tiny transformers model of ``family`` (seeded random weights, random norms, eval)."""
+def make_model(family: str, tied: bool = False, dtype: str = "float32", head: str | None = None):
+    """The tiny transformers model of ``family`` (seeded random weights, random norms, eval).
+    ``head="classification"`` (vit only): ViTForImageClassification instead of ViTModel."""
     import torch
     import transformers as tr
 
     tr.set_seed(SEED)
-    config = _config(family, tied)
+    config = _config(family, tied, head)
     cls = {
         "llama": tr.LlamaForCausalLM,
         "qwen3": tr.Qwen3ForCausalLM,
         "mistral": tr.MistralForCausalLM,
         "mixtral": tr.MixtralForCausalLM,
         "gpt2": tr.GPT2LMHeadModel,
+        "gptj": tr.GPTJForCausalLM,
     }.get(family)
+    if head is not None and family != "vit":
+        raise ValueError(f"head={head!r} is for vit only")
     if cls is not None:
         model = cls(config)
     elif family == "bert":
         model = tr.BertModel(config, add_pooling_layer=False)
+    elif family == "vit" and head == "classification":
+        model = tr.ViTForImageClassification(config)
     elif family == "vit":
         model = tr.ViTModel(config, add_pooling_layer=False)
     else:
@@ -570,10 +639,10 @@ def make_model(family: str, tied: bool = False, dtype: str = "float32"):
 
 
 def _is_causal_lm(family: str) -> bool:
-    return family in ("llama", "qwen3", "mistral", "mixtral", "gpt2")
+    return family in ("llama", "qwen3", "mistral", "mixtral", "gpt2", "gptj")
 
 
-def _traceable(model, family: str):
+def _traceable(model, family: str, head: str | None = None):
     """Give the model a forward with positional tensor inputs and one tensor output.
 
     The class is swapped (not wrapped) so parameter names, and thus initializer names, stay
@@ -590,6 +659,11 @@ def _traceable(model, family: str):
 
         def forward(self, input_ids, attention_mask):
             return base.forward(self, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    elif family == "vit" and head == "classification":
+
+        def forward(self, pixel_values):
+            return base.forward(self, pixel_values=pixel_values).logits
 
     elif family == "vit":
 
@@ -670,10 +744,12 @@ def reference_output(name: str, feeds: dict[str, Any]):
     import torch
 
     recipe = FIXTURES[name]
-    model = make_model(recipe.family, recipe.tied, recipe.dtype)
+    model = make_model(recipe.family, recipe.tied, recipe.dtype, recipe.head)
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items() if not k.startswith("past_key_values")}
     with torch.no_grad():
-        if recipe.family == "vit":
+        if recipe.family == "vit" and recipe.head == "classification":
+            out = model(pixel_values=t["pixel_values"].to(model.dtype)).logits
+        elif recipe.family == "vit":
             out = model(pixel_values=t["pixel_values"].to(model.dtype)).last_hidden_state
         elif recipe.family == "bert":
             out = model(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"].long()).last_hidden_state
@@ -685,13 +761,13 @@ def reference_output(name: str, feeds: dict[str, Any]):
     return out.float().numpy()
 
 
-def _export_io(family: str, dtype: str):
+def _export_io(family: str, dtype: str, head: str | None = None):
     import torch
 
     inputs = {k: torch.from_numpy(v) for k, v in sample_inputs(family, dtype=dtype).items()}
     names = list(inputs)
     if family == "vit":
-        out_name, out_axes = "last_hidden_state", {0: "batch"}
+        out_name, out_axes = ("logits" if head == "classification" else "last_hidden_state"), {0: "batch"}
         axes = {"pixel_values": {0: "batch"}}
     else:
         out_name = "logits" if _is_causal_lm(family) else "last_hidden_state"
@@ -783,8 +859,8 @@ def _legacy_moe_patch(family: str) -> Iterator[None]:
 def _build_torch(recipe: Recipe, out: Path, root: Path) -> None:
     import torch
 
-    model = _traceable(make_model(recipe.family, recipe.tied, recipe.dtype), recipe.family)
-    inputs, names, out_name, axes, out_axes = _export_io(recipe.family, recipe.dtype)
+    model = _traceable(make_model(recipe.family, recipe.tied, recipe.dtype, recipe.head), recipe.family, recipe.head)
+    inputs, names, out_name, axes, out_axes = _export_io(recipe.family, recipe.dtype, recipe.head)
     path = out / "model.onnx"
     kwargs: dict[str, Any] = dict(input_names=names, output_names=[out_name])
     if recipe.opset is not None:
@@ -809,17 +885,22 @@ def _build_torch(recipe: Recipe, out: Path, root: Path) -> None:
 def _hf_folder(recipe: Recipe, root: Path) -> Path:
     """Save (once) the HF folder of the recipe's model under <root>/_hf/<family>_<variant>/."""
     variant = ("tied" if recipe.tied else "untied") + ("" if recipe.dtype == "float32" else f"_{recipe.dtype}")
+    if recipe.head:
+        variant += f"_{recipe.head}"
     folder = root / "_hf" / f"{recipe.family}_{variant}"
     key = {"recipe_version": RECIPE_VERSION, "dims": _DIMS, "family": recipe.family, "tied": recipe.tied,
            "dtype": recipe.dtype, "tokenizer": "wordlevel", "transformers": _version("transformers"),
-           "torch": _version("torch")}
+           "torch": _version("torch"), **_extra_dims(recipe.family, recipe.head)}
     stamp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     if _is_fresh(folder, stamp, main_file="config.json"):
         return folder
     with _atomic_folder(folder, stamp, main_file="config.json") as tmp:
-        model = make_model(recipe.family, recipe.tied, recipe.dtype)
+        model = make_model(recipe.family, recipe.tied, recipe.dtype, recipe.head)
         model.save_pretrained(tmp)
-        _tiny_tokenizer().save_pretrained(tmp)
+        if recipe.family == "vit":
+            _tiny_image_processor().save_pretrained(tmp)
+        else:
+            _tiny_tokenizer().save_pretrained(tmp)
     return folder
 
 
@@ -841,6 +922,13 @@ def _tiny_tokenizer():
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
         model_max_length=MAX_POS,
     )
+
+
+def _tiny_image_processor():
+    """A ViT image processor for IMAGE_SIZE images (optimum reads a preprocessor from the folder)."""
+    from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
 
 
 def _build_optimum(recipe: Recipe, out: Path, root: Path) -> None:
@@ -1072,6 +1160,8 @@ def _variant(recipe: Recipe, info: dict[str, Any]) -> str:
         parts.append(f"from {recipe.source}, model_type {recipe.ort_model_type}, opt_level {recipe.ort_opt_level}")
     if recipe.precision:
         parts.append(recipe.precision)
+    if recipe.head == "classification":
+        parts.append("ViTForImageClassification")
     return ", ".join(parts)
 
 
@@ -1195,7 +1285,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [n for n in args.names if n not in FIXTURES]
         if unknown:
             parser.error(f"unknown fixtures: {', '.join(unknown)}")
-        families = {f: i for i, f in enumerate(("llama", "mistral", "mixtral", "qwen3", "gpt2", "bert", "vit"))}
+        families = {f: i for i, f in enumerate(("llama", "mistral", "mixtral", "qwen3", "gpt2", "gptj", "bert",
+                                                "vit"))}
         exporters = {e: i for i, e in enumerate(("dynamo", "legacy", "optimum", "ort_opt", "genai"))}
         names = sorted(args.names or FIXTURES, key=lambda n: (
             families.get(FIXTURES[n].family, 99), exporters.get(FIXTURES[n].exporter, 99), n))

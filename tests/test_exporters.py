@@ -44,7 +44,16 @@ EXPECTED = {
     # gives that Reshape its rank (the graph has no value_info)
     "gpt2_legacy": (5, 0, 0),
     "gpt2_ort_opt": (5, 0, 0),
+    "gpt2_optimum": (5, 0, 1),  # ln_f as in gpt2_legacy; optimum keeps the tie (lm_head reads wte)
+    # GPT-J: one ln_1 per layer (parallel attention + MLP) + ln_f, read through a Reshape whose
+    # target shape is computed from Shape (resolved by shape inference)
+    "gptj_legacy": (3, 0, 0),
+    "gptj_optimum": (3, 0, 0),
     "vit_dynamo": (4, 1, 0),  # the final LayerNorm is the graph output
+    "vit_legacy": (4, 1, 0),
+    # ViTForImageClassification: the final LayerNorm reaches the classifier through Gather(CLS row)
+    "vit_cls_legacy": (5, 0, 0),
+    "vit_cls_optimum": (5, 0, 0),
     "bert_dynamo": (0, 5, 0),  # post-LN: every norm feeds the residual stream
     "bert_legacy": (0, 5, 0),
     "bert_ort_opt": (0, 5, 0),  # EmbedLayerNormalization + 4 SkipLayerNormalization
@@ -155,6 +164,45 @@ def test_mixtral_moe_folds_into_the_router_and_every_expert(tmp_path):
         (x,), (y,) = a.run(None, feeds), b.run(None, feeds)
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(y, fixtures.reference_output("mixtral_legacy", feeds), rtol=0, atol=1e-4)
+
+
+# fixture: (the final norm's weight, what it folds into: [(op type, node name)])
+FINAL_NORM = {
+    "gpt2_legacy": ("transformer.ln_f.weight", [("MatMul", "/lm_head/MatMul")]),
+    "gpt2_optimum": ("transformer.ln_f.weight", [("MatMul", "/lm_head/MatMul")]),
+    "gptj_legacy": ("transformer.ln_f.weight", [("MatMul", "/lm_head/MatMul")]),
+    "gptj_optimum": ("transformer.ln_f.weight", [("MatMul", "/lm_head/MatMul")]),
+    "vit_cls_legacy": ("vit.layernorm.weight", [("Gemm", "/classifier/Gemm")]),
+    "vit_cls_optimum": ("vit.layernorm.weight", [("Gemm", "/classifier/Gemm")]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FINAL_NORM))
+def test_final_norm_folds_through_shape_computed_reshape_and_cls_gather(name, tmp_path):
+    """Legacy and optimum graphs carry no value_info: GPT-2's and GPT-J's ln_f reach lm_head
+    through a Reshape whose target shape is computed from Shape, ViT's final LayerNorm reaches the
+    classifier through a Gather of the CLS row. Both keep the channel axis last once shape
+    inference gives them their ranks, and fold; the result equals the transformers model."""
+    import onnxruntime as ort
+
+    src = _build(name)
+    out = tmp_path / "model.onnx"
+    report = flashnorm_onnx.optimize(src, out)
+    weight, readers = FINAL_NORM[name]
+    final = next(d for d in report.decisions if d.name == weight)
+    assert final.status == "folded", report.text()
+    assert sorted((c.op, c.node) for c in final.consumers) == sorted(readers)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feeds = fixtures.feeds_for(src, batch=2, seq=5, seed=3)
+    (y,) = sess.run(None, feeds)
+    np.testing.assert_allclose(y, fixtures.reference_output(name, feeds), rtol=0, atol=1e-4)
+
+
+def test_vit_model_final_norm_is_a_graph_output():
+    for name in ("vit_dynamo", "vit_legacy"):
+        report = flashnorm_onnx.inspect(_build(name))
+        final = next(d for d in report.decisions if d.name == "layernorm.weight")
+        assert final.status == "skipped" and "graph output" in final.reason, report.text()
 
 
 def test_tied_embedding_bytes_unchanged_and_no_untie(tmp_path):

@@ -49,6 +49,12 @@ EXPECTED: dict[str, tuple[dict[str, int], bool, int]] = {
     "bert_ort_opt": ({"EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}, False, 17),
     "gpt2_ort_opt": ({"LayerNormalization": 1, "SkipLayerNormalization": 4}, False, 17),
     "vit_dynamo": ({"LayerNormalization": 5}, False, 20),
+    "gpt2_optimum": ({"LayerNormalization": 5}, True, 18),
+    "gptj_legacy": ({"LayerNormalization": 3}, False, 17),
+    "gptj_optimum": ({"LayerNormalization": 3}, False, 18),
+    "vit_legacy": ({"LayerNormalization": 5}, False, 17),
+    "vit_cls_legacy": ({"LayerNormalization": 5}, False, 17),
+    "vit_cls_optimum": ({"LayerNormalization": 5}, False, 18),
 }
 
 RMS_FUSED = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization"}
@@ -185,7 +191,9 @@ def test_runs_in_onnxruntime(name, build_fixture):
     feeds = F.fixture_feeds(name, batch=2, seq=5)
     out = sess.run(None, feeds)[0]
     batch = feeds[next(iter(feeds))].shape[0]
-    if recipe.family == "vit":
+    if recipe.family == "vit" and recipe.head == "classification":
+        assert out.shape == (batch, F.NUM_LABELS)
+    elif recipe.family == "vit":
         assert out.shape == (batch, (F.IMAGE_SIZE // F.PATCH_SIZE) ** 2 + 1, F.HIDDEN)
     elif recipe.family == "bert":
         assert out.shape == (batch, 5, F.HIDDEN)
@@ -295,6 +303,59 @@ def test_optimum_tied_transpose_without_perm(build_fixture):
     assert tr.op_type == "Transpose" and not tr.attribute  # default perm (reverse)
     gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == tr.input[0])
     assert gather is not None
+
+
+def _readers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    return readers
+
+
+@pytest.mark.parametrize("name", ["gpt2_legacy", "gpt2_optimum", "gptj_legacy", "gptj_optimum"])
+def test_final_norm_reaches_lm_head_through_a_shape_computed_reshape(name, build_fixture):
+    """ln_f -> Reshape(target shape = Concat of dims taken from Shape) -> lm_head MatMul, in a
+    graph without value_info (what the fold needs shape inference for)."""
+    model = _load(build_fixture(name), external=False)
+    assert not model.graph.value_info
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = _readers(model)
+    (ln_f,) = [n for n in model.graph.node if n.op_type == "LayerNormalization" and "ln_f" in n.name]
+    (reshape,) = readers[ln_f.output[0]]
+    assert reshape.op_type == "Reshape" and producer[reshape.input[1]].op_type == "Concat"
+    assert [n.name for n in readers[reshape.output[0]]] == ["/lm_head/MatMul"]
+
+
+@pytest.mark.parametrize("name", ["gptj_legacy", "gptj_optimum"])
+def test_gptj_parallel_block_one_norm_per_layer(name, build_fixture):
+    """GPT-J computes attention and MLP from the same ln_1: it feeds q/k/v and fc_in."""
+    model = _load(build_fixture(name), external=False)
+    readers = _readers(model)
+    for layer in range(F.LAYERS):
+        (ln_1,) = [n for n in model.graph.node if n.name == f"/transformer/h.{layer}/ln_1/LayerNormalization"]
+        linears = sorted(n.name for n in readers[ln_1.output[0]] if n.op_type == "MatMul")
+        assert linears == sorted(f"/transformer/h.{layer}/{p}/MatMul" for p in
+                                 ("attn/q_proj", "attn/k_proj", "attn/v_proj", "mlp/fc_in"))
+
+
+@pytest.mark.parametrize("name", ["vit_cls_legacy", "vit_cls_optimum"])
+def test_vit_classifier_reads_the_cls_row(name, build_fixture):
+    """vit.layernorm -> Gather(axis 1, constant 0) -> classifier Gemm(transB=1)."""
+    model = _load(build_fixture(name), external=False)
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers = _readers(model)
+    (final,) = [n for n in model.graph.node if n.name == "/vit/layernorm/LayerNormalization"]
+    (gather,) = readers[final.output[0]]
+    assert gather.op_type == "Gather"
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in gather.attribute} == {"axis": 1}
+    index = producer[gather.input[1]]
+    assert index.op_type == "Constant" and onnx.numpy_helper.to_array(index.attribute[0].t).tolist() == 0
+    (gemm,) = readers[gather.output[0]]
+    assert gemm.op_type == "Gemm" and gemm.input[1] == "classifier.weight"
+    if F.FIXTURES[name].exporter == "optimum":  # every pixel_values dim symbolic
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_param for d in dims] == ["batch_size", "num_channels", "height", "width"]
 
 
 @pytest.mark.genai

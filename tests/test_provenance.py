@@ -55,3 +55,56 @@ def test_inspect_leaves_the_model_byte_identical(llama):
     report = flashnorm_onnx.inspect(llama)
     assert report.folded == 5
     assert _digest(llama.parent) == before
+
+
+@pytest.mark.parametrize("name", ["llama_dynamo", "gpt2_legacy", "bert_dynamo", "qwen3_tied_dynamo"])
+def test_analysis_writes_nothing_and_apply_does_what_it_planned(name):
+    """The pass is two steps: analyse (a plan per norm, the model untouched) and apply; what the
+    analysis reports is what the apply step then does."""
+    import dataclasses
+
+    from models import fixtures
+
+    model = ir.load(str(fixtures.build(name)))
+    before = ir.to_proto(model).SerializeToString()
+    fold = FlashNormFoldPass()
+    plans = fold.analyse(model)
+    assert ir.to_proto(model).SerializeToString() == before
+    planned = [dataclasses.asdict(p.decision) for p in plans]
+    result = fold.apply(model, plans)
+    done = [dataclasses.asdict(d) for d in result.report.decisions]
+    for d in done:
+        d["rewritten_as"] = ""  # known only once written
+    assert planned == done
+    assert result.report.folded == sum(p.folds for p in plans)
+
+
+def test_two_norms_sharing_a_weight_are_decided_alike(tmp_path):
+    """Each decision is taken on the unmodified graph: two norms whose linears read one weight
+    both fold into untied copies (the order of the norms does not matter), and the function is
+    unchanged."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    k, n = 16, 8
+    inits = [numpy_helper.from_array((rng.random(k) + 0.5).astype(np.float32), "g1"),
+             numpy_helper.from_array((rng.random(k) + 0.5).astype(np.float32), "g2"),
+             numpy_helper.from_array(rng.standard_normal((k, n)).astype(np.float32), "W")]
+    nodes = [helper.make_node("RMSNormalization", ["x1", "g1"], ["h1"], axis=-1),
+             helper.make_node("RMSNormalization", ["x2", "g2"], ["h2"], axis=-1),
+             helper.make_node("MatMul", ["h1", "W"], ["y1"]), helper.make_node("MatMul", ["h2", "W"], ["y2"])]
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi("x1", TensorProto.FLOAT, [2, k]), vi("x2", TensorProto.FLOAT, [2, k])],
+                              [vi("y1", TensorProto.FLOAT, [2, n]), vi("y2", TensorProto.FLOAT, [2, n])], inits)
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)], ir_version=10), str(src))
+    report = flashnorm_onnx.optimize(src, tmp_path / "o.onnx")
+    assert report.folded == 2 and report.verification.passed
+    assert [c.action for d in report.decisions for c in d.consumers] == ["untied copy", "untied copy"]
+    feeds = {"x1": rng.standard_normal((2, k)).astype(np.float32), "x2": rng.standard_normal((2, k)).astype(np.float32)}
+    a = ort.InferenceSession(str(src)).run(None, feeds)
+    b = ort.InferenceSession(str(tmp_path / "o.onnx")).run(None, feeds)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -21,10 +21,16 @@ Rules that keep the function unchanged:
 * A norm whose scale is already all ones (and bias zero) is reported as already weightless,
   so a second run changes nothing.
 
+Two steps, load -> find norms and readers -> decide (a plan) -> apply: :meth:`analyse`
+decides for every norm on the unmodified graph and returns one :class:`NormPlan` each (the
+decision, its reason, the tensors it would write), touching nothing; :meth:`apply` writes the
+plans. So no decision depends on another norm's fold, and ``inspect`` runs the analysis alone.
+
 Usage::
 
-    result = FlashNormFoldPass()(model)       # an onnx_ir.passes.InPlacePass
+    result = FlashNormFoldPass()(model)       # an onnx_ir.passes.InPlacePass: analyse + apply
     result.report.decisions                   # one NormDecision per normalization
+    plans = FlashNormFoldPass().analyse(model)  # what would be done; the model is unchanged
 """
 
 from __future__ import annotations
@@ -117,8 +123,32 @@ class _BiasWrite:
     delta: np.ndarray  # beta @ B, float64, shape [N]
 
 
+@dataclasses.dataclass
+class NormPlan:
+    """What the analysis decided for one norm, and, when it is to be folded, what the apply step
+    writes: the weights (in place or untied copies), the biases, and the names the subgraph
+    check re-runs. Made without touching the model."""
+
+    match: NormMatch
+    decision: NormDecision
+    g: np.ndarray | None = None
+    uses: list[LinearUse] = dataclasses.field(default_factory=list)
+    writes: list[_WeightWrite] = dataclasses.field(default_factory=list)
+    biases: list[_BiasWrite] = dataclasses.field(default_factory=list)
+    site: RewriteSite | None = None
+
+    @property
+    def folds(self) -> bool:
+        return self.decision.status == "folded"
+
+
 class FlashNormFoldPass(ir.passes.InPlacePass):
-    """Fold every normalization's scale (and LayerNorm bias) into the linears it feeds."""
+    """Fold every normalization's scale (and LayerNorm bias) into the linears it feeds.
+
+    Two steps: :meth:`analyse` decides for every norm on the model as it is and returns the plans
+    (the model untouched; ``inspect`` runs only this), then :meth:`apply` writes them. Every
+    decision is taken on the unmodified graph, so none depends on another norm's fold.
+    """
 
     def __init__(
         self,
@@ -134,19 +164,38 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         self.progress = progress
 
     def call(self, model: ir.Model) -> FlashNormPassResult:
+        plans = self.analyse(model)
+        return self.apply(model, plans)
+
+    def analyse(self, model: ir.Model) -> list[NormPlan]:
+        """One plan per normalization of the main graph; reads the model, writes nothing. (The
+        part that reads weights, the overflow check, is here: progress is reported per norm.)"""
+        norms = find_norms(model.graph)
+        plans = []
+        for index, match in enumerate(norms):
+            plans.append(self._decide(index, match))
+            if self.progress:
+                self.progress(index + 1, len(norms))
+        return plans
+
+    @staticmethod
+    def report_of(plans: list[NormPlan]) -> FoldReport:
+        """The report the plans would give (``inspect``: "would fold into")."""
+        return FoldReport(decisions=[p.decision for p in plans])
+
+    def apply(self, model: ir.Model, plans: list[NormPlan]) -> FlashNormPassResult:
+        """Write every plan that folds (made by :meth:`analyse` on this same model)."""
         graph = model.graph
         opset = opset_version(model)
         pool = ConstantPool(graph, set())
         report = FoldReport()
         self._folds: list[FoldRecord] = []
         self._sites: list[RewriteSite] = []
-        norms = find_norms(graph)
-        for index, match in enumerate(norms):
-            decision = self._decide_and_fold(index, match, graph, pool, opset)
-            logger.info("%s", decision.line().replace("\n", " |"))
-            report.decisions.append(decision)
-            if self.progress:
-                self.progress(index + 1, len(norms))
+        for plan in plans:
+            if plan.folds:
+                self._apply(plan, graph, pool, opset)
+            logger.info("%s", plan.decision.line().replace("\n", " |"))
+            report.decisions.append(plan.decision)
         modified = report.folded > 0
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
@@ -156,16 +205,15 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
 
     # -- one norm ------------------------------------------------------------------------------
 
-    def _decide_and_fold(
-        self, index: int, match: NormMatch, graph: ir.Graph, pool: ConstantPool, opset: int
-    ) -> NormDecision:
+    def _decide(self, index: int, match: NormMatch) -> NormPlan:
         decision = NormDecision(index=index, name=match.name, kind=match.kind, form=match.form, status="skipped")
+        plan = NormPlan(match, decision)
         if match.problem:
             decision.reason = match.problem
-            return decision
+            return plan
         if match.kind == "layer" and not self.fold_layernorm:
             decision.reason = "LayerNorm folding is disabled"
-            return decision
+            return plan
         g = match.scale_array()
         beta = match.bias_array()
         analysis = find_linear_uses(match.output, channels=g.size if g.size > 1 else None)
@@ -173,66 +221,79 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         decision.feeds = [u.description for u in analysis.uses]
         if fold_math.is_all(g, 1.0) and fold_math.is_all(beta, 0.0):
             decision.status = "already-weightless"
-            return decision
+            return plan
         if analysis.refusals:
             decision.reason = "; ".join(dict.fromkeys(analysis.refusals))
             if analysis.residual and match.kind == "layer":
                 decision.reason += " (post-LN: the normalized value is also the residual, so its scale cannot move into the linears)"
-            return decision
+            return plan
         if not analysis.uses:
             decision.reason = "its output has no reader to fold into"
-            return decision
+            return plan
 
         refusal = self._check_channels(g, beta, analysis.uses)
         if refusal:
             decision.reason = refusal
-            return decision
+            return plan
         writes, refusal = self._plan_writes(analysis.uses)
         if refusal:
             decision.reason = refusal
-            return decision
+            return plan
         biases, refusal = self._plan_biases(beta, analysis.uses)
         if refusal:
             decision.reason = refusal
-            return decision
+            return plan
         for write in writes:
             tensor = const_tensor(write.source)
             try:
                 fold_math.check_tensor(tensor, g, write.k_axis)  # block by block, nothing mapped
             except fold_math.FoldRefused as e:
                 decision.reason = f"folding into '{write.source.name}' is not representable: {e}"
-                return decision
+                return plan
             finally:
                 release_tensor(tensor)
 
-        # Decided: write.
-        site = _site_before(match, g, beta, analysis.uses)
-        done_in_place: set[int] = set()
+        decision.status = "folded"
+        plan.g, plan.uses, plan.writes, plan.biases = g, analysis.uses, writes, biases
+        plan.site = _site_before(match, g, beta, analysis.uses)
         for write in writes:
             nbytes = _nbytes(const_tensor(write.source))
-            record = self._apply_weight(write, g, graph, pool, done_in_place)
-            decision.consumers.append(record)
-            if record.action == "untied copy":
+            if write.in_place and any(w.in_place and w.source is write.source for w in writes[:writes.index(write)]):
+                action = "shared in place"
+            else:
+                action = "in place" if write.in_place else "untied copy"
+            decision.consumers.append(ConsumerRecord(op=write.use.node.op_type, node=write.use.node.name or "",
+                                                     weight=write.source.name or "", action=action))
+            if action == "untied copy":
                 decision.bytes_added += nbytes
                 decision.tensors_written += 1
-            elif record.action == "in place":
+            elif action == "in place":
                 decision.bytes_rewritten += nbytes
                 decision.tensors_written += 1
         for bias in biases:
-            added, rewritten = self._apply_bias(bias, graph, pool)
+            added, rewritten = self._bias_bytes(bias)
             decision.bytes_added += added
             decision.bytes_rewritten += rewritten
             decision.tensors_written += 1
+        return plan
+
+    def _apply(self, plan: NormPlan, graph: ir.Graph, pool: ConstantPool, opset: int) -> None:
+        """Write one folding plan: the weights, the biases, the weightless norm."""
+        match, decision, g = plan.match, plan.decision, plan.g
+        done_in_place: set[int] = set()
+        for write in plan.writes:
+            self._apply_weight(write, g, graph, pool, done_in_place)
+        for bias in plan.biases:
+            self._apply_bias(bias, graph, pool)
         readers_of_output = [(u.node, u.idx) for u in match.output.uses()]
         decision.rewritten_as = make_weightless(match, graph, pool, opset, self.keep_structure)
+        site = plan.site
         if site is not None:
             node, idx = readers_of_output[0]
             site.output_after = node.inputs[idx]
-            for reader, use in zip(site.readers, analysis.uses):
+            for reader, use in zip(site.readers, plan.uses):
                 reader.result_after = _linear_result(use)
             self._sites.append(site)
-        decision.status = "folded"
-        return decision
 
     @staticmethod
     def _check_channels(g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse]) -> str | None:
@@ -324,6 +385,19 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         write.use.node.replace_input_with(1, value)
         return record
 
+    @staticmethod
+    def _bias_bytes(bias: _BiasWrite) -> tuple[int, int]:
+        """(bytes added, bytes rewritten) that :meth:`_apply_bias` will write, read off the model."""
+        use = bias.use
+        if use.bias_source is not None and (use.bias_add is not None or use.node.op_type == "Gemm"):
+            original = const_tensor(use.bias_source)
+            shape = np.broadcast_shapes(tuple(original.shape.numpy()), bias.delta.shape)
+            nbytes = int(np.prod(shape, dtype=np.int64)) * original.dtype.itemsize
+            if _bias_exclusive(use) and use.bias_source.is_initializer() and shape == tuple(original.shape.numpy()):
+                return 0, nbytes
+            return nbytes, 0
+        return int(bias.delta.size) * _new_bias_dtype(use).itemsize, 0
+
     def _apply_bias(self, bias: _BiasWrite, graph: ir.Graph, pool: ConstantPool) -> tuple[int, int]:
         """Add beta @ B to the linear's bias. Returns (bytes added, bytes rewritten)."""
         use = bias.use
@@ -332,7 +406,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             source = use.bias_source
             original = const_tensor(source)
             reader = use.bias_add if node.op_type != "Gemm" else node
-            exclusive = len(list(source.uses())) == 1 and not source.is_graph_output() and not use.bias_path
+            exclusive = _bias_exclusive(use)
             beta_attr = 1.0
             if node.op_type == "Gemm":
                 beta_attr = float(node.attributes["beta"].value) if "beta" in node.attributes else 1.0
@@ -352,13 +426,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             reader.replace_input_with(index, new)
             return tensor.nbytes, 0
         # No bias yet: MatMul -> Add(new bias), or Gemm gets C.
-        # the linear's output dtype: known, or that of its weight after the path's Casts
-        dtype = node.outputs[0].dtype or use.weight.tensor.dtype
-        if node.outputs[0].dtype is None:
-            casts = [n for n in use.weight.nodes if n.op_type == "Cast"]
-            if casts:
-                dtype = ir.DataType(casts[-1].attributes["to"].value)
-        array = bias.delta.astype(dtype.numpy())
+        array = bias.delta.astype(_new_bias_dtype(use).numpy())
         tensor = ir.Tensor(array)
         new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
         if node.op_type == "Gemm":
@@ -381,6 +449,24 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             out.name = pool.unique(f"{old_name}.unbiased")
             add.outputs[0].name = old_name
         return tensor.nbytes, 0
+
+
+def _bias_exclusive(use: LinearUse) -> bool:
+    """Whether the linear's bias constant is read by this linear only (it can be rewritten)."""
+    source = use.bias_source
+    return len(list(source.uses())) == 1 and not source.is_graph_output() and not use.bias_path
+
+
+def _new_bias_dtype(use: LinearUse) -> ir.DataType:
+    """The dtype of a bias created for a linear that had none: its output's, when known, else
+    that of its weight after the weight path's Casts."""
+    node = use.node
+    dtype = node.outputs[0].dtype or use.weight.tensor.dtype
+    if node.outputs[0].dtype is None:
+        casts = [n for n in use.weight.nodes if n.op_type == "Cast"]
+        if casts:
+            dtype = ir.DataType(casts[-1].attributes["to"].value)
+    return dtype
 
 
 def _linear_result(use: LinearUse) -> ir.Value:

@@ -29,8 +29,12 @@ def const_tensor(value: ir.Value | None) -> ir.TensorProtocol | None:
         return value.const_value
     producer = value.producer()
     if is_op(producer, "Constant"):
-        tensor = ir.convenience.get_const_tensor(value)
-        return tensor
+        attr = producer.attributes.get("value")
+        if attr is not None and len(producer.attributes) == 1 and not attr.is_ref():
+            # read it as it is: onnx-ir's get_const_tensor renames the node's tensor to the
+            # value's name, and reading must not change the model (the analysis writes nothing)
+            return attr.as_tensor()
+        return ir.convenience.get_const_tensor(value)
     return None
 
 
