@@ -53,21 +53,16 @@ import numpy as np
 
 from flashnorm_onnx.errors import FlashNormError, InputModelError, ProviderUnavailable, VerificationUnavailable
 from flashnorm_onnx.inputs import Case, has_past, make_feeds, specs_from_session
+from flashnorm_onnx.passes.norm_patterns import FUSED_NORM_OPS
 
 logger = logging.getLogger(__name__)
 
 GROUPS = ("normalization", "MatMul/Gemm", "attention", "other")
 
-NORM_OPS = {
-    "LayerNormalization",
-    "SimplifiedLayerNormalization",
-    "SkipLayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-    "RMSNormalization",
-    "GroupNormalization",
-    "BatchNormalization",
-}
-"""Fused norm ops. The nodes of decomposed chains are found by the fold's own catalogue
+NORM_OPS = FUSED_NORM_OPS | {"GroupNormalization", "BatchNormalization"}
+"""Fused norm ops: the fold's catalogue's (:data:`~flashnorm_onnx.passes.norm_patterns.FUSED_NORM_OPS`),
+plus the two norms it never folds (convolution nets' GroupNorm and BatchNorm), which are still
+normalization time. The nodes of decomposed chains are found by the same catalogue
 (:func:`flashnorm_onnx.passes.norm_patterns.find_norms`), by name: a GELU's ``Pow`` or an
 attention's ``Sqrt`` is not normalization time."""
 LINEAR_OPS = {"MatMul", "FusedMatMul", "Gemm", "MatMulNBits", "MatMulInteger", "QGemm", "MatMulIntegerToFloat",

@@ -140,6 +140,10 @@ _FUSED = {
 }
 
 
+#: The fused norm ops of the catalogue (the profiler's "normalization" group asks this).
+FUSED_NORM_OPS = frozenset(_FUSED)
+
+
 def match_fused(node: ir.Node) -> NormMatch | None:
     spec = _FUSED.get(node.op_type)
     if spec is None or node.domain not in spec[0]:
