@@ -315,11 +315,18 @@ def write_atomic(
     progress: Callable[[int, int], None] | None = None,
 ) -> StagedOutput:
     """Write the model into a hidden staging folder next to ``output``; ``commit()`` publishes it
-    (see :mod:`flashnorm_onnx.publish`)."""
+    (see :mod:`flashnorm_onnx.publish`). ``progress(bytes_done, bytes_total)`` while the external
+    data file fills."""
     staged = publish.stage(output, external)
     try:
         path = staged.model_path
-        if external:
+        if external and hasattr(os, "preadv"):
+            # streamed: each folded tensor read once and folded block by block, unchanged tensors
+            # copied from the input's data file; the same bytes as ir.save writes
+            from flashnorm_onnx import tensor_io
+
+            tensor_io.save_with_external_data(model, path, staged.data_name, progress=progress)
+        elif external:  # no positioned reads (Windows): onnx-ir's writer
             callback = None
             if progress is not None:
                 def callback(tensor, meta) -> None:  # noqa: ANN001

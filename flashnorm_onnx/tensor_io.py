@@ -1,0 +1,446 @@
+"""Reading and writing tensor bytes at disk speed, in fixed-size blocks.
+
+The fold streams every weight once: row blocks of the stored 2-D array are read with ``pread``
+into one reused buffer (nothing memory-mapped, so the resident set does not grow with the
+tensor), folded, and written with large sequential ``pwrite`` calls by a writer thread while the
+next block is read and folded; tensors the fold leaves unchanged go from the input's data file
+to the output's by ``os.copy_file_range`` (the kernel copies, no Python buffer), adjacent ones
+in one range. The data file is laid out exactly as ``onnx_ir.save`` lays it out (initializers
+in declaration order, packed densely, those of at most 256 bytes kept inline), so the output
+is the same file, byte for byte, as the in-memory path writes.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+#: Bytes per block of a streamed tensor (rounded to whole rows): large enough for few system
+#: calls, small enough for the cache and a flat resident set.
+BLOCK_BYTES = 4 << 20
+#: Blocks in flight between the folding thread and the writer thread (memory: this many blocks).
+BUFFERS = 3
+#: Largest single kernel copy (progress is reported between them).
+COPY_CHUNK = 256 << 20
+#: ``onnx_ir.save``'s default: tensors of at most this many bytes stay inline in the model file.
+SIZE_THRESHOLD = 256
+
+#: Seconds spent, summed over the process: ``read`` (pread of folded tensors and of the overflow
+#: check), ``fold`` (the arithmetic), ``wait`` (the folding thread waiting for a free buffer, i.e.
+#: for the disk), ``write`` and ``copy`` (the writer thread). For the benchmark's breakdown.
+STATS: dict[str, float] = {"read": 0.0, "fold": 0.0, "wait": 0.0, "write": 0.0, "copy": 0.0}
+
+
+def external_source(tensor) -> tuple[str, int, int] | None:
+    """(file, offset, length) of an external tensor whose bytes are its values as numpy reads them
+    (fixed-size little-endian dtype), else None."""
+    if not isinstance(tensor, ir.ExternalTensor) or sys.byteorder != "little":
+        return None
+    try:
+        itemsize = tensor.dtype.itemsize
+        tensor.dtype.numpy()
+    except Exception:  # noqa: BLE001 - a dtype numpy cannot hold
+        return None
+    if tensor.dtype == ir.DataType.STRING or not float(itemsize).is_integer() or itemsize < 1:
+        return None
+    length = tensor.nbytes
+    if tensor.length is not None and tensor.length != length:
+        return None
+    return tensor.path, int(tensor.offset or 0), int(length)
+
+
+def _rows_per_block(shape: tuple[int, ...], itemsize: int, block_bytes: int) -> int:
+    row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * itemsize)
+    return max(1, block_bytes // row)
+
+
+def iter_row_blocks(tensor, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[slice, np.ndarray]]:
+    """(rows, block) over the first axis of ``tensor``. External data is read with ``pread``
+    into one buffer reused for every block: a block is valid until the next one is yielded."""
+    shape = tuple(int(d) for d in tensor.shape.numpy())
+    dtype = tensor.dtype.numpy()
+    rows_total = shape[0] if shape else 1
+    step = _rows_per_block(shape, dtype.itemsize, block_bytes)
+    source = external_source(tensor)
+    if source is None:
+        array = tensor.numpy()
+        if not shape:
+            yield slice(0, 1), array.reshape(1)
+            return
+        for start in range(0, rows_total, step):
+            rows = slice(start, min(start + step, rows_total))
+            yield rows, array[rows]
+        return
+    path, offset, _ = source
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    starts = list(range(0, rows_total, step))
+    fd = os.open(path, os.O_RDONLY)
+    buffer = np.empty(min(step, rows_total) * row_bytes, dtype=np.uint8)
+    try:
+        for start in starts:
+            stop = min(start + step, rows_total)
+            n = (stop - start) * row_bytes
+            t = time.perf_counter()
+            read_exactly(fd, memoryview(buffer)[:n], offset + start * row_bytes)
+            STATS["read"] += time.perf_counter() - t
+            yield slice(start, stop), buffer[:n].view(dtype).reshape((stop - start, *shape[1:]))
+    finally:
+        os.close(fd)
+
+
+def read_rows(tensor, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (sorted indices into the first axis) of a tensor, read without mapping it:
+    ``pread`` of just those rows from an external file, else indexing of the in-memory array."""
+    shape = tuple(int(d) for d in tensor.shape.numpy())
+    dtype = tensor.dtype.numpy()
+    source = external_source(tensor)
+    if source is None:
+        return np.asarray(tensor.numpy())[rows]
+    path, offset, _ = source
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    out = np.empty((len(rows), row_bytes), dtype=np.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        # runs of adjacent rows in one read
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            read_exactly(fd, memoryview(out[i:j].reshape(-1)), offset + int(rows[i]) * row_bytes)
+            i = j
+    finally:
+        os.close(fd)
+    return out.reshape(-1).view(dtype).reshape((len(rows), *shape[1:]))
+
+
+def read_exactly(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise OSError(f"unexpected end of file reading {len(view)} bytes at offset {offset}")
+        done += n
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+#: Alignment of direct (``O_DIRECT``) writes: file offset, length and memory address.
+ALIGN = 4096
+#: Write folded blocks with ``O_DIRECT`` (where the file system allows it): True, False, or None
+#: for when the input and the output would not both stay in the page cache anyway (then the
+#: cache is better left to the input, and direct writes are faster); a smaller output is
+#: written through the cache, where the verification that follows reads it back for free.
+DIRECT: bool | None = None
+
+
+def _use_direct(total: int) -> bool:
+    if DIRECT is not None:
+        return DIRECT
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line[0] in "MC"}
+        available = info.get("MemAvailable", 0)
+    except (OSError, ValueError, IndexError):
+        available = 0
+    return 2 * total > available
+
+
+def _aligned_buffer(nbytes: int) -> np.ndarray:
+    import mmap
+
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype=np.uint8)
+
+
+class _Writer:
+    """A thread that performs writes and kernel copies into one file, in submission order.
+
+    ``buffer()`` hands out one of :data:`BUFFERS` reusable page-aligned blocks (waiting while all
+    are queued), so the memory held is fixed whatever the tensors' sizes. Folded blocks are
+    written with ``O_DIRECT`` where the file system allows it: the whole pages of a block go
+    straight to the disk, without the page cache (on this kind of machine that is twice the
+    speed of a buffered write, and it leaves the cache to the input); the partial pages at a
+    block's two ends, and everything the kernel copies, go through the page cache. No page is
+    written both ways."""
+
+    def __init__(self, fd: int, path: Path | None = None):
+        self.fd = fd
+        self.direct: int | None = None
+        if path is not None and hasattr(os, "O_DIRECT"):
+            try:
+                self.direct = os.open(path, os.O_WRONLY | os.O_DIRECT)
+            except OSError:  # tmpfs and others: buffered writes only
+                self.direct = None
+        self.jobs: queue.Queue = queue.Queue()
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(BUFFERS):
+            self.free.put(_aligned_buffer(BLOCK_BYTES + ALIGN))
+        self.error: BaseException | None = None
+        self.sources: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, name="flashnorm-writer", daemon=True)
+        self.thread.start()
+
+    def buffer(self, nbytes: int) -> np.ndarray:
+        """A buffer of at least ``nbytes`` (one of the pool when it fits, else a new one)."""
+        self._raise()
+        if nbytes > BLOCK_BYTES + ALIGN:
+            return _aligned_buffer(nbytes)
+        t = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self.free.get(timeout=1.0)
+                except queue.Empty:
+                    self._raise()
+        finally:
+            STATS["wait"] += time.perf_counter() - t
+
+    def write(self, buf: np.ndarray, start: int, nbytes: int, offset: int) -> None:
+        """Write ``buf[start:start + nbytes]`` at ``offset``; ``start == offset % ALIGN`` lets the
+        block's whole pages go out directly (the buffer must be one from :meth:`buffer`)."""
+        self._raise()
+        self.jobs.put(("write", buf, start, nbytes, offset))
+
+    def copy(self, path: str, src_offset: int, nbytes: int, offset: int) -> None:
+        self._raise()
+        self.jobs.put(("copy", path, src_offset, nbytes, offset))
+
+    def close(self) -> None:
+        self._stop()
+        self._raise()
+
+    def abort(self) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+        for fd in [*self.sources.values(), *([self.direct] if self.direct is not None else [])]:
+            os.close(fd)
+        self.sources.clear()
+        self.direct = None
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            if self.error is not None:
+                if job[0] == "write":
+                    self._recycle(job[1])
+                continue
+            t = time.perf_counter()
+            try:
+                if job[0] == "write":
+                    _, buf, start, nbytes, offset = job
+                    self._write(memoryview(buf), start, nbytes, offset, buf.ctypes.data % ALIGN == 0)
+                    self._recycle(buf)
+                    STATS["write"] += time.perf_counter() - t
+                else:
+                    _, path, src_offset, nbytes, offset = job
+                    src = self.sources.get(path)
+                    if src is None:
+                        src = self.sources[path] = os.open(path, os.O_RDONLY)
+                    copy_range(src, self.fd, src_offset, nbytes, offset)
+                    STATS["copy"] += time.perf_counter() - t
+            except BaseException as e:  # noqa: BLE001 - handed to the submitting thread
+                self.error = e
+                if job[0] == "write":
+                    self._recycle(job[1])
+
+    def _write(self, view: memoryview, start: int, nbytes: int, offset: int, aligned: bool) -> None:
+        end = offset + nbytes
+        a0 = -(-offset // ALIGN) * ALIGN  # the block's whole pages: [a0, a1)
+        a1 = end // ALIGN * ALIGN
+        if self.direct is not None and aligned and a1 > a0 and start == offset % ALIGN:
+            try:
+                _pwrite_all(self.direct, view[start + a0 - offset: start + a1 - offset], a0)
+            except OSError:  # direct I/O refused after all: buffered from here on
+                os.close(self.direct)
+                self.direct = None
+            else:
+                _pwrite_all(self.fd, view[start: start + a0 - offset], offset)
+                _pwrite_all(self.fd, view[start + a1 - offset: start + nbytes], a1)
+                return
+        _pwrite_all(self.fd, view[start: start + nbytes], offset)
+
+    def _recycle(self, buf: np.ndarray) -> None:
+        if buf.nbytes == BLOCK_BYTES + ALIGN:
+            self.free.put(buf)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+_copy_file_range_works = hasattr(os, "copy_file_range")
+
+
+def copy_range(src: int, dst: int, src_offset: int, nbytes: int, dst_offset: int) -> None:
+    """Copy ``nbytes`` from ``src`` at ``src_offset`` to ``dst`` at ``dst_offset``: by the kernel
+    (``copy_file_range``) where it can, else through one buffer."""
+    global _copy_file_range_works
+    done = 0
+    while done < nbytes and _copy_file_range_works:
+        try:
+            n = os.copy_file_range(src, dst, min(nbytes - done, 1 << 30), src_offset + done, dst_offset + done)
+        except OSError:  # EXDEV on old kernels, ENOSYS, EINVAL on some file systems
+            _copy_file_range_works = False
+            break
+        if n <= 0:
+            raise OSError(f"unexpected end of file copying {nbytes} bytes at offset {src_offset}")
+        done += n
+    if done < nbytes:
+        buf = bytearray(min(BLOCK_BYTES, nbytes - done))
+        while done < nbytes:
+            view = memoryview(buf)[: min(len(buf), nbytes - done)]
+            read_exactly(src, view, src_offset + done)
+            written = 0
+            while written < len(view):
+                written += os.pwrite(dst, view[written:], dst_offset + done + written)
+            done += len(view)
+
+
+def _initializers(model: ir.Model) -> list[ir.Value]:
+    return [v for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
+
+
+def save_with_external_data(
+    model: ir.Model,
+    path: Path,
+    data_name: str,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """``ir.save(model, path, external_data=data_name)``, streamed (see the module docstring).
+
+    ``progress(bytes_done, bytes_total)`` is called as the data file fills."""
+    from flashnorm_onnx.passes.fold_math import FoldedTensor
+
+    path = Path(path)
+    values = _initializers(model)
+    big = [v for v in values if v.const_value.nbytes > SIZE_THRESHOLD]
+    small_external = [v for v in values if v.const_value.nbytes <= SIZE_THRESHOLD
+                      and isinstance(v.const_value, ir.ExternalTensor)]
+    plan: list[tuple[ir.Value, int, int]] = []
+    offset = 0
+    for v in big:
+        plan.append((v, offset, v.const_value.nbytes))
+        offset += v.const_value.nbytes
+    total = offset
+    data_path = path.parent / data_name
+    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    writer = _Writer(fd, data_path if _use_direct(total) else None)
+    done = 0
+    reported = 0
+    pending: list | None = None  # a kernel copy being extended: [path, src_offset, nbytes, dst_offset]
+
+    def flush_copy() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        source, src_offset, nbytes, dst_offset = pending
+        pending = None
+        if writer.direct is None:
+            # the kernel copies through the page cache: fastest while the dirty pages stay under
+            # the kernel's writeback threshold, which is when direct writes are not used
+            for k in range(0, nbytes, COPY_CHUNK):
+                writer.copy(source, src_offset + k, min(COPY_CHUNK, nbytes - k), dst_offset + k)
+            return
+        # direct writes: a large copy through the page cache would be throttled to the disk's
+        # writeback speed behind them; read the range in blocks and write it as folded blocks are
+        src = os.open(source, os.O_RDONLY)
+        try:
+            for k in range(0, nbytes, BLOCK_BYTES):
+                n = min(BLOCK_BYTES, nbytes - k)
+                at = dst_offset + k
+                pad = at % ALIGN
+                buf = writer.buffer(pad + n)
+                t = time.perf_counter()
+                read_exactly(src, memoryview(buf)[pad: pad + n], src_offset + k)
+                STATS["read"] += time.perf_counter() - t
+                writer.write(buf, pad, n, at)
+                advance(n)
+        finally:
+            os.close(src)
+
+    def advance(nbytes: int) -> None:
+        nonlocal done, reported
+        done += nbytes
+        if progress is not None and (done - reported >= 64 << 20 or done == total):
+            reported = done
+            progress(done, total)
+
+    try:
+        for value, dst_offset, nbytes in plan:
+            tensor = value.const_value
+            source = external_source(tensor) if not isinstance(tensor, FoldedTensor) else None
+            if source is not None:
+                src_path, src_offset, _ = source
+                if (pending is not None and pending[0] == src_path and pending[1] + pending[2] == src_offset
+                        and pending[3] + pending[2] == dst_offset):
+                    pending[2] += nbytes
+                else:
+                    flush_copy()
+                    pending = [src_path, src_offset, nbytes, dst_offset]
+                if writer.direct is None:
+                    advance(nbytes)
+                continue
+            flush_copy()
+            if isinstance(tensor, FoldedTensor) and tensor.streamable():
+                for start, block_bytes, fill in tensor.blocks(BLOCK_BYTES):
+                    at = dst_offset + start
+                    pad = at % ALIGN  # the buffer's pages line up with the file's
+                    buf = writer.buffer(pad + block_bytes)
+                    t = time.perf_counter()
+                    fill(buf[pad: pad + block_bytes])
+                    STATS["fold"] += time.perf_counter() - t
+                    writer.write(buf, pad, block_bytes, at)
+                    advance(block_bytes)
+            else:
+                data = tensor.tobytes()
+                if len(data) != nbytes:
+                    raise ValueError(f"tensor '{tensor.name}' holds {len(data)} bytes, its shape needs {nbytes}")
+                buf = np.frombuffer(data, dtype=np.uint8)
+                writer.write(buf, 0, nbytes, dst_offset)
+                advance(nbytes)
+        flush_copy()
+        writer.close()
+    except BaseException:
+        writer.abort()
+        os.close(fd)
+        raise
+    os.close(fd)
+
+    # the model file: each written tensor becomes a reference into the data file, as ir.save does
+    saved = [(v, v.const_value) for v in values]
+    try:
+        for value, dst_offset, nbytes in plan:
+            t = value.const_value
+            value.const_value = ir.ExternalTensor(
+                os.path.normpath(data_name), dst_offset, nbytes, t.dtype, shape=t.shape, name=t.name,
+                base_dir=os.path.normpath(str(path.parent)),
+            )
+        for value in small_external:
+            t = value.const_value
+            value.const_value = ir.Tensor(t.numpy().copy(), name=t.name, dtype=t.dtype)
+        proto = ir.serde.serialize_model(model)
+        onnx.save(proto, str(path))
+    finally:
+        for value, tensor in saved:
+            value.const_value = tensor
