@@ -217,9 +217,12 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], s
         return {}
     start = int(np.random.default_rng([seed, n]).integers(0, n - SAMPLE_COLUMNS + 1))
     cols = slice(start, start + SAMPLE_COLUMNS)
-    array = tensor.numpy()
-    out = {weight.name: np.ascontiguousarray(array[:, cols] if k_axis == 0 else array[cols, :])}
-    del array
+    sliced = _read_columns(tensor, shape, k_axis, cols)
+    if sliced is None:  # not a plain external tensor: through numpy (mapped)
+        array = tensor.numpy()
+        sliced = np.ascontiguousarray(array[:, cols] if k_axis == 0 else array[cols, :])
+        del array
+    out = {weight.name: sliced}
     release_tensor(tensor)
     for name, v in consts.items():
         if name == weight.name:
@@ -228,6 +231,37 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], s
         if dims and dims[-1] == n:  # a bias over the output columns
             out[name] = np.ascontiguousarray(v.const_value.numpy()[..., cols])
     return out
+
+
+def _read_columns(tensor, shape: tuple, k_axis: int, cols: slice) -> np.ndarray | None:
+    """The sampled output columns of a 2-D external weight, read with ``pread`` (only those
+    bytes: the tensor is never mapped, so the resident set stays at the sample whatever the
+    weight's size). None where the tensor is not a plain external one."""
+    import os
+
+    from flashnorm_onnx.tensor_io import external_source
+
+    source = external_source(tensor) if len(shape) == 2 else None
+    if source is None or not hasattr(os, "pread"):
+        return None
+    path, offset, _ = source
+    dtype = np.dtype(tensor.dtype.numpy())
+    rows, row_len = shape
+    width = cols.stop - cols.start
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if k_axis == 1:  # [N, K]: the sampled columns of the output are whole rows, contiguous
+            data = os.pread(fd, width * row_len * dtype.itemsize, offset + cols.start * row_len * dtype.itemsize)
+            out = np.frombuffer(data, dtype=dtype).reshape(width, row_len)
+        else:  # [K, N]: a short run of each row
+            out = np.empty((rows, width), dtype=dtype)
+            size = width * dtype.itemsize
+            for r in range(rows):
+                data = os.pread(fd, size, offset + (r * row_len + cols.start) * dtype.itemsize)
+                out[r] = np.frombuffer(data, dtype=dtype)
+    finally:
+        os.close(fd)
+    return np.ascontiguousarray(out)
 
 
 class _NotIsolable(Exception):

@@ -300,3 +300,25 @@ def test_zero_timeout_means_no_limit_and_rtol_zero_is_allowed(tmp_path, capsys, 
                       "--rtol", rtol, "-q")
     assert proc.returncode in (0, 5), proc.stderr  # rtol 0: exact up to atol, may fail verification
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("k_axis", [0, 1])
+def test_sampled_columns_are_read_from_the_file_exactly(tmp_path, k_axis):
+    """The subgraph check's sample of a large weight is read with pread (never mapped whole):
+    it must equal numpy's slice of the tensor."""
+    import numpy as np
+    import onnx_ir as ir
+
+    from flashnorm_onnx.verify_subgraph import _read_columns
+
+    rng = np.random.default_rng(3)
+    array = rng.standard_normal((37, 53)).astype(np.float16)
+    raw = b"\0" * 24 + array.tobytes()
+    (tmp_path / "w.data").write_bytes(raw)
+    tensor = ir.ExternalTensor("w.data", offset=24, length=array.nbytes, dtype=ir.DataType.FLOAT16,
+                               shape=ir.Shape(array.shape), name="w", base_dir=str(tmp_path))
+    cols = slice(5, 5 + 7)
+    got = _read_columns(tensor, array.shape, k_axis, cols)
+    expected = array[:, cols] if k_axis == 0 else array[cols, :]
+    assert got is not None and got.dtype == array.dtype
+    np.testing.assert_array_equal(got, expected)
