@@ -278,7 +278,8 @@ def _verify_quantized(info: model_io.InputInfo, output: Path, options: dict) -> 
     from flashnorm_onnx.verify import compare_models
 
     dims = {**dims_from_configs(info.path), **(options.get("dims") or {})}
-    return compare_models(info.path, output, dims=dims, vocab=vocab_sizes(model_io.load(info)),
+    vocab = options["vocab"] if "vocab" in options else vocab_sizes(model_io.load(info))
+    return compare_models(info.path, output, dims=dims, vocab=vocab,
                           timeout=options.get("verify_timeout"), quantized=True)
 
 
@@ -401,7 +402,7 @@ def fold_file(
             report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
         elif dequantized is not None:
             report.verification = _verify_quantized(info, staged.model_path,
-                                                    dict(dims=dims, verify_timeout=verify_timeout))
+                                                    dict(dims=dims, verify_timeout=verify_timeout, vocab=vocab))
         else:
             report.verification = _verify("onnxruntime" if fusions else verify_mode, info, staged.model_path,
                                           result, dims, vocab, rtol, verify_timeout)

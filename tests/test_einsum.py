@@ -12,7 +12,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from flashnorm_onnx import FlashNormFoldPass, cli
+from flashnorm_onnx import FlashNormFoldPass
 from flashnorm_onnx.passes import linear_consumers
 from tests import graphs
 
@@ -212,21 +212,10 @@ def test_folding_the_wrong_weight_axis_is_caught(equation, monkeypatch):
 
 
 def _optimize(mode: str, src, out, monkeypatch, capsys) -> tuple[int, str]:
-    """``optimize --verify MODE`` (as tests/test_mutations.py runs it)."""
-    from flashnorm_onnx import api, verify_subgraph
+    """``optimize --verify MODE``, as tests/test_mutations.py runs it."""
+    from tests.test_mutations import _run
 
-    args = ["optimize", str(src), "-o", str(out)]
-    if mode == "auto-large":  # as if the model were too large to run whole
-        monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-12)
-    elif mode == "subgraph-sampled":  # large weights: each linear runs on a few output columns
-        monkeypatch.setattr(verify_subgraph, "SAMPLE_BYTES", 0)
-        monkeypatch.setattr(verify_subgraph, "SAMPLE_COLUMNS", 4)
-        args += ["--verify", "subgraph"]
-    else:
-        args += ["--verify", mode]
-    code = cli.main(args)
-    captured = capsys.readouterr()
-    return code, captured.out + captured.err
+    return _run(mode, src, out, monkeypatch, capsys)
 
 
 def _mode_model(tmp_path):
