@@ -24,6 +24,7 @@ from flashnorm_onnx.checker import check_model
 from flashnorm_onnx.errors import VerificationFailed
 from flashnorm_onnx.inputs import dims_from_configs, vocab_sizes
 from flashnorm_onnx.passes import FlashNormFoldPass
+from flashnorm_onnx.passes.fold_math import DeferredFoldRefused
 from flashnorm_onnx.report import FoldReport, VerificationResult
 
 logger = logging.getLogger(__name__)
@@ -323,75 +324,92 @@ def fold_file(
 
     With ``publish_output=False`` the verified output stays staged: the report's ``staged``
     attribute holds it, for the caller to ``commit()`` or ``abandon()``."""
-    ir_model = model_io.load(info)
-    vocab = vocab_sizes(ir_model)
-    fusions = None
-    dequantized = None
-    if requantize:
-        from flashnorm_onnx.quantize import dequantize_for_fold
+    refused: dict[tuple[int, str], str] = {}  # norms whose fold the write found not representable
+    while True:
+        try:
+            ir_model = model_io.load(info)
+            vocab = vocab_sizes(ir_model)
+            fusions = None
+            dequantized = None
+            if requantize:
+                from flashnorm_onnx.quantize import dequantize_for_fold
 
-        if for_ort:
-            raise ValueError("--requantize and --for-ort exclude each other")
-        dequantized = dequantize_for_fold(ir_model)
-    if for_ort:
-        ir_model, fusions, fusion_note = _fuse(info, ir_model, verify, verify_mode)
-    if rtol is None and _has_16bit_floats(ir_model):
-        # 16-bit floats anywhere: a norm computed in 16 bits rounds g * norm(x) to 16 bits and the
-        # folded model does not; a 16-bit weight (behind a Cast) rounds g * W to 16 bits. Either moves
-        # even a float32 output by 16-bit rounding error, so compare with the 16-bit tolerance.
-        from flashnorm_onnx.verify import TOLERANCES
+                if for_ort:
+                    raise ValueError("--requantize and --for-ort exclude each other")
+                dequantized = dequantize_for_fold(ir_model)
+            if for_ort:
+                ir_model, fusions, fusion_note = _fuse(info, ir_model, verify, verify_mode)
+            if rtol is None and _has_16bit_floats(ir_model):
+                # 16-bit floats anywhere: a norm computed in 16 bits rounds g * norm(x) to 16 bits and the
+                # folded model does not; a 16-bit weight (behind a Cast) rounds g * W to 16 bits. Either moves
+                # even a float32 output by 16-bit rounding error, so compare with the 16-bit tolerance.
+                from flashnorm_onnx.verify import TOLERANCES
 
-        rtol = TOLERANCES["float16"][0]
+                rtol = TOLERANCES["float16"][0]
 
-    fold = FlashNormFoldPass(
-        untie=untie,
-        keep_structure=keep_structure,
-        progress=(lambda i, n: progress("fold", i, n)) if progress else None,
-    )
-    restore = infer_shapes(ir_model)
-    result = fold(ir_model)
-    restore()
-    report = result.report
-    report.model = str(info.path)
-    if dequantized is not None:
-        _requantize(ir_model, dequantized, report, result)
-    if for_ort:
-        if not fusion_note:
-            from flashnorm_onnx.fusions import FusionFailed, fuse_after_fold, merge
+            fold = FlashNormFoldPass(
+                untie=untie,
+                keep_structure=keep_structure,
+                progress=(lambda i, n: progress("fold", i, n)) if progress else None,
+                defer_overflow=True,  # weights in external data: checked as the write reads them
+                refused=refused,
+            )
+            restore = infer_shapes(ir_model)
+            result = fold(ir_model)
+            restore()
+            report = result.report
+            report.model = str(info.path)
+            if dequantized is not None:
+                _requantize(ir_model, dequantized, report, result)
+            if for_ort:
+                if not fusion_note:
+                    from flashnorm_onnx.fusions import FusionFailed, fuse_after_fold, merge
 
-            try:
-                fusions = merge(fusions, fuse_after_fold(ir_model))
-            except FusionFailed as e:  # the graph may be half rewritten: nothing of this run is kept
-                from flashnorm_onnx.errors import FlashNormError
+                    try:
+                        fusions = merge(fusions, fuse_after_fold(ir_model))
+                    except FusionFailed as e:  # the graph may be half rewritten: nothing of this run is kept
+                        from flashnorm_onnx.errors import FlashNormError
 
-                raise FlashNormError(f"ORT fusions after the fold failed ({e}); rerun without --for-ort") from e
-            if not fusions:
-                # nothing fused (e.g. the genai builder's graph): fold the model as loaded, not the
-                # one onnxscript's clean-up rewrote, so the output is the plain fold's, node for node
-                ir_model = model_io.load(info)
-                result = fold(ir_model)
-                report = result.report
-                report.model = str(info.path)
-        report.fusions = fusions
-        if fusion_note:
-            report.notes.append(fusion_note)
-    modified = result.modified or bool(fusions)
-    if not modified and not force_write:
-        if not report.decisions:
-            report.notes.append("no normalization found in the model")
-        report.notes.append("nothing to fold: no output written (use --force-write to write it anyway)")
-        from flashnorm_onnx import publish
+                        raise FlashNormError(f"ORT fusions after the fold failed ({e}); rerun without --for-ort") from e
+                    if not fusions:
+                        # nothing fused (e.g. the genai builder's graph): fold the model as loaded, not the
+                        # one onnxscript's clean-up rewrote, so the output is the plain fold's, node for node
+                        ir_model = model_io.load(info)
+                        result = fold(ir_model)
+                        report = result.report
+                        report.model = str(info.path)
+                report.fusions = fusions
+                if fusion_note:
+                    report.notes.append(fusion_note)
+            modified = result.modified or bool(fusions)
+            if not modified and not force_write:
+                if not report.decisions:
+                    report.notes.append("no normalization found in the model")
+                report.notes.append("nothing to fold: no output written (use --force-write to write it anyway)")
+                from flashnorm_onnx import publish
 
-        if publish.clean(target):
-            report.notes.append(f"removed the leftovers of an interrupted run at {target}")
-        report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
-        _write_report(report, report_path)
-        return report
+                if publish.clean(target):
+                    report.notes.append(f"removed the leftovers of an interrupted run at {target}")
+                report.verification = VerificationResult(method="skipped", passed=True, message="nothing changed")
+                _write_report(report, report_path)
+                return report
 
-    external = model_io.wants_external_data(info, info.tensor_bytes)
-    staged = model_io.write_atomic(
-        ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None
-    )
+            external = model_io.wants_external_data(info, info.tensor_bytes)
+            # the subgraph check's sampled columns of the folded weights, kept as they are written
+            kept = {} if (verify and modified and dequantized is None and not fusions
+                          and "subgraph" in _verify_mode_for(verify_mode, info)) else None
+            staged = model_io.write_atomic(
+                ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None,
+                keep_samples=kept,
+            )
+        except DeferredFoldRefused as e:
+            # the overflow check rode on the write (each weight read once) and found g*w beyond the
+            # weight's dtype: the staged output is gone; plan again with that norm skipped
+            if e.key in refused:
+                raise
+            refused[e.key] = e.reason
+            continue
+        break
     del ir_model  # the staged file is what gets verified and published
     try:
         if dequantized is not None:
@@ -405,7 +423,7 @@ def fold_file(
                                                     dict(dims=dims, verify_timeout=verify_timeout, vocab=vocab))
         else:
             report.verification = _verify("onnxruntime" if fusions else verify_mode, info, staged.model_path,
-                                          result, dims, vocab, rtol, verify_timeout)
+                                          result, dims, vocab, rtol, verify_timeout, kept)
         problem = check_model(staged.model_path)
         if problem is not None:
             if check_model(info.path) is None:
@@ -488,10 +506,17 @@ def _fuse(info: model_io.InputInfo, model: ir.Model, verify: bool, verify_mode: 
     return fused, counts, note
 
 
-def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, vocab, rtol, timeout) -> VerificationResult:
-    """Run the requested check; ``auto`` picks by size (see :data:`VERIFY_MODES`)."""
+def _verify_mode_for(mode: str, info: model_io.InputInfo) -> str:
+    """The check ``mode`` runs for this input: ``auto`` picks by size (see :data:`VERIFY_MODES`)."""
     if mode == "auto":
-        mode = "onnxruntime" if _fits_in_memory(info) else "subgraph+algebraic"
+        return "onnxruntime" if _fits_in_memory(info) else "subgraph+algebraic"
+    return mode
+
+
+def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, vocab, rtol, timeout,
+            kept: dict | None = None) -> VerificationResult:
+    """Run the requested check (``kept``: the sampled columns the writer kept, for the subgraph check)."""
+    mode = _verify_mode_for(mode, info)
     if mode == "onnxruntime":
         from flashnorm_onnx.verify import compare_models
 
@@ -507,7 +532,7 @@ def _verify(mode: str, info: model_io.InputInfo, output: Path, result, dims, voc
         )
     from flashnorm_onnx.verify_subgraph import ModelFile
 
-    reference, written = ModelFile(info.path), ModelFile(output)  # parsed once for every check below
+    reference, written = ModelFile(info.path), ModelFile(output, kept)  # parsed once for every check below
     if "subgraph" in mode:
         from flashnorm_onnx.verify_subgraph import check_sites
 

@@ -313,10 +313,12 @@ def write_atomic(
     output: Path,
     external: bool,
     progress: Callable[[int, int], None] | None = None,
+    keep_samples: dict | None = None,
 ) -> StagedOutput:
     """Write the model into a hidden staging folder next to ``output``; ``commit()`` publishes it
     (see :mod:`flashnorm_onnx.publish`). ``progress(bytes_done, bytes_total)`` while the external
-    data file fills."""
+    data file fills; ``keep_samples``: see ``tensor_io.save_with_external_data`` (streamed writes
+    only; left empty otherwise)."""
     staged = publish.stage(output, external)
     try:
         path = staged.model_path
@@ -325,7 +327,8 @@ def write_atomic(
             # copied from the input's data file; the same bytes as ir.save writes
             from flashnorm_onnx import tensor_io
 
-            tensor_io.save_with_external_data(model, path, staged.data_name, progress=progress)
+            tensor_io.save_with_external_data(model, path, staged.data_name, progress=progress,
+                                              keep_samples=keep_samples)
         elif external:  # no positioned reads (Windows): onnx-ir's writer
             callback = None
             if progress is not None:

@@ -321,15 +321,32 @@ def _initializers(model: ir.Model) -> list[ir.Value]:
     return [v for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
 
 
+def _sample_for(tensor) -> tuple[slice, np.ndarray] | None:
+    """(columns, empty array) for a folded ``[K, N]`` weight the subgraph check samples, else None."""
+    from flashnorm_onnx.verify_subgraph import sample_window
+
+    shape = tuple(int(d) for d in tensor.shape.numpy())
+    if tensor.k_axis != 0 or len(shape) != 2:
+        return None  # [N, K]: the sampled output columns are whole rows, one contiguous read
+    cols = sample_window(shape, 0, tensor.dtype.itemsize)
+    if cols is None:
+        return None
+    return cols, np.empty((shape[0], cols.stop - cols.start), dtype=tensor.dtype.numpy())
+
+
 def save_with_external_data(
     model: ir.Model,
     path: Path,
     data_name: str,
     progress: Callable[[int, int], None] | None = None,
+    keep_samples: dict | None = None,
 ) -> None:
     """``ir.save(model, path, external_data=data_name)``, streamed (see the module docstring).
 
-    ``progress(bytes_done, bytes_total)`` is called as the data file fills."""
+    ``progress(bytes_done, bytes_total)`` is called as the data file fills. ``keep_samples``: a
+    dict that receives, for each folded ``[K, N]`` weight the subgraph check runs on sampled
+    columns, ``name -> (columns, array)`` copied from the buffers as they are written (see
+    ``verify_subgraph.sample_window``), so the check need not read them back from the disk."""
     from flashnorm_onnx.passes.fold_math import FoldedTensor
 
     path = Path(path)
@@ -403,15 +420,23 @@ def save_with_external_data(
                 continue
             flush_copy()
             if isinstance(tensor, FoldedTensor) and tensor.streamable():
+                sample = _sample_for(tensor) if keep_samples is not None else None
                 for start, block_bytes, fill in tensor.blocks(BLOCK_BYTES):
                     at = dst_offset + start
                     pad = at % ALIGN  # the buffer's pages line up with the file's
                     buf = writer.buffer(pad + block_bytes)
                     t = time.perf_counter()
                     fill(buf[pad: pad + block_bytes])
+                    if sample is not None:  # the sampled columns, from the bytes about to be written
+                        cols, kept = sample
+                        block = buf[pad: pad + block_bytes].view(kept.dtype).reshape(-1, int(tensor.shape[1]))
+                        r0 = start // (block.shape[1] * kept.dtype.itemsize)
+                        kept[r0: r0 + block.shape[0]] = block[:, cols]
                     STATS["fold"] += time.perf_counter() - t
                     writer.write(buf, pad, block_bytes, at)
                     advance(block_bytes)
+                if sample is not None:
+                    keep_samples[value.name] = sample
             else:
                 data = tensor.tobytes()
                 if len(data) != nbytes:

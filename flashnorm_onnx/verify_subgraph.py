@@ -21,6 +21,13 @@ Runtime on random activations:
 Together with the identity of every other node (the fold touches nothing else), this is the
 whole-model equality, checked piece by piece: memory is bounded by the largest piece (external
 tensors stay in their files; ONNX Runtime maps them) and never holds both models.
+
+A linear whose weight is over :data:`SAMPLE_BYTES` runs on a window of its output columns. For a
+``[K, N]`` weight those columns are a short run of every row, which read back from a file that
+was written past the page cache costs a disk read of most of the tensor; the streamed writer
+keeps them instead from the very buffers it writes (``kept``), and the algebraic check
+(:mod:`flashnorm_onnx.verify_algebraic`, run beside this one for large models) reads sampled
+rows back from the file, which is what sees a block the writer put in the wrong place.
 Ops between the norm and its readers (Reshape, Gather of rows) are channel-preserving: per-channel
 ``* g + beta`` commutes with them, which is why feeding ``d * g + beta`` to the input's reader is
 the same as feeding it the input's norm output.
@@ -50,10 +57,26 @@ _PATH_DEPTH = 16
 
 
 #: A linear whose weight is larger than this runs on SAMPLE_COLUMNS contiguous output columns
-#: (the same ones in both files, its bias sliced alike): every row of the weight as written still
-#: runs, reading only a few pages per row, so time and memory do not follow the largest tensor.
+#: (the same ones in both files, its bias sliced alike, see :func:`sample_window`): every row of
+#: the weight as written still runs, so time and memory do not follow the largest tensor. The
+#: fold scales rows (input channels), and the streamed writer writes row blocks: a wrong scale,
+#: axis or block shows in every column.
 SAMPLE_BYTES = 8 << 20
-SAMPLE_COLUMNS = 256
+SAMPLE_COLUMNS = 128
+
+
+def sample_window(shape: tuple, k_axis: int, itemsize: int) -> slice | None:
+    """The output columns (along axis ``1 - k_axis`` of the stored 2-D weight) that a linear
+    runs on in this check, or None when it runs whole. A function of the shape alone, so the
+    input's and the output's weight are sampled alike, and the streamed writer can keep the
+    output's sample from the buffer it writes (see ``tensor_io.save_with_external_data``)."""
+    if len(shape) != 2 or int(shape[0]) * int(shape[1]) * itemsize <= SAMPLE_BYTES:
+        return None
+    n = int(shape[1 - k_axis])
+    if n <= SAMPLE_COLUMNS:
+        return None
+    start = int(np.random.default_rng([n, int(shape[k_axis])]).integers(0, n - SAMPLE_COLUMNS + 1))
+    return slice(start, start + SAMPLE_COLUMNS)
 
 
 @dataclasses.dataclass
@@ -66,14 +89,18 @@ class _Piece:
 
 class ModelFile:
     """One model file, loaded once and lazily (external tensors stay memory-mapped), with its
-    values by name. The checks of one verification share it."""
+    values by name. The checks of one verification share it.
+
+    ``kept``: weight name -> (columns, array) of sampled columns the writer kept from the bytes it
+    wrote (see :func:`sample_window`), used instead of reading them back from the file."""
 
     @classmethod
     def of(cls, model: "ModelFile | str | os.PathLike") -> "ModelFile":
         return model if isinstance(model, ModelFile) else cls(Path(model))
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, kept: dict | None = None):
         self.path = Path(path)
+        self.kept = kept or {}
         self.model = ir.load(str(path))
         self.graph = self.model.graph
         self.values: dict[str, ir.Value] = {}
@@ -88,6 +115,8 @@ class ModelFile:
         self._inferred: dict[str, ir.DataType] | None = None
         self.sampled = 0
         """Linear pieces that ran on a sample of their output columns."""
+        self.sampled_kept = 0
+        """Of those, the ones whose sample came from ``kept``."""
 
     def dtype(self, name: str) -> ir.DataType | None:
         v = self.values.get(name)
@@ -157,8 +186,9 @@ class ModelFile:
                     if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
                         raise _NotIsolable(f"node '{node.name}' has a subgraph")
                 frontier.extend(x for x in _data_inputs(node) if x is not None)
-            local = _sampled(piece, picked, consts, seed=i) if piece.linear else {}
+            local = _sampled(piece, picked, consts, self.kept) if piece.linear else {}
             self.sampled += bool(local)
+            self.sampled_kept += any(a is self.kept.get(n, (None, None))[1] for n, a in local.items())
             initializers.update((n, v) for n, v in consts.items() if n not in local)
             order = {id(n): k for k, n in enumerate(self.graph)}
             for node in sorted(picked, key=lambda n: order.get(id(n), 0)):
@@ -197,9 +227,9 @@ def _data_inputs(node: ir.Node) -> list:
     return list(node.inputs)
 
 
-def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], seed: int) -> dict[str, np.ndarray]:
+def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], kept: dict) -> dict[str, np.ndarray]:
     """For a linear piece whose weight is over SAMPLE_BYTES: its weight, and every constant indexed
-    by its output columns (a bias), sliced to SAMPLE_COLUMNS contiguous columns. Else {}."""
+    by its output columns (a bias), sliced to the columns of :func:`sample_window`. Else {}."""
     cut = set(piece.inputs)
     reader = next((n for n in nodes if is_linear_reader(n) and n.inputs and n.inputs[0] is not None
                    and n.inputs[0].name in cut), None)
@@ -210,14 +240,15 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], s
         return {}
     weight, k_axis, tensor = traced.source, traced.k_axis, traced.source.const_value
     shape = tuple(tensor.shape.numpy())
-    if tensor.nbytes <= SAMPLE_BYTES:
+    cols = sample_window(shape, k_axis, tensor.dtype.itemsize)
+    if cols is None:
         return {}
     n = shape[1 - k_axis]
-    if n <= SAMPLE_COLUMNS:
-        return {}
-    start = int(np.random.default_rng([seed, n]).integers(0, n - SAMPLE_COLUMNS + 1))
-    cols = slice(start, start + SAMPLE_COLUMNS)
-    sliced = _read_columns(tensor, shape, k_axis, cols)
+    keep = kept.get(weight.name)
+    if keep is not None and keep[0] == cols and keep[1].shape == (shape[0], cols.stop - cols.start) and k_axis == 0:
+        sliced = keep[1]  # the bytes the writer wrote, kept as it wrote them
+    else:
+        sliced = _read_columns(tensor, shape, k_axis, cols)
     if sliced is None:  # not a plain external tensor: through numpy (mapped)
         array = tensor.numpy()
         sliced = np.ascontiguousarray(array[:, cols] if k_axis == 0 else array[cols, :])
@@ -337,7 +368,7 @@ def check_sites(sites, reference: ModelFile | str | os.PathLike, candidate: Mode
     deadline = Deadline(timeout)
     rng = np.random.default_rng(seed)
     ref, cand = ModelFile.of(reference), ModelFile.of(candidate)
-    cand.sampled = 0
+    cand.sampled = cand.sampled_kept = 0
     result = VerificationResult(method="subgraph", passed=True)
     pieces_run = 0
     for site in sites:
@@ -422,8 +453,9 @@ def check_sites(sites, reference: ModelFile | str | os.PathLike, candidate: Mode
             elif not entry["ok"]:
                 result.passed = False
     result.tolerance = max((o["rtol"] for o in result.outputs), default=0.0)
+    kept = f", {cand.sampled_kept} of them as kept from the buffers the writer wrote" if cand.sampled_kept else ""
     sampled = f"; {cand.sampled} linears with weights over {SAMPLE_BYTES >> 20} MB ran on {SAMPLE_COLUMNS} " \
-        "contiguous output columns (all rows)" if cand.sampled else ""
+        f"contiguous output columns (all rows{kept})" if cand.sampled else ""
     result.cases.append(
         f"{len(sites)} folded norms: {pieces_run} pieces (each norm, each of its linears with its bias) cut out of "
         f"the input and the written output and run in ONNX Runtime on random activations{sampled}"

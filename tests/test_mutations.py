@@ -93,3 +93,5 @@ def test_unbroken_pass_passes_every_mode(mutation, mode, tmp_path, monkeypatch, 
         assert "verification (subgraph+" in text  # large models get the executed check
     if mode == "subgraph-sampled":
         assert "ran on 4 contiguous output columns" in text
+        if mutation != "drop_bias":  # rms_model's [K, N] weights: the writer keeps the output's sample
+            assert "as kept from the buffers the writer wrote" in text

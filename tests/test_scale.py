@@ -252,6 +252,57 @@ def test_a_block_boundary_bug_is_caught(tmp_path, monkeypatch):
     assert write(tmp_path / "bad") != good
 
 
+@pytest.mark.parametrize("block_bytes", [3001, 1 << 20])
+def test_kept_samples_are_the_columns_written(tmp_path, monkeypatch, block_bytes):
+    """The sampled columns the writer keeps for the subgraph check are, element for element, the
+    columns of the weights in the written file (and the same window the check asks for)."""
+    from flashnorm_onnx import model_io, tensor_io, verify_subgraph
+
+    monkeypatch.setattr(verify_subgraph, "SAMPLE_BYTES", 1024)
+    monkeypatch.setattr(verify_subgraph, "SAMPLE_COLUMNS", 5)
+    monkeypatch.setattr(tensor_io, "BLOCK_BYTES", block_bytes)
+    src = _odd_model(tmp_path / "in" / "model.onnx")
+    model = model_io.load(model_io.check_input(src))
+    FlashNormFoldPass()(model)
+    kept: dict = {}
+    (tmp_path / "out").mkdir()
+    tensor_io.save_with_external_data(model, tmp_path / "out" / "model.onnx", "model.onnx.data", keep_samples=kept)
+    written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer}
+    assert len(kept) >= 4  # q/k/v, gate/up: [K, N] weights over the (patched) sample size
+    for name, (cols, sample) in kept.items():
+        array = written[name]
+        assert cols == verify_subgraph.sample_window(array.shape, 0, array.itemsize)
+        np.testing.assert_array_equal(sample, array[:, cols])
+
+
+def test_a_misplaced_block_fails_the_large_model_check(tmp_path, monkeypatch, capsys):
+    """The subgraph check reads the writer's kept samples, so it is the algebraic read-back from
+    the file that must see a writer that misplaces a block: the default check for a large model
+    fails (exit 5) and publishes nothing."""
+    from flashnorm_onnx import api, cli, tensor_io, verify_subgraph
+    from flashnorm_onnx.passes import fold_math
+
+    monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-12)  # "too large to run whole": subgraph+algebraic
+    monkeypatch.setattr(verify_subgraph, "SAMPLE_BYTES", 1024)
+    monkeypatch.setattr(tensor_io, "BLOCK_BYTES", 4096)
+    src = _odd_model(tmp_path / "in" / "model.onnx")
+    assert cli.main(["optimize", str(src), "-o", str(tmp_path / "good" / "model.onnx")]) == 0  # unbroken: passes
+    assert "as kept from the buffers the writer wrote" in capsys.readouterr().out
+    real_blocks = fold_math.FoldedTensor.blocks
+
+    def misplaced(self, block_bytes):
+        for i, (start, nbytes, fill) in enumerate(real_blocks(self, block_bytes)):
+            yield (start + 2 if i == 1 else start), nbytes, fill
+
+    monkeypatch.setattr(fold_math.FoldedTensor, "blocks", misplaced)
+    out = tmp_path / "out" / "model.onnx"
+    code = cli.main(["optimize", str(src), "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 5, text
+    assert "algebraic" in text and "FAILED" in text
+    assert not out.exists()
+
+
 @pytest.fixture(scope="module")
 def one_big_tensor(tmp_path_factory):
     """A small model whose tied embedding (folded into an untied copy) is one 256 MB tensor."""

@@ -115,6 +115,8 @@ class _WeightWrite:
     source: ir.Value
     k_axis: int
     in_place: bool
+    #: the overflow check is left to the write, which reads the weight anyway (``defer_overflow``)
+    deferred_check: bool = False
 
 
 @dataclasses.dataclass
@@ -156,12 +158,22 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         keep_structure: bool = False,
         fold_layernorm: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        defer_overflow: bool = False,
+        refused: dict[tuple[int, str], str] | None = None,
     ):
+        """``defer_overflow``: for weights in external data, leave the overflow check (is every
+        g*w representable?) to the streamed write, which reads each weight anyway, instead of
+        reading every folded weight once more here; a product found beyond the dtype there
+        raises :class:`~flashnorm_onnx.passes.fold_math.DeferredFoldRefused` and the caller
+        runs the pass again with ``refused={(norm index, norm name): reason}``, which skips that norm with
+        the reason the eager check would have given."""
         super().__init__()
         self.untie = untie
         self.keep_structure = keep_structure
         self.fold_layernorm = fold_layernorm
         self.progress = progress
+        self.defer_overflow = defer_overflow
+        self.refused = dict(refused or {})
 
     def call(self, model: ir.Model) -> FlashNormPassResult:
         plans = self.analyse(model)
@@ -243,8 +255,14 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         if refusal:
             decision.reason = refusal
             return plan
+        if (index, match.name) in self.refused:  # found by the write of an earlier run (defer_overflow)
+            decision.reason = self.refused[(index, match.name)]
+            return plan
         for write in writes:
             tensor = const_tensor(write.source)
+            if self.defer_overflow and _deferrable(tensor):
+                write.deferred_check = True  # checked on the blocks the write reads
+                continue
             try:
                 fold_math.check_tensor(tensor, g, write.k_axis)  # block by block, nothing mapped
             except fold_math.FoldRefused as e:
@@ -282,7 +300,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         match, decision, g = plan.match, plan.decision, plan.g
         done_in_place: set[int] = set()
         for write in plan.writes:
-            self._apply_weight(write, g, graph, pool, done_in_place)
+            self._apply_weight(write, g, graph, pool, done_in_place, (decision.index, decision.name))
         for bias in plan.biases:
             self._apply_bias(bias, graph, pool)
         readers_of_output = [(u.node, u.idx) for u in match.output.uses()]
@@ -354,11 +372,13 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
     # -- writing -------------------------------------------------------------------------------
 
     def _apply_weight(
-        self, write: _WeightWrite, g: np.ndarray, graph: ir.Graph, pool: ConstantPool, done: set[int]
+        self, write: _WeightWrite, g: np.ndarray, graph: ir.Graph, pool: ConstantPool, done: set[int],
+        key: tuple[int, str],
     ) -> ConsumerRecord:
         source = write.source
         original = const_tensor(source)
-        folded = _lazy_fold(original, g, write.k_axis, name=source.name)
+        folded = fold_math.FoldedTensor(original, g, write.k_axis, name=source.name,
+                                        check_for=(key, source.name or "") if write.deferred_check else None)
         if not (write.in_place and id(source) in done):
             self._folds.append(FoldRecord(source.name or "", original, folded, np.array(g), write.k_axis))
         record = ConsumerRecord(
@@ -533,10 +553,12 @@ def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -
     return outside
 
 
-def _lazy_fold(original: ir.TensorProtocol, g: np.ndarray, k_axis: int, name: str | None) -> ir.TensorProtocol:
-    """A tensor computed only when it is read (written or serialized); the streamed writer reads
-    it block by block (see fold_math.FoldedTensor)."""
-    return fold_math.FoldedTensor(original, g, k_axis, name=name)
+def _deferrable(tensor: ir.TensorProtocol) -> bool:
+    """A 2-D weight in an external data file: the streamed writer reads it block by block, so
+    its overflow check can ride on that read (``defer_overflow``)."""
+    from flashnorm_onnx.tensor_io import external_source
+
+    return len(tensor.shape) == 2 and external_source(tensor) is not None
 
 
 def _nbytes(tensor: ir.TensorProtocol) -> int:

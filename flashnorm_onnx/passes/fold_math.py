@@ -24,6 +24,17 @@ class FoldRefused(ValueError):
     """The fold would not be representable in the weight's dtype."""
 
 
+class DeferredFoldRefused(FoldRefused):
+    """A fold whose overflow check was left to the write (so each weight is read once, see
+    :class:`FoldedTensor`) found a product beyond the weight's dtype while writing. The write is
+    abandoned; the caller plans again with the norm ``key`` (its index and name in the model
+    that was written) skipped for ``reason``."""
+
+    def __init__(self, key: tuple[int, str], weight: str, reason: str):
+        super().__init__(reason)
+        self.key, self.weight, self.reason = key, weight, reason
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     dtype = np.dtype(dtype)
     if dtype in (np.dtype(np.float32), np.dtype(np.float64)):
@@ -298,19 +309,36 @@ class FoldedTensor(_ir.LazyTensor):
     Read whole (``numpy()``, ``tobytes()``), it is :func:`fold_scale` of the whole original. The
     streamed writer (:mod:`flashnorm_onnx.tensor_io`) reads it with :meth:`blocks` instead: row
     blocks of the stored array, each read once and folded by the same :func:`fold_scale` into a
-    reused buffer, so memory stays at a few blocks whatever the tensor's size."""
+    reused buffer, so memory stays at a few blocks whatever the tensor's size.
 
-    def __init__(self, original, g: np.ndarray, k_axis: int, name: str | None = None):
+    ``check_for=((norm index, norm name), weight name)``: the overflow check was not run when the fold was
+    decided; it runs here, on the blocks as they are read for the write, and a product beyond
+    the dtype raises :class:`DeferredFoldRefused` (after the last block: the writer has then
+    abandoned nothing it could keep, and the caller plans again without that norm)."""
+
+    def __init__(self, original, g: np.ndarray, k_axis: int, name: str | None = None,
+                 check_for: tuple[tuple[int, str], str] | None = None):
         self.original = original
         self.g = np.array(g, copy=True)
         self.k_axis = k_axis
+        self.check_for = check_for
         super().__init__(self._compute, dtype=original.dtype, shape=_ir.Shape(original.shape.numpy()), name=name)
+
+    def _refused(self, e: FoldRefused) -> DeferredFoldRefused:
+        key, weight = self.check_for
+        return DeferredFoldRefused(key, weight, f"folding into '{weight}' is not representable: {e}")
 
     def _compute(self):
         from flashnorm_onnx.passes.graph_utils import release_tensor
 
         try:
-            return _ir.Tensor(fold_scale(self.original.numpy(), self.g, self.k_axis, check=False), name=self.name)
+            array = self.original.numpy()
+            if self.check_for is not None:
+                try:
+                    check_fold(array, self.g, self.k_axis)
+                except FoldRefused as e:
+                    raise self._refused(e) from None
+            return _ir.Tensor(fold_scale(array, self.g, self.k_axis, check=False), name=self.name)
         finally:
             release_tensor(self.original)
 
@@ -323,12 +351,19 @@ class FoldedTensor(_ir.LazyTensor):
         from flashnorm_onnx import tensor_io
 
         g = np.asarray(self.g).reshape(-1)
-        row_bytes = int(np.prod(self.original.shape.numpy()[1:], dtype=np.int64)) * int(self.dtype.itemsize)
+        shape = tuple(int(d) for d in self.original.shape.numpy())
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * int(self.dtype.itemsize)
+        check = None
+        if self.check_for is not None:
+            check = OverflowCheck(g, self.k_axis, self.dtype.numpy(), shape)
+            check = check if check.needed else None
         for rows, block in tensor_io.iter_row_blocks(self.original, block_bytes):
             gr = g if g.size == 1 or self.k_axis == 1 else g[rows]
             nbytes = block.nbytes
 
-            def fill(buffer: np.ndarray, block=block, gr=gr) -> None:
+            def fill(buffer: np.ndarray, block=block, gr=gr, rows=rows) -> None:
+                if check is not None:  # the overflow check, on the bytes read for the write
+                    check.add(block, rows)
                 out = buffer.view(block.dtype).reshape(block.shape)
                 # looked up at call time: tests replace fold_scale to check that verification catches a bad fold
                 result = globals()["fold_scale"](block, gr, self.k_axis, check=False, out=out)
@@ -336,3 +371,8 @@ class FoldedTensor(_ir.LazyTensor):
                     out[...] = result
 
             yield rows.start * row_bytes, nbytes, fill
+        if check is not None:
+            try:
+                check.finish()
+            except FoldRefused as e:
+                raise self._refused(e) from None
