@@ -410,6 +410,9 @@ def fold_file(
             refused[e.key] = e.reason
             continue
         break
+    if refused:
+        report.notes.append(f"{len(refused)} norm(s) found not representable while writing (the overflow check "
+                            "reads each weight as it is written): written again without folding them")
     del ir_model  # the staged file is what gets verified and published
     try:
         if dequantized is not None:

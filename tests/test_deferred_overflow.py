@@ -64,6 +64,7 @@ def test_overflow_found_by_the_write_skips_the_norm_as_the_eager_check_does(over
     assert "float16" in skipped[0].reason and WEIGHT in skipped[0].reason
     assert report.folded == len(report.decisions) - 1
     assert report.verification.passed, report.verification.message
+    assert any("found not representable while writing" in n for n in report.notes)
     written = onnx.load(str(out))
     for t in written.graph.initializer:
         assert np.all(np.isfinite(onnx.numpy_helper.to_array(t).astype(np.float32))), t.name
