@@ -115,22 +115,20 @@ def compare_models(
     :class:`VerificationTimeout`. Each case's inputs are sized to
     :func:`~flashnorm_onnx.inputs.verification_cap` before anything is allocated."""
     deadline = Deadline(timeout)
+    # one session at a time: the input's runs every case and is freed before the output's loads,
+    # so peak memory is one model's (a 16-bit model's session may hold float32 copies of its weights)
     try:
         ref = make_session(reference, provider)
     except Exception as e:
         raise VerificationUnavailable(
             f"ONNX Runtime cannot load the input model ({first_line(e)}); use --no-verify to skip the check"
         ) from e
-    try:
-        cand = make_session(candidate, provider)
-    except Exception as e:
-        return VerificationResult(
-            method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"
-        )
     specs = specs_from_session(ref)
+    output_names = [meta.name for meta in ref.get_outputs()]
     result = VerificationResult(method="onnxruntime-quantized" if quantized else "onnxruntime", passed=True)
     explicit = cases is not None
     cases = cases or default_cases(specs)
+    runs = []  # (case, feeds, the input model's outputs)
     for case in cases:
         deadline.check()
         case, note = fit_case(specs, case, dims)
@@ -166,6 +164,16 @@ def compare_models(
                     f"the input model does not run on generated inputs ({case.describe()}; {shapes}): "
                     f"{first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
                 ) from e_
+        runs.append((case, feeds, [np.asarray(a) for a in expected]))
+    del ref
+    try:
+        cand = make_session(candidate, provider)
+    except Exception as e:
+        return VerificationResult(
+            method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"
+        )
+    for case, feeds, expected in runs:
+        deadline.check()
         try:
             got = deadline.run(cand, feeds)
         except VerificationTimeout:
@@ -176,9 +184,9 @@ def compare_models(
             return result
         # what actually ran: --dim values and config dims may override the case's sizes
         result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
-        for meta, a, b in zip(ref.get_outputs(), expected, got):
+        for name, a, b in zip(output_names, expected, got):
             compare = compare_quantized if quantized else _compare
-            entry = compare(meta.name, case.name, np.asarray(a), np.asarray(b), rtol)
+            entry = compare(name, case.name, a, np.asarray(b), rtol)
             result.outputs.append(entry)
             if not entry["ok"]:
                 result.passed = False
