@@ -319,6 +319,11 @@ def _quant_spec(args):
                                          "with --quantize")
     if args.requantize and args.for_ort:
         raise argparse.ArgumentTypeError("--requantize and --for-ort cannot be combined")
+    if args.requantize and args.verify != "auto" and not args.no_verify:
+        raise argparse.ArgumentTypeError(
+            f"--verify {args.verify} does not apply with --requantize: its output is checked by quantization's "
+            "measures (each rewritten int4 weight within one step, and the whole model against the input when "
+            "it fits in memory)")
     if not args.quantize:
         if quant_only:
             raise argparse.ArgumentTypeError(f"{', '.join(quant_only)} only apply with --quantize int4")

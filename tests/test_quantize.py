@@ -282,7 +282,8 @@ def test_quantize_options_need_quantize(llama, tmp_path):
     for args, needle in ((["--block-size", "64"], "only apply with --quantize"),
                          (["--quantize", "int4", "--block-size", "48"], "power of two"),
                          (["--quantize", "int4", "--requantize"], "--requantize"),
-                         (["--quantize", "int4", "--for-ort"], "--for-ort")):
+                         (["--quantize", "int4", "--for-ort"], "--for-ort"),
+                         (["--requantize", "--verify", "subgraph"], "does not apply with --requantize")):
         r = run(*args)
         assert r.returncode == 2, (args, r.stderr)
         assert needle in r.stderr and "Traceback" not in r.stderr
