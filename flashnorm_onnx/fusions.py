@@ -101,9 +101,7 @@ def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
     counts["bias_gelu"] = ort_fusions.fuse_bias_gelu(model)
     optimize(model)
     counts["position_ids_expanded"] = _expand_position_ids(model.graph)
-    fused_matmuls = _count(model.graph, "FusedMatMul")
-    rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
-    counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - fused_matmuls
+    counts["fused_matmul"] = _fuse_matmuls(model)
     ir.passes.Sequential(
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
         common_passes.RemoveInitializersFromInputsPass(),
@@ -158,20 +156,26 @@ def fuse_light(model: ir.Model) -> dict[str, int]:
     transformers optimizer already fused (the full onnxscript pipeline takes minutes on such
     graphs and finds nothing more)."""
     try:
-        from onnxscript.rewriter import rewrite
-        from onnxscript.rewriter.ort_fusions import _core as ort_fusions
-
         import onnx_ir.passes.common as common_passes
 
         # ORT's optimizer writes no value_info: the position ids' rank comes from inference
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
-        before = _count(model.graph, "FusedMatMul")
-        rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
-        counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - before
+        counts["fused_matmul"] = _fuse_matmuls(model)
     except Exception as e:  # noqa: BLE001
         raise _failed("light fusions", e) from e
     return {name: int(n) for name, n in counts.items() if n}
+
+
+def _fuse_matmuls(model: ir.Model) -> int:
+    """onnxscript's ORT pattern rules (MatMul + Transpose/scale as ``FusedMatMul``, softmax
+    forms); returns how many ``FusedMatMul`` they added."""
+    from onnxscript.rewriter import rewrite
+    from onnxscript.rewriter.ort_fusions import _core as ort_fusions
+
+    before = _count(model.graph, "FusedMatMul")
+    rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
+    return _count(model.graph, "FusedMatMul") - before
 
 
 def new_ops(before: ir.Model, after: ir.Model) -> dict[str, int]:
@@ -195,16 +199,13 @@ def fuse_after_fold(model: ir.Model) -> dict[str, int]:
     skip fusions only then: ``Add`` + ``SimplifiedLayerNormalization`` becomes
     ``SkipSimplifiedLayerNormalization``, exactly as ORT's transformers optimizer does."""
     try:
-        from onnxscript.rewriter import rewrite
         from onnxscript.rewriter.ort_fusions import _core as ort_fusions
 
         counts = {
             "skip_rms_normalization": ort_fusions.fuse_skip_rms_normalization(model),
             "skip_layer_normalization": ort_fusions.fuse_skip_layer_normalization(model),
         }
-        before = _count(model.graph, "FusedMatMul")
-        rewrite(model, ort_fusions.ORT_PATTERN_REWRITE_RULES)
-        counts["fused_matmul"] = _count(model.graph, "FusedMatMul") - before
+        counts["fused_matmul"] = _fuse_matmuls(model)
     except Exception as e:  # noqa: BLE001
         raise _failed("post-fold fusions", e) from e
     return {name: int(n) for name, n in counts.items() if n}
