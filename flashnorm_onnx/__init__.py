@@ -11,9 +11,31 @@ or as an onnx-ir pass in a pipeline::
 
 __version__ = "0.1.0"
 
-from flashnorm_onnx.api import inspect, optimize  # noqa: E402
-from flashnorm_onnx.passes import FlashNormFoldPass, FlashNormPassResult  # noqa: E402
-from flashnorm_onnx.report import FoldReport, NormDecision  # noqa: E402
+#: The public names, imported on first use (PEP 562): the command line starts without loading
+#: onnx, onnx-ir and numpy for ``--help``, and chooses what it imports (see ``cli.main``).
+_LAZY = {
+    "inspect": "flashnorm_onnx.api",
+    "optimize": "flashnorm_onnx.api",
+    "FlashNormFoldPass": "flashnorm_onnx.passes",
+    "FlashNormPassResult": "flashnorm_onnx.passes",
+    "FoldReport": "flashnorm_onnx.report",
+    "NormDecision": "flashnorm_onnx.report",
+}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flashnorm_onnx' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])
 
 __all__ = [
     "FlashNormFoldPass",
