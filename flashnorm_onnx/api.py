@@ -396,11 +396,15 @@ def fold_file(
 
             external = model_io.wants_external_data(info, info.tensor_bytes)
             # the subgraph check's sampled columns of the folded weights, kept as they are written
-            kept = {} if (verify and modified and dequantized is None and not fusions
+            checked = verify and modified
+            kept = {} if (checked and dequantized is None and not fusions
                           and "subgraph" in _verify_mode_for(verify_mode, info)) else None
+            # the whole-model run reads the output back: then it is worth keeping in the page cache
+            read_back = checked and (dequantized is not None or bool(fusions)
+                                     or _verify_mode_for(verify_mode, info) == "onnxruntime")
             staged = model_io.write_atomic(
                 ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None,
-                keep_samples=kept,
+                keep_samples=kept, read_back=read_back,
             )
         except DeferredFoldRefused as e:
             # the overflow check rode on the write (each weight read once) and found g*w beyond the

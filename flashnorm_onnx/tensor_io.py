@@ -144,9 +144,15 @@ ALIGN = 4096
 DIRECT: bool | None = None
 
 
-def _use_direct(total: int) -> bool:
+def _use_direct(total: int, read_back: bool = True) -> bool:
+    """Direct writes? ``read_back=False``: nothing will read the output whole after the write (no
+    verification, or one that reads only samples), so the page cache has nothing to keep for it:
+    direct writes go to the disk while the input is read, where buffered ones wait for the final
+    fsync (a 2.1 GB model here: 5.2-5.5 s against 8.2-9.6 s for the whole ``--no-verify`` run)."""
     if DIRECT is not None:
         return DIRECT
+    if not read_back:
+        return True
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line[0] in "MC"}
@@ -340,13 +346,15 @@ def save_with_external_data(
     data_name: str,
     progress: Callable[[int, int], None] | None = None,
     keep_samples: dict | None = None,
+    read_back: bool = True,
 ) -> None:
     """``ir.save(model, path, external_data=data_name)``, streamed (see the module docstring).
 
     ``progress(bytes_done, bytes_total)`` is called as the data file fills. ``keep_samples``: a
     dict that receives, for each folded ``[K, N]`` weight the subgraph check runs on sampled
     columns, ``name -> (columns, array)`` copied from the buffers as they are written (see
-    ``verify_subgraph.sample_window``), so the check need not read them back from the disk."""
+    ``verify_subgraph.sample_window``), so the check need not read them back from the disk.
+    ``read_back``: whether something reads the whole output afterwards (see :func:`_use_direct`)."""
     from flashnorm_onnx.passes.fold_math import FoldedTensor
 
     path = Path(path)
@@ -362,7 +370,7 @@ def save_with_external_data(
     total = offset
     data_path = path.parent / data_name
     fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    writer = _Writer(fd, data_path if _use_direct(total) else None)
+    writer = _Writer(fd, data_path if _use_direct(total, read_back) else None)
     done = 0
     reported = 0
     pending: list | None = None  # a kernel copy being extended: [path, src_offset, nbytes, dst_offset]

@@ -337,3 +337,25 @@ def test_peak_memory_does_not_follow_the_largest_tensor(one_big_tensor, tmp_path
         assert "verification (algebraic" in proc.stdout and "PASSED" in proc.stdout
     # the same start-up and buffers for both: the 256 MB tensor may add only a little
     assert peaks["big"] < peaks["small"] + 64 * MB, {k: v / MB for k, v in peaks.items()}
+
+
+def test_direct_writes_unless_the_whole_output_is_read_back(tmp_path, monkeypatch):
+    """Nothing reads the output whole after --no-verify or the sampled checks: the writer may go
+    around the page cache; the whole-model check reads it back, so that one keeps it cached."""
+    from flashnorm_onnx import api, tensor_io
+
+    monkeypatch.setattr(tensor_io, "DIRECT", None)
+    asked = []
+    real = tensor_io._use_direct
+    monkeypatch.setattr(tensor_io, "_use_direct", lambda total, read_back=True: (asked.append(read_back), real(total, read_back))[1])
+    src = _odd_model(tmp_path / "in" / "model.onnx")
+    outputs = {}
+    for label, kwargs in (("no-verify", dict(verify=False)), ("algebraic", dict(verify_mode="algebraic")),
+                          ("onnxruntime", dict(verify_mode="onnxruntime"))):
+        out = tmp_path / label / "model.onnx"
+        report = api.optimize(src, out, **kwargs)
+        assert report.verification.passed
+        outputs[label] = (out.parent / "model.onnx.data").read_bytes()
+    assert asked == [False, False, True]
+    assert real(1, read_back=False) is True
+    assert outputs["no-verify"] == outputs["algebraic"] == outputs["onnxruntime"]  # the same bytes either way
