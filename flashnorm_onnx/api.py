@@ -395,13 +395,13 @@ def fold_file(
                 return report
 
             external = model_io.wants_external_data(info, info.tensor_bytes)
-            # the subgraph check's sampled columns of the folded weights, kept as they are written
-            checked = verify and modified
-            kept = {} if (checked and dequantized is None and not fusions
-                          and "subgraph" in _verify_mode_for(verify_mode, info)) else None
-            # the whole-model run reads the output back: then it is worth keeping in the page cache
-            read_back = checked and (dequantized is not None or bool(fusions)
-                                     or _verify_mode_for(verify_mode, info) == "onnxruntime")
+            # the check that will run: the whole-model ones read the output back (worth keeping it in
+            # the page cache); the subgraph check takes the folded weights' sampled columns as written
+            check = None if not (verify and modified) else (
+                "quantized" if dequantized is not None else "onnxruntime" if fusions
+                else _verify_mode_for(verify_mode, info))
+            kept = {} if check and "subgraph" in check else None
+            read_back = check in ("quantized", "onnxruntime")
             staged = model_io.write_atomic(
                 ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None,
                 keep_samples=kept, read_back=read_back,

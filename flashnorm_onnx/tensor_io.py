@@ -138,9 +138,8 @@ def read_exactly(fd: int, view: memoryview, offset: int) -> None:
 #: Alignment of direct (``O_DIRECT``) writes: file offset, length and memory address.
 ALIGN = 4096
 #: Write folded blocks with ``O_DIRECT`` (where the file system allows it): True, False, or None
-#: for when the input and the output would not both stay in the page cache anyway (then the
-#: cache is better left to the input, and direct writes are faster); a smaller output is
-#: written through the cache, where the verification that follows reads it back for free.
+#: to decide per write (:func:`_use_direct`): direct unless the verification that follows reads
+#: the whole output back and both files would stay in the page cache.
 DIRECT: bool | None = None
 
 
