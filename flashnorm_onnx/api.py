@@ -58,6 +58,8 @@ def infer_shapes(model: ir.Model) -> Callable[[], None]:
     import onnx_ir.passes.common as common_passes
 
     saved = [(v, v.shape, v.type) for g in model.graphs() for v in ir.convenience.create_value_mapping(g).values()]
+    # a graph output the fold gives to a new node (a bias Add) keeps the type the input declared
+    declared = {v.name: (v.shape, v.type) for v in model.graph.outputs}
     level = logging.getLogger("onnx_ir").level
     logging.getLogger("onnx_ir").setLevel(logging.ERROR)  # its "left unchanged" warning is ours to judge
     try:
@@ -70,6 +72,9 @@ def infer_shapes(model: ir.Model) -> Callable[[], None]:
     def restore() -> None:
         for value, shape, type_ in saved:
             value.type, value.shape = type_, shape
+        for value in model.graph.outputs:
+            if value.name in declared:
+                value.shape, value.type = declared[value.name]
 
     return restore
 
@@ -402,9 +407,10 @@ def fold_file(
                 else _verify_mode_for(verify_mode, info))
             kept = {} if check and "subgraph" in check else None
             read_back = check in ("quantized", "onnxruntime")
+            copied: dict = {}  # what the streamed writer copied unchanged, and from where (the plan-diff check)
             staged = model_io.write_atomic(
                 ir_model, target, external, progress=(lambda i, n: progress("write", i, n)) if progress else None,
-                keep_samples=kept, read_back=read_back,
+                keep_samples=kept, read_back=read_back, copied=copied,
             )
         except DeferredFoldRefused as e:
             # the overflow check rode on the write (each weight read once) and found g*w beyond the
@@ -431,6 +437,13 @@ def fold_file(
         else:
             report.verification = _verify("onnxruntime" if fusions else verify_mode, info, staged.model_path,
                                           result, dims, vocab, rtol, verify_timeout, kept)
+            if not fusions:
+                # the output is the input plus the plan, and nothing else (--for-ort rewrites more than
+                # the plan: there the whole-model run is the check)
+                from flashnorm_onnx.verify_plan import check_plan, declaration
+
+                plan_check = check_plan(info.path, staged.model_path, declaration(result), copied)
+                report.verification = combine([report.verification, plan_check])
         problem = check_model(staged.model_path)
         if problem is not None:
             if check_model(info.path) is None:

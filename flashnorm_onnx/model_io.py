@@ -315,11 +315,12 @@ def write_atomic(
     progress: Callable[[int, int], None] | None = None,
     keep_samples: dict | None = None,
     read_back: bool = True,
+    copied: dict | None = None,
 ) -> StagedOutput:
     """Write the model into a hidden staging folder next to ``output``; ``commit()`` publishes it
     (see :mod:`flashnorm_onnx.publish`). ``progress(bytes_done, bytes_total)`` while the external
     data file fills; ``keep_samples`` and ``read_back``: see ``tensor_io.save_with_external_data``
-    (streamed writes only)."""
+    (streamed writes only); ``copied``: the tensors the streamed writer copied unchanged, and from where."""
     staged = publish.stage(output, external)
     try:
         path = staged.model_path
@@ -329,7 +330,7 @@ def write_atomic(
             from flashnorm_onnx import tensor_io
 
             tensor_io.save_with_external_data(model, path, staged.data_name, progress=progress,
-                                              keep_samples=keep_samples, read_back=read_back)
+                                              keep_samples=keep_samples, read_back=read_back, copied=copied)
         elif external:  # no positioned reads (Windows): onnx-ir's writer
             callback = None
             if progress is not None:

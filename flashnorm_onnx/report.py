@@ -59,6 +59,9 @@ PROVES = {
     "algebraic": "each folded tensor as written equals diag(g)·B (arithmetic only; the graph is not run)",
     "onnxruntime-quantized": "the int4 output model, run on the generated inputs, stays close to the float "
                              "input model (relative error, cosine similarity, argmax agreement of logits)",
+    "plan": "the output is the input plus the fold's plan: every other node, initializer, graph input and output, "
+            "opset, function and metadata entry is the input's, and every tensor the fold wrote and every weightless "
+            "norm is read only by the linears it declares (or a Shape)",
     "structure": "each folded norm is weightless in the output and read by its linears; moved LayerNorm biases "
                  "equal beta @ B",
 }

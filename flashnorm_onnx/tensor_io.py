@@ -346,6 +346,7 @@ def save_with_external_data(
     progress: Callable[[int, int], None] | None = None,
     keep_samples: dict | None = None,
     read_back: bool = True,
+    copied: dict | None = None,
 ) -> None:
     """``ir.save(model, path, external_data=data_name)``, streamed (see the module docstring).
 
@@ -353,7 +354,10 @@ def save_with_external_data(
     dict that receives, for each folded ``[K, N]`` weight the subgraph check runs on sampled
     columns, ``name -> (columns, array)`` copied from the buffers as they are written (see
     ``verify_subgraph.sample_window``), so the check need not read them back from the disk.
-    ``read_back``: whether something reads the whole output afterwards (see :func:`_use_direct`)."""
+    ``read_back``: whether something reads the whole output afterwards (see :func:`_use_direct`).
+    ``copied``: a dict that receives, for each tensor copied unchanged from an external data file,
+    ``name -> (source path, source offset, bytes, data file written, offset in it)``: what the plan-diff check
+    (``verify_plan``) compares with the input's own locations instead of reading both back."""
     from flashnorm_onnx.passes.fold_math import FoldedTensor
 
     path = Path(path)
@@ -416,6 +420,8 @@ def save_with_external_data(
             source = external_source(tensor) if not isinstance(tensor, FoldedTensor) else None
             if source is not None:
                 src_path, src_offset, _ = source
+                if copied is not None:
+                    copied[value.name] = (str(src_path), int(src_offset), int(nbytes), str(data_path), int(dst_offset))
                 if (pending is not None and pending[0] == src_path and pending[1] + pending[2] == src_offset
                         and pending[3] + pending[2] == dst_offset):
                     pending[2] += nbytes

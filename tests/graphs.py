@@ -280,3 +280,43 @@ def set_location(path: Path, location: str) -> None:
             if e.key == "location":
                 e.value = location
     Path(path).write_bytes(proto.SerializeToString())
+
+
+def tied_decoder(k: int = 16, vocab: int = 32, seed: int = 0) -> onnx.ModelProto:
+    """A one-layer decoder with a tied embedding, as dynamo writes one: ``Gather(E, ids)`` ->
+    RMSNorm(g1) -> q = MatMul(Wq) -> residual Add(h, MatMul(q, Wo)) -> RMSNorm(g2) ->
+    logits = MatMul(., Transpose(E)). ``Wo`` and the residual are outside any fold; ``E`` is
+    read by the embedding and, transposed, by the lm_head."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init("E", (rng.standard_normal((vocab, k))).astype(np.float32)),
+        _init("Wq", (rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)),
+        _init("Wo", (rng.standard_normal((k, k)) / np.sqrt(k)).astype(np.float32)),
+        _init("eps", np.array(EPS, np.float32)), _init("two", np.array(2.0, np.float32)),
+        _init("axes", np.array([-1], np.int64)),
+    ]
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["h"], name="embed")]
+
+    def rms(x: str, out: str, tag: str) -> None:
+        inits.append(_init(f"g{tag}", rng.uniform(0.5, 1.5, size=k).astype(np.float32)))
+        nodes.extend([
+            helper.make_node("Pow", [x, "two"], [f"sq{tag}"]),
+            helper.make_node("ReduceMean", [f"sq{tag}", "axes"], [f"ms{tag}"], keepdims=1),
+            helper.make_node("Add", [f"ms{tag}", "eps"], [f"mse{tag}"]),
+            helper.make_node("Sqrt", [f"mse{tag}"], [f"rms{tag}"]),
+            helper.make_node("Reciprocal", [f"rms{tag}"], [f"inv{tag}"]),
+            helper.make_node("Mul", [x, f"inv{tag}"], [f"n{tag}"]),
+            helper.make_node("Mul", [f"g{tag}", f"n{tag}"], [out]),
+        ])
+
+    rms("h", "y1", "1")
+    nodes += [helper.make_node("MatMul", ["y1", "Wq"], ["q"], name="q_proj"),
+              helper.make_node("MatMul", ["q", "Wo"], ["o"], name="o_proj"),
+              helper.make_node("Add", ["h", "o"], ["h2"], name="residual")]
+    rms("h2", "y2", "2")
+    nodes += [helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0], name="lm_head_t"),
+              helper.make_node("MatMul", ["y2", "Et"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(
+        nodes, "tied_decoder", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", vocab])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)

@@ -78,6 +78,10 @@ class ReaderSite:
     weight: str = ""
     """The weight constant in the input model, and the axis of it the norm's channels index."""
     k_axis: int = 0
+    linear_before: str = ""
+    linear_after: str = ""
+    """Name, in the input and in the rewritten model, of the linear node's own output (before any
+    bias Add): a new bias Add on a graph output takes the output's name, and the linear's is renamed."""
 
 
 @dataclasses.dataclass
@@ -105,6 +109,10 @@ class FlashNormPassResult(ir.passes.PassResult):
     report: FoldReport = dataclasses.field(default_factory=FoldReport)
     folds: list[FoldRecord] = dataclasses.field(default_factory=list)
     sites: list[RewriteSite] = dataclasses.field(default_factory=list)
+    written: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Every tensor the fold wrote, by its name in the output -> the name of the constant it was
+    computed from in the input ("" for a new LayerNorm bias). The same name on both sides: written
+    in place. What the plan-diff check (verify_plan) holds the output to."""
 
 
 @dataclasses.dataclass
@@ -203,6 +211,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         report = FoldReport()
         self._folds: list[FoldRecord] = []
         self._sites: list[RewriteSite] = []
+        self._written: dict[str, str] = {}
         for plan in plans:
             if plan.folds:
                 self._apply(plan, graph, pool, opset)
@@ -213,7 +222,8 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             common_passes.RemoveUnusedNodesPass()(model)
             _ensure_opset(model)
             provenance.record(model, report)  # survives a PassManager, tells a folded model apart
-        return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds, sites=self._sites)
+        return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds, sites=self._sites,
+                                   written=self._written)
 
     # -- one norm ------------------------------------------------------------------------------
 
@@ -311,6 +321,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             site.output_after = node.inputs[idx]
             for reader, use in zip(site.readers, plan.uses):
                 reader.result_after = _linear_result(use)
+                reader.linear_after = use.node.outputs[0].name or ""
             self._sites.append(site)
 
     @staticmethod
@@ -394,13 +405,16 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             done.add(id(source))
             if source.is_initializer():
                 source.const_value = folded
+                self._written[source.name or ""] = source.name or ""
             else:  # output of a Constant node: replace it by an initializer
                 new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
                 source.replace_all_uses_with(new)
+                self._written[new.name or ""] = source.name or ""
             return record
         # Untie: a new tensor, and a private copy of the Transpose/Cast path to this reader.
         record.action = "untied copy"
         new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
+        self._written[new.name or ""] = source.name or ""
         value = _clone_path(write.use.weight.nodes, new, graph, write.use.node, pool)
         write.use.node.replace_input_with(1, value)
         return record
@@ -436,8 +450,10 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             tensor = ir.Tensor(new_array, name=source.name)
             if exclusive and source.is_initializer() and new_array.shape == array.shape:
                 source.const_value = tensor
+                self._written[source.name or ""] = source.name or ""
                 return 0, tensor.nbytes
             new = _new_initializer(pool, f"{source.name or 'bias'}.flashnorm", tensor, None)
+            self._written[new.name or ""] = source.name or ""
             # a bias behind a Cast: the new constant keeps the stored dtype and gets its own Cast
             new = _clone_path(use.bias_path, new, graph, reader, pool)
             index = 2 if node.op_type == "Gemm" else list(reader.inputs).index(
@@ -449,6 +465,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         array = bias.delta.astype(_new_bias_dtype(use).numpy())
         tensor = ir.Tensor(array)
         new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
+        self._written[new.name or ""] = ""
         if node.op_type == "Gemm":
             node.resize_inputs(3)
             node.replace_input_with(2, new)
@@ -507,7 +524,7 @@ def _site_before(match: NormMatch, g: np.ndarray, beta: np.ndarray | None, uses:
         result = _linear_result(use)
         readers.append(ReaderSite(op=use.node.op_type, data=use.node.inputs[0].name, result_before=result.name,
                                   result_after=result, weight=use.weight.source.name or "",
-                                  k_axis=use.weight.k_axis))
+                                  k_axis=use.weight.k_axis, linear_before=use.node.outputs[0].name or ""))
     extra = [o.name for o in match.anchor.outputs[1:] if o.name and o.uses()] if match.scale_node is None else []
     names = [v.name for v in inputs] + [match.output.name] + [r.data for r in readers] + [r.result_before for r in readers]
     if not all(names):
