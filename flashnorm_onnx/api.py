@@ -443,7 +443,7 @@ def fold_file(
                 from flashnorm_onnx.verify_plan import check_plan, declaration
 
                 plan_check = check_plan(info.path, staged.model_path, declaration(result), copied)
-                report.verification = combine([report.verification, plan_check])
+                report.verification = with_plan(report.verification, plan_check)
         problem = check_model(staged.model_path)
         if problem is not None:
             if check_model(info.path) is None:
@@ -580,6 +580,18 @@ def combine(checks: list[VerificationResult]) -> VerificationResult:
         out.tolerance = max(out.tolerance, c.tolerance)
     out.message = "; ".join(f"{c.method}: {c.message}" for c in checks if c.message and not c.passed)
     return out
+
+
+def with_plan(verification: VerificationResult, plan: VerificationResult) -> VerificationResult:
+    """``verification`` (``method+plan``) with the plan-diff check's verdict, failures and counts."""
+    verification.method += "+" + plan.method
+    verification.outputs += plan.outputs
+    verification.details += plan.details
+    if not plan.passed:
+        verification.passed = False
+        verification.message = "; ".join(m for m in (f"{plan.method}: {plan.message}",
+                                                      verification.message if not verification.passed else "") if m)
+    return verification
 
 
 def _has_16bit_floats(model) -> bool:

@@ -77,6 +77,8 @@ class VerificationResult:
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     cases: list[str] = dataclasses.field(default_factory=list)
     message: str = ""
+    details: list[str] = dataclasses.field(default_factory=list)
+    """What a check counted (the plan-diff's nodes, initializers and readers), one line each."""
 
     def lines(self) -> list[str]:
         if self.method == "skipped":
@@ -91,6 +93,7 @@ class VerificationResult:
         for case in self.cases:
             # inputs grouped by name and shape (a KV cache: 2 inputs per layer) to fit a terminal
             out.append(f"  case: {summarize_case(case)}")
+        out += [f"  {line}" for line in self.details]
         shown = self.outputs
         if len(shown) > 8:
             # logits first, then the worst of the rest

@@ -136,7 +136,7 @@ def assert_every_model_folded_and_verified(out: Path, report_json: dict, expecte
     for rel, model in report_json["models"].items():
         assert model["summary"]["folded"] > 0, (rel, model["summary"])
         verification = model["verification"]
-        assert verification["method"] == "onnxruntime" and verification["passed"], (rel, verification)
+        assert verification["method"] == "onnxruntime+plan" and verification["passed"], (rel, verification)
         assert verification["cases"], rel
     assert report_json["verification"]["passed"]
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # the staging folder went

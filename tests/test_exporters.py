@@ -103,7 +103,7 @@ def _check(name: str, expected: tuple[int, int, int], tmp_path: Path) -> None:
     if not folded:
         assert not out.exists()
         return
-    assert report.verification.method == "onnxruntime" and report.verification.passed, report.text()
+    assert report.verification.method == "onnxruntime+plan" and report.verification.passed, report.text()
     # every folded norm is a fused op with scale ones now; the skipped ones keep their scales
     scales = _scales_after(out)
     assert sum(bool(np.all(s == 1)) for s in scales) == folded
@@ -264,7 +264,7 @@ def _large_model_check(name: str, tmp_path, monkeypatch) -> None:
         assert report.verification.method == "skipped"
         return
     v = report.verification
-    assert v.method == "subgraph+algebraic+structure" and v.passed, report.text()
+    assert v.method == "subgraph+algebraic+structure+plan" and v.passed, report.text()
     norms = [o for o in v.outputs if o["case"] == "subgraph" and o["name"].endswith("(norm)")]
     linears = [o for o in v.outputs if o["case"] == "subgraph" and not o["name"].endswith("(norm)")
                and "(norm output" not in o["name"]]

@@ -441,7 +441,7 @@ def test_cli_table(capsys, tmp_path):
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert lines[0].startswith("| architecture | exporter |")
-    assert lines[1].startswith("| llama | dynamo | `llama_dynamo` (opset 20) | 5 | 5 | 0 | 0 | onnxruntime: passed |")
+    assert lines[1].startswith("| llama | dynamo | `llama_dynamo` (opset 20) | 5 | 5 | 0 | 0 | onnxruntime+plan: passed |")
     assert lines[2].startswith("| qwen3 | dynamo | `qwen3_untied_dynamo` (opset 20) | 9 | 5 | 4: 4 × feeds ")
     rows = json.loads(rows_json.read_text())
     qwen3 = next(r for r in rows if r["fixture"] == "qwen3_untied_dynamo")

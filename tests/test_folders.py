@@ -82,7 +82,7 @@ def test_seq2seq_folder_every_model_folded_and_verified(seq2seq, tmp_path):
     assert report.folded == 3 and report.skipped == 0 and len(report.decisions) == 3
     assert report.verification.passed
     for rel, r in report.models.items():
-        assert r.verification.method == "onnxruntime" and r.verification.passed, r.text()
+        assert r.verification.method == "onnxruntime+plan" and r.verification.passed, r.text()
         assert r.output == str(out / rel)
         same_function(seq2seq / rel, out / rel)
         assert "already weightless" in flashnorm_onnx.inspect(out / rel).text()
@@ -105,7 +105,7 @@ def test_cli_prints_every_model_and_writes_the_report(seq2seq, tmp_path):
     out, report_path = tmp_path / "out", tmp_path / "out" / "flashnorm_report.json"
     proc = cli("optimize", seq2seq, "-o", out, "--report", report_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("verification (onnxruntime): PASSED") == 3
+    assert proc.stdout.count("verification (onnxruntime+plan): PASSED") == 3
     assert "== encoder_model.onnx" in proc.stdout
     data = json.loads(report_path.read_text())
     assert data["summary"]["folded"] == 3 and data["verification"]["passed"] is True

@@ -259,7 +259,7 @@ def test_inspect_says_would_fold_and_optimize_says_folded(capsys, model_file, tm
 def test_wrote_comes_after_the_verdict_and_quiet_keeps_the_verdict(capsys, model_file, tmp_path):
     out = tmp_path / "o.onnx"
     full = in_process(capsys, "optimize", model_file, "-o", out).stdout.splitlines()
-    verdict = next(i for i, line in enumerate(full) if line.startswith("verification (onnxruntime): PASSED"))
+    verdict = next(i for i, line in enumerate(full) if line.startswith("verification (onnxruntime+plan): PASSED"))
     assert full[-1] == f"wrote {out}" and verdict < len(full) - 1, full
     quiet = in_process(capsys, "optimize", model_file, "-o", tmp_path / "q.onnx", "-q")
     assert quiet.returncode == 0, quiet.stderr

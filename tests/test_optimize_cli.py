@@ -44,7 +44,7 @@ def test_optimize_cli_writes_verified_output(model_file, tmp_path):
     report_path = tmp_path / "out" / "report.json"
     proc = cli("optimize", model_file, "-o", out, "--report", report_path)
     assert proc.returncode == 0, proc.stderr
-    assert "folded into" in proc.stdout and "verification (onnxruntime): PASSED" in proc.stdout
+    assert "folded into" in proc.stdout and "verification (onnxruntime+plan): PASSED" in proc.stdout
     # input untouched, output has its own data file
     assert {p.name: sha(p) for p in model_file.parent.iterdir()} == before
     assert (out.parent / (out.name + ".data")).exists()

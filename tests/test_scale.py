@@ -69,7 +69,7 @@ def test_whole_model_check_holds_one_session_at_a_time(big_model, tmp_path):
     out = tmp_path / "folded.onnx"
     peak, proc = _peak_rss_of([sys.executable, "-m", "flashnorm_onnx.cli", "optimize", str(path), "-o", str(out)])
     assert proc.returncode == 0, proc.stderr
-    assert "verification (onnxruntime): PASSED" in proc.stdout
+    assert "verification (onnxruntime+plan): PASSED" in proc.stdout
     assert peak < 4.3 * data_bytes + 100 * MB, f"peak RSS {peak / MB:.0f} MB for {data_bytes / MB:.0f} MB of data"
 
 
@@ -78,7 +78,7 @@ def test_algebraic_verification_runs_when_asked(big_model, tmp_path):
     from flashnorm_onnx import optimize
 
     report = optimize(path, tmp_path / "o.onnx", verify_mode="algebraic")
-    assert report.verification.method == "algebraic+structure" and report.verification.passed
+    assert report.verification.method == "algebraic+structure+plan" and report.verification.passed
     assert len(report.verification.outputs) == report.tensors_written  # RMSNorm: no biases moved
 
 
@@ -87,7 +87,7 @@ def test_auto_verification_falls_back_to_algebraic_for_large_models(big_model, t
 
     monkeypatch.setattr(api, "VERIFY_MEMORY_FRACTION", 1e-6)  # pretend the machine is tiny
     report = api.optimize(big_model[0], tmp_path / "o.onnx")
-    assert report.verification.method == "subgraph+algebraic+structure" and report.verification.passed
+    assert report.verification.method == "subgraph+algebraic+structure+plan" and report.verification.passed
     assert "too large to run twice in memory" in report.verification.message
     # the executed check ran every folded norm and each of its linears
     norm_entries = [o for o in report.verification.outputs if o["case"] == "subgraph" and o["name"].endswith("(norm)")]
@@ -100,7 +100,7 @@ def test_subgraph_verification_memory_is_bounded(big_model, tmp_path):
            "--verify", "subgraph"]
     peak, proc = _peak_rss_of(cmd)
     assert proc.returncode == 0, proc.stderr
-    assert "verification (subgraph): PASSED" in proc.stdout
+    assert "verification (subgraph+plan): PASSED" in proc.stdout
     # pieces run one at a time, and linears with large weights on a sample of their output columns:
     # memory is the fold's own, whatever the largest tensor
     bound = 0.3 * data_bytes + 300 * MB

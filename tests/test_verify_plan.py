@@ -45,7 +45,7 @@ def test_correct_fold_passes_and_says_what_it_checked(tmp_path):
     result = verify_plan.check_plan(src, out, declared)
     assert result.passed, result.message
     assert declared.written and all(source for source in declared.written.values())  # untied copies of E, Wq
-    assert "2 rewritten norms, 2 declared linears" in result.cases[0]
+    assert "2 rewritten norms, 2 declared linears" in result.details[0]
 
 
 def _node(proto, name):
@@ -122,7 +122,7 @@ def test_writer_copies_checked_by_source_not_read_back(tmp_path, monkeypatch, ca
                         lambda a, ba, b, bb: compared.append(a.name) or real(a, ba, b, bb))
     report = api.optimize(src, tmp_path / "out" / "model.onnx", verify_mode="subgraph")
     assert report.verification.passed, report.text()
-    case = next(c for c in report.verification.cases if "checked by what the writer copied" in c)
+    case = next(c for c in report.verification.details if "checked by what the writer copied" in c)
     copied = int(case.split("(")[1].split()[0])
     assert copied >= 2  # E and Wo: [32, 16] and [16, 16] float32, above the writer's inline size
     assert "E" not in compared and "Wo" not in compared
