@@ -588,9 +588,9 @@ def with_plan(verification: VerificationResult, plan: VerificationResult) -> Ver
     verification.outputs += plan.outputs
     verification.details += plan.details
     if not plan.passed:
+        others = verification.message if not verification.passed else ""
         verification.passed = False
-        verification.message = "; ".join(m for m in (f"{plan.method}: {plan.message}",
-                                                      verification.message if not verification.passed else "") if m)
+        verification.message = "; ".join(m for m in (f"{plan.method}: {plan.message}", others) if m)
     return verification
 
 
