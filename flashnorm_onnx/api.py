@@ -39,7 +39,7 @@ def inspect(model: str | os.PathLike, *, untie: bool = True, keep_structure: boo
     ir_model = model_io.load(info)
     restore = infer_shapes(ir_model)
     fold = FlashNormFoldPass(untie=untie, keep_structure=keep_structure)
-    report = fold.report_of(fold.analyse(ir_model))  # the analysis alone: the model is not touched
+    report = FoldReport(decisions=fold.report_of(fold.analyse(ir_model)).decisions)  # the model is not touched
     restore()
     report.model = str(info.path)
     return report
@@ -362,8 +362,7 @@ def fold_file(
             restore = infer_shapes(ir_model)
             result = fold(ir_model)
             restore()
-            report = result.report
-            report.model = str(info.path)
+            report = FoldReport(decisions=result.report.decisions, model=str(info.path))
             if dequantized is not None:
                 _requantize(ir_model, dequantized, report, result)
             if for_ort:
@@ -381,8 +380,7 @@ def fold_file(
                         # one onnxscript's clean-up rewrote, so the output is the plain fold's, node for node
                         ir_model = model_io.load(info)
                         result = fold(ir_model)
-                        report = result.report
-                        report.model = str(info.path)
+                        report = FoldReport(decisions=result.report.decisions, model=str(info.path))
                 report.fusions = fusions
                 if fusion_note:
                     report.notes.append(fusion_note)

@@ -1,55 +1,12 @@
-"""What the fold decided for each normalization, and the summary a user reads."""
+"""The report a user reads: the fold's decisions (``passes.decisions``), its verification, notes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Literal
+from typing import Any
 
-Status = Literal["folded", "skipped", "already-weightless"]
-
-
-@dataclasses.dataclass
-class ConsumerRecord:
-    op: str
-    node: str
-    weight: str
-    action: str
-    """'in place' (the weight was only read by this fold), 'untied copy' (a new tensor; the
-    original keeps its other readers) or 'shared in place' (one tensor read by several
-    readers of this same norm)."""
-
-
-@dataclasses.dataclass
-class NormDecision:
-    index: int
-    name: str
-    kind: str
-    form: str
-    status: Status
-    reason: str = ""
-    feeds: list[str] = dataclasses.field(default_factory=list)
-    consumers: list[ConsumerRecord] = dataclasses.field(default_factory=list)
-    rewritten_as: str = ""
-    tensors_written: int = 0
-    bytes_added: int = 0
-    bytes_rewritten: int = 0
-    shape_readers: int = 0
-
-    def line(self, planned: bool = False) -> str:
-        """``planned``: the words of an analysis that writes nothing (``inspect``: "would fold into")."""
-        feeds = ", ".join(self.feeds) if self.feeds else "-"
-        head = f"[{self.index:3d}] {self.form:<34s} {self.name}"
-        if self.status == "folded":
-            extra = f" -> {self.rewritten_as}" if self.rewritten_as else ""
-            untied = sum(1 for c in self.consumers if c.action == "untied copy")
-            tie = f", {untied} untied copy(ies) +{_fmt_bytes(self.bytes_added)}" if untied else ""
-            verb = "would fold into" if planned else "folded into"
-            return f"{head}\n      {verb} {feeds}{tie}{extra}"
-        if self.status == "already-weightless":
-            return f"{head}\n      already weightless (scale is all ones): nothing to fold"
-        return f"{head}\n      skipped: {self.reason}"
-
+from flashnorm_onnx.passes.decisions import ConsumerRecord, FoldDecisions, NormDecision, Status, fmt_bytes  # noqa: F401
 
 #: What each verification method establishes, printed under its verdict (README: "Verification").
 PROVES = {
@@ -117,10 +74,11 @@ class VerificationResult:
 
 
 @dataclasses.dataclass
-class FoldReport:
+class FoldReport(FoldDecisions):
+    """The fold's decisions with what the run made of them: verification, notes, output."""
+
     model: str = ""
     output: str = ""
-    decisions: list[NormDecision] = dataclasses.field(default_factory=list)
     verification: VerificationResult | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     fusions: dict[str, int] | None = None
@@ -130,53 +88,6 @@ class FoldReport:
     quant_verification: VerificationResult | None = None
     """``--quantize`` / ``--requantize``: the quantized output against the input, measured as
     quantization error (``verification`` stays the fold's own check)."""
-
-    @property
-    def folded(self) -> int:
-        return sum(d.status == "folded" for d in self.decisions)
-
-    @property
-    def skipped(self) -> int:
-        return sum(d.status == "skipped" for d in self.decisions)
-
-    @property
-    def already(self) -> int:
-        return sum(d.status == "already-weightless" for d in self.decisions)
-
-    @property
-    def tensors_written(self) -> int:
-        return sum(d.tensors_written for d in self.decisions)
-
-    @property
-    def bytes_added(self) -> int:
-        return sum(d.bytes_added for d in self.decisions)
-
-    @property
-    def bytes_rewritten(self) -> int:
-        return sum(d.bytes_rewritten for d in self.decisions)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "norms": len(self.decisions),
-            "folded": self.folded,
-            "skipped": self.skipped,
-            "already_weightless": self.already,
-            "tensors_written": self.tensors_written,
-            "bytes_rewritten": self.bytes_rewritten,
-            "bytes_added_by_untying": self.bytes_added,
-            "bytes_added_note": "new tensors: untied copies of shared weights, and LayerNorm biases created for linears that had none",
-        }
-
-    def summary_line(self, planned: bool = False) -> str:
-        """``planned``: the words of an analysis that writes nothing (``inspect``)."""
-        s = self.summary()
-        folded, written = ("foldable", "tensors to write") if planned else ("folded", "tensors written")
-        return (
-            f"{s['norms']} norms: {s['folded']} {folded}, {s['skipped']} skipped, "
-            f"{s['already_weightless']} already weightless; {s['tensors_written']} {written} "
-            f"({_fmt_bytes(s['bytes_rewritten'])} rewritten, {_fmt_bytes(s['bytes_added_by_untying'])} "
-            "added as untied copies or new biases)"
-        )
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -230,12 +141,3 @@ def quantization_lines(q: dict[str, Any]) -> list[str]:
         names = q["left_float"]
         lines.append(f"  left in float ({len(names)}): " + ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))
     return lines
-
-
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(value) < 1024 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"

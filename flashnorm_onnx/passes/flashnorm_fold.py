@@ -48,7 +48,7 @@ from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_labe
 from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses, is_linear_reader, output_scale
 from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms, strip_casts
 from flashnorm_onnx.passes.weightless_norm import ConstantPool, make_weightless
-from flashnorm_onnx.report import ConsumerRecord, FoldReport, NormDecision
+from flashnorm_onnx.passes.decisions import ConsumerRecord, FoldDecisions, NormDecision
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +106,22 @@ class RewriteSite:
 
 @dataclasses.dataclass
 class FlashNormPassResult(ir.passes.PassResult):
-    report: FoldReport = dataclasses.field(default_factory=FoldReport)
+    report: FoldDecisions = dataclasses.field(default_factory=FoldDecisions)
     folds: list[FoldRecord] = dataclasses.field(default_factory=list)
     sites: list[RewriteSite] = dataclasses.field(default_factory=list)
     written: dict[str, str] = dataclasses.field(default_factory=dict)
     """Every tensor the fold wrote, by its name in the output -> the name of the constant it was
     computed from in the input ("" for a new LayerNorm bias). The same name on both sides: written
     in place. What the plan-diff check (verify_plan) holds the output to."""
+
+
+@dataclasses.dataclass
+class _Applied:
+    """What :meth:`FlashNormFoldPass.apply` wrote, gathered for its result (the pass keeps nothing)."""
+
+    folds: list[FoldRecord] = dataclasses.field(default_factory=list)
+    sites: list[RewriteSite] = dataclasses.field(default_factory=list)
+    written: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -164,7 +173,6 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         self,
         untie: bool = True,
         keep_structure: bool = False,
-        fold_layernorm: bool = True,
         progress: Callable[[int, int], None] | None = None,
         defer_overflow: bool = False,
         refused: dict[tuple[int, str], str] | None = None,
@@ -178,7 +186,6 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         super().__init__()
         self.untie = untie
         self.keep_structure = keep_structure
-        self.fold_layernorm = fold_layernorm
         self.progress = progress
         self.defer_overflow = defer_overflow
         self.refused = dict(refused or {})
@@ -199,22 +206,20 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         return plans
 
     @staticmethod
-    def report_of(plans: list[NormPlan]) -> FoldReport:
+    def report_of(plans: list[NormPlan]) -> FoldDecisions:
         """The report the plans would give (``inspect``: "would fold into")."""
-        return FoldReport(decisions=[p.decision for p in plans])
+        return FoldDecisions(decisions=[p.decision for p in plans])
 
     def apply(self, model: ir.Model, plans: list[NormPlan]) -> FlashNormPassResult:
         """Write every plan that folds (made by :meth:`analyse` on this same model)."""
         graph = model.graph
         opset = opset_version(model)
         pool = ConstantPool(graph, set())
-        report = FoldReport()
-        self._folds: list[FoldRecord] = []
-        self._sites: list[RewriteSite] = []
-        self._written: dict[str, str] = {}
+        report = FoldDecisions()
+        applied = _Applied()
         for plan in plans:
             if plan.folds:
-                self._apply(plan, graph, pool, opset)
+                self._apply(plan, graph, pool, opset, applied)
             logger.info("%s", plan.decision.line().replace("\n", " |"))
             report.decisions.append(plan.decision)
         modified = report.folded > 0
@@ -222,8 +227,8 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             common_passes.RemoveUnusedNodesPass()(model)
             _ensure_opset(model)
             provenance.record(model, report)  # survives a PassManager, tells a folded model apart
-        return FlashNormPassResult(model, modified=modified, report=report, folds=self._folds, sites=self._sites,
-                                   written=self._written)
+        return FlashNormPassResult(model, modified=modified, report=report, folds=applied.folds, sites=applied.sites,
+                                   written=applied.written)
 
     # -- one norm ------------------------------------------------------------------------------
 
@@ -232,9 +237,6 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         plan = NormPlan(match, decision)
         if match.problem:
             decision.reason = match.problem
-            return plan
-        if match.kind == "layer" and not self.fold_layernorm:
-            decision.reason = "LayerNorm folding is disabled"
             return plan
         g = match.scale_array()
         beta = match.bias_array()
@@ -305,14 +307,14 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             decision.tensors_written += 1
         return plan
 
-    def _apply(self, plan: NormPlan, graph: ir.Graph, pool: ConstantPool, opset: int) -> None:
+    def _apply(self, plan: NormPlan, graph: ir.Graph, pool: ConstantPool, opset: int, applied: "_Applied") -> None:
         """Write one folding plan: the weights, the biases, the weightless norm."""
         match, decision, g = plan.match, plan.decision, plan.g
         done_in_place: set[int] = set()
         for write in plan.writes:
-            self._apply_weight(write, g, graph, pool, done_in_place, (decision.index, decision.name))
+            self._apply_weight(write, g, graph, pool, done_in_place, (decision.index, decision.name), applied)
         for bias in plan.biases:
-            self._apply_bias(bias, graph, pool)
+            self._apply_bias(bias, graph, pool, applied)
         readers_of_output = [(u.node, u.idx) for u in match.output.uses()]
         decision.rewritten_as = make_weightless(match, graph, pool, opset, self.keep_structure)
         site = plan.site
@@ -322,7 +324,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             for reader, use in zip(site.readers, plan.uses):
                 reader.result_after = _linear_result(use)
                 reader.linear_after = use.node.outputs[0].name or ""
-            self._sites.append(site)
+            applied.sites.append(site)
 
     @staticmethod
     def _check_channels(g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse]) -> str | None:
@@ -384,14 +386,14 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
 
     def _apply_weight(
         self, write: _WeightWrite, g: np.ndarray, graph: ir.Graph, pool: ConstantPool, done: set[int],
-        key: tuple[int, str],
+        key: tuple[int, str], applied: "_Applied",
     ) -> ConsumerRecord:
         source = write.source
         original = const_tensor(source)
         folded = fold_math.FoldedTensor(original, g, write.k_axis, name=source.name,
                                         check_for=(key, source.name or "") if write.deferred_check else None)
         if not (write.in_place and id(source) in done):
-            self._folds.append(FoldRecord(source.name or "", original, folded, np.array(g), write.k_axis))
+            applied.folds.append(FoldRecord(source.name or "", original, folded, np.array(g), write.k_axis))
         record = ConsumerRecord(
             op=write.use.node.op_type,
             node=write.use.node.name or "",
@@ -405,16 +407,16 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             done.add(id(source))
             if source.is_initializer():
                 source.const_value = folded
-                self._written[source.name or ""] = source.name or ""
+                applied.written[source.name or ""] = source.name or ""
             else:  # output of a Constant node: replace it by an initializer
                 new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
                 source.replace_all_uses_with(new)
-                self._written[new.name or ""] = source.name or ""
+                applied.written[new.name or ""] = source.name or ""
             return record
         # Untie: a new tensor, and a private copy of the Transpose/Cast path to this reader.
         record.action = "untied copy"
         new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
-        self._written[new.name or ""] = source.name or ""
+        applied.written[new.name or ""] = source.name or ""
         value = _clone_path(write.use.weight.nodes, new, graph, write.use.node, pool)
         write.use.node.replace_input_with(1, value)
         return record
@@ -432,7 +434,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             return nbytes, 0
         return int(bias.delta.size) * _new_bias_dtype(use).itemsize, 0
 
-    def _apply_bias(self, bias: _BiasWrite, graph: ir.Graph, pool: ConstantPool) -> tuple[int, int]:
+    def _apply_bias(self, bias: _BiasWrite, graph: ir.Graph, pool: ConstantPool, applied: "_Applied") -> tuple[int, int]:
         """Add beta @ B to the linear's bias. Returns (bytes added, bytes rewritten)."""
         use = bias.use
         node = use.node
@@ -450,10 +452,10 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             tensor = ir.Tensor(new_array, name=source.name)
             if exclusive and source.is_initializer() and new_array.shape == array.shape:
                 source.const_value = tensor
-                self._written[source.name or ""] = source.name or ""
+                applied.written[source.name or ""] = source.name or ""
                 return 0, tensor.nbytes
             new = _new_initializer(pool, f"{source.name or 'bias'}.flashnorm", tensor, None)
-            self._written[new.name or ""] = source.name or ""
+            applied.written[new.name or ""] = source.name or ""
             # a bias behind a Cast: the new constant keeps the stored dtype and gets its own Cast
             new = _clone_path(use.bias_path, new, graph, reader, pool)
             index = 2 if node.op_type == "Gemm" else list(reader.inputs).index(
@@ -465,7 +467,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         array = bias.delta.astype(_new_bias_dtype(use).numpy())
         tensor = ir.Tensor(array)
         new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
-        self._written[new.name or ""] = ""
+        applied.written[new.name or ""] = ""
         if node.op_type == "Gemm":
             node.resize_inputs(3)
             node.replace_input_with(2, new)
