@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 
 import numpy as np
 
@@ -270,6 +271,37 @@ def verification_cap() -> int:
     return VERIFY_CAP_MAX_BYTES if available is None else max(1, min(VERIFY_CAP_MAX_BYTES, available // 8))
 
 
+#: Upper bound of the verification memory cap (the smaller of this and available memory / 2).
+VERIFY_RUN_CAP_MAX_BYTES = 2 << 30
+
+
+def verification_run_cap() -> int:
+    """Most bytes one verification case's runs may need, as estimated (:class:`RunEstimate`):
+    min(2 GiB, available / 2). Half: the two models' sessions run one after the other, each
+    holding its weights beside the values it creates. Tests monkeypatch this."""
+    available = available_memory()
+    return VERIFY_RUN_CAP_MAX_BYTES if available is None else max(1, min(VERIFY_RUN_CAP_MAX_BYTES, available // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEstimate:
+    """What running one case (both models, then comparing) needs, estimated from shape inference
+    (see :class:`flashnorm_onnx.verify.RunEstimator`); values of unknown shape count nothing."""
+
+    total: int
+    """Bytes in all: ``peak`` + ``outputs`` (the input model's, held while the output model runs)
+    + the comparison's float64 temporaries for the largest output."""
+    peak: int
+    """Bytes of the values alive at once during one run (inputs, live intermediates, outputs)."""
+    outputs: int
+    """Bytes of all graph outputs."""
+    name: str
+    """The largest single value's name, shape, element type and size."""
+    shape: list
+    dtype: str
+    nbytes: int
+
+
 def input_shapes(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None) -> dict[str, list[int]]:
     """The shape :func:`make_feeds` gives each input for this case (nothing allocated)."""
     dims = dims or {}
@@ -295,26 +327,43 @@ def _mb(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
 
 
-def fit_case(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None) -> tuple[Case, str | None]:
-    """The case, with its batch/tokens/past halved until all its inputs fit :func:`verification_cap`.
+def fit_case(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None,
+             estimate: Callable[[dict[str, list[int]]], RunEstimate | None] | None = None,
+             ) -> tuple[Case, str | None]:
+    """The case, with its batch/tokens/past halved until all its inputs fit :func:`verification_cap`
+    and, given ``estimate`` (input shapes -> :class:`RunEstimate` or None), until the memory its
+    runs need fits :func:`verification_run_cap`.
 
     Returns the case and a note when it was reduced. Sizes the model declares (and ``--dim`` or
-    config values) are never changed: when they alone exceed the cap, raises
+    config values) are never changed: when they alone exceed a cap, raises
     :class:`~flashnorm_onnx.errors.VerificationUnavailable`. Nothing is allocated."""
     from flashnorm_onnx.errors import VerificationUnavailable
 
     cap = verification_cap()
     max_elements = cap // 4
+    run_cap = verification_run_cap() if estimate is not None else None
 
-    def size(c: Case) -> tuple[int, int, str, int]:
-        return _feeds_size(specs, input_shapes(specs, c, dims))
+    def size(c: Case) -> tuple:
+        shapes = input_shapes(specs, c, dims)
+        run = estimate(shapes) if estimate is not None else None
+        return (*_feeds_size(specs, shapes), run)
+
+    def inputs_over(s) -> bool:
+        return s[0] > max_elements or s[1] > cap
+
+    def run_over(s) -> bool:
+        return s[4] is not None and s[4].total > run_cap
 
     def over(s) -> bool:
-        return s[0] > max_elements or s[1] > cap
+        return inputs_over(s) or run_over(s)
+
+    def key(s) -> tuple:
+        return s[0], s[1], s[4].total if s[4] is not None else 0
 
     current = size(case)
     if not over(current):
         return case, None
+    first = current
     reduced = case
     while over(current):
         best = None
@@ -324,13 +373,14 @@ def fit_case(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = N
                 continue
             trial = dataclasses.replace(reduced, **{field: max(1, value // 2)})
             trial_size = size(trial)
-            if trial_size[:2] < current[:2] and (best is None or value > best[0]):
+            if key(trial_size) < key(current) and (best is None or value > best[0]):
                 best = (value, trial, trial_size)
         if best is None:
             break
         _, reduced, current = best
-    if over(current):
-        elements, total, name, biggest = current
+    given = {str(d) for s in specs for d in s.shape if not isinstance(d, int)} & set(dims or {})
+    if inputs_over(current):
+        elements, total, name, biggest, _ = current
         spec = next(s for s in specs if s.name == name)
         shape = input_shapes(specs, reduced, dims)[name]
         what = f"input '{name}' {shape} is {_mb(biggest)} ({spec.dtype.name})"
@@ -338,16 +388,29 @@ def fit_case(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = N
             what += f", all inputs {_mb(total)}"
         if elements > max_elements and total <= cap:
             what += f", {elements} elements (cap {max_elements})"
-        given = {str(d) for s in specs for d in s.shape if not isinstance(d, int)} & set(dims or {})
         hint = "set smaller sizes with --dim NAME=VALUE or skip the check with --no-verify" if given \
             else "skip the check with --no-verify"
         raise VerificationUnavailable(
             f"{what}: over the verification input cap of {_mb(cap)} (min(1 GiB, available memory / 8)); {hint}"
         )
+    if run_over(current):
+        run = current[4]
+        hint = "set smaller sizes with --dim NAME=VALUE, " if given else ""
+        raise VerificationUnavailable(
+            f"running the check would create tensor '{run.name}' {list(run.shape)} of {_mb(run.nbytes)} "
+            f"({run.dtype}); its runs need an estimated {_mb(run.total)}, over the verification memory cap of "
+            f"{_mb(run_cap)} (min(2 GiB, available memory / 2)); {hint}skip the check with --no-verify "
+            "or check piece by piece with --verify subgraph"
+        )
     changes = [f"{field} {getattr(case, field)} -> {getattr(reduced, field)}"
                for field in ("batch", "sequence", "past") if getattr(case, field) != getattr(reduced, field)]
-    note = (f"{case.name}: input shapes reduced to fit the verification cap ({_mb(cap)}): "
-            + ", ".join(changes))
+    if inputs_over(first):
+        what = f"the verification cap ({_mb(cap)})"
+    else:
+        what = f"the verification memory cap ({_mb(run_cap)})"
+    if inputs_over(first) and run_over(first):
+        what += f" and the verification memory cap ({_mb(run_cap)})"
+    note = f"{case.name}: input shapes reduced to fit {what}: " + ", ".join(changes)
     return reduced, note
 
 
