@@ -98,6 +98,9 @@ def _dims(values: list[str] | None) -> dict[str, int]:
             raise argparse.ArgumentTypeError(f"--dim {item}: '{number}' is not an integer") from None
         if dims[name] < 0:
             raise argparse.ArgumentTypeError(f"--dim {item}: a dimension cannot be negative")
+        if dims[name] == 0:
+            raise argparse.ArgumentTypeError(f"--dim {item}: a dimension must be at least 1 (0 makes empty "
+                                             "inputs, and comparing empty outputs proves nothing)")
     return dims
 
 

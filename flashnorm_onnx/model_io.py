@@ -1,9 +1,10 @@
 """Load a model safely, and write the output atomically without touching the input's files.
 
 Loading checks what a user can get wrong before anything else runs: the path, an empty or
-non-ONNX file, a truncated file, external data that is missing, too short, or points outside
-the model's folder. The model is loaded with onnx-ir, which memory-maps external data: tensors
-are read only when needed.
+non-ONNX file, a truncated file, a cycle or a value written twice, sparse tensors (onnx-ir
+cannot carry them), external data (of initializers, attributes, functions, training_info) that
+is missing, too short, not a regular file, or points outside the model's folder. The model is
+loaded with onnx-ir, which memory-maps external data: tensors are read only when needed.
 
 Writing goes to a hidden staging folder next to the destination; :mod:`flashnorm_onnx.publish`
 makes it visible with one commit point (the model file, renamed last, names a data file no
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import stat
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +46,9 @@ class InputInfo:
     """Bytes of all initializers, inline or external."""
     proto: onnx.ModelProto | None = dataclasses.field(default=None, repr=False, compare=False)
     """The parsed model (without external data), handed to :func:`load` so the file is parsed once."""
+    dropped: list[str] = dataclasses.field(default_factory=list)
+    """Parts of the input the output will not carry (onnx-ir does not keep them), one phrase
+    each, e.g. ``"training_info (2 entries)"``: for the report."""
 
     @property
     def has_external_data(self) -> bool:
@@ -104,6 +109,11 @@ def check_input(path: str | os.PathLike) -> InputInfo:
     bad_node = _first_bad_arity(proto)
     if bad_node is not None:
         raise InputModelError(f"{p}: not a valid ONNX model ({bad_node}; corrupt file?)")
+    problem = _first_sparse_tensor(proto) or _first_graph_problem(proto)
+    if problem is not None:
+        raise InputModelError(f"{p}: {problem}")
+    dropped = [f"training_info ({len(proto.training_info)} entr{'y' if len(proto.training_info) == 1 else 'ies'})"
+               ] if len(proto.training_info) else []
     for tensor in all_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise InputModelError(f"{p}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
@@ -144,12 +154,29 @@ def check_input(path: str | os.PathLike) -> InputInfo:
         try:
             target = (base / location).resolve()
             if os.path.isabs(location) or (base != target and base not in target.parents):
+                link = None if os.path.isabs(location) else _link_leaving(base, location)
+                if link is not None:
+                    # e.g. a Hugging Face cache snapshot: snapshots/<hash>/model.onnx.data -> ../../blobs/<sha>
+                    what = (f"external data file '{location}' is a symlink" if link == os.path.normpath(location)
+                            else f"external data file '{location}' goes through the symlink '{link}',")
+                    raise InputModelError(
+                        f"{p}: {what} pointing outside the model's folder (to {target}), which ONNX loaders "
+                        f"refuse; copy the folder with links resolved (cp -rL {p.parent} DST) and optimize the copy"
+                    )
                 raise InputModelError(
                     f"{p}: tensor '{tensor.name}' points outside the model's folder ({location}); refusing"
                 )
-            if not target.is_file():
-                raise InputModelError(f"{p}: external data file '{location}' is missing")
             if target not in file_sizes:
+                try:
+                    mode = target.stat().st_mode
+                except FileNotFoundError:
+                    raise InputModelError(f"{p}: external data file '{location}' is missing") from None
+                if stat.S_ISDIR(mode):
+                    raise InputModelError(f"{p}: external data location '{location}' is a directory, "
+                                          "not a regular file")
+                if not stat.S_ISREG(mode):
+                    raise InputModelError(f"{p}: external data location '{location}' is {file_kind(mode)}, "
+                                          "not a regular file")
                 file_sizes[target] = target.stat().st_size
         except (OSError, ValueError) as e:  # a name too long, a loop of links...
             raise InputModelError(
@@ -162,7 +189,16 @@ def check_input(path: str | os.PathLike) -> InputInfo:
             )
         tensor_bytes += length
         data_files.add(target)
-    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes, proto=proto)
+    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes, proto=proto,
+                     dropped=dropped)
+
+
+def check_dims(dims: dict[str, int] | None) -> None:
+    """Sizes given for symbolic input dimensions (``--dim``, ``dims=``) must be at least 1: a 0
+    makes empty inputs, and a verification that compares empty tensors proves nothing."""
+    for name, value in (dims or {}).items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"dims: {name}={value!r}: a dimension must be an integer of at least 1")
 
 
 def load(info: InputInfo) -> ir.Model:
@@ -173,9 +209,34 @@ def load(info: InputInfo) -> ir.Model:
         model = ir.serde.deserialize_model(info.proto)
         info.proto = None  # the IR holds what it needs; free the protobuf
         ir.external_data.set_base_dir(model.graph, str(info.path.parent))
+        _set_attribute_base_dir(model, info.path.parent)
         return model
     except Exception as e:
         raise InputModelError(f"{info.path}: onnx-ir could not read the model ({first_line(e)})") from e
+
+
+def attribute_tensors(model: ir.Model):
+    """``(node, attribute name, index or None, tensor)`` for each tensor held by a node attribute
+    (TENSOR, or one entry of TENSORS): a Constant's ``value`` and the like, in the graph, its
+    subgraphs and the model-local functions."""
+    for graph in (model.graph, *model.functions.values()):
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for name, attr in node.attributes.items():
+                if attr.is_ref() or attr.value is None:
+                    continue
+                if attr.type == ir.AttributeType.TENSOR:
+                    yield node, name, None, attr.value
+                elif attr.type == ir.AttributeType.TENSORS:
+                    for i, t in enumerate(attr.value):
+                        yield node, name, i, t
+
+
+def _set_attribute_base_dir(model: ir.Model, base: Path) -> None:
+    """``set_base_dir`` does not reach model-local functions: their external attribute tensors
+    would be read relative to the working directory."""
+    for _, _, _, tensor in attribute_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor) and not tensor.base_dir:
+            tensor.base_dir = str(base)
 
 
 def default_output_path(input_path: Path) -> Path:
@@ -350,20 +411,185 @@ def write_atomic(
 
 
 def all_tensors(proto: onnx.ModelProto):
-    """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
-    def walk(graph):
-        yield from graph.initializer
-        for node in graph.node:
+    """Every TensorProto of the model: initializers, sparse initializers' values and indices,
+    tensor attributes (TENSOR, TENSORS, SPARSE_TENSOR(S)), subgraphs, model-local functions'
+    nodes and the training_info graphs included."""
+    def sparse(s):
+        yield s.values
+        yield s.indices
+
+    def nodes(node_list):
+        for node in node_list:
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.TENSOR:
                     yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
+                elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    yield from sparse(a.sparse_tensor)
+                elif a.type == onnx.AttributeProto.SPARSE_TENSORS:
+                    for s in a.sparse_tensors:
+                        yield from sparse(s)
                 elif a.type == onnx.AttributeProto.GRAPH:
                     yield from walk(a.g)
                 elif a.type == onnx.AttributeProto.GRAPHS:
                     for g in a.graphs:
                         yield from walk(g)
 
+    def walk(graph):
+        yield from graph.initializer
+        for s in graph.sparse_initializer:
+            yield from sparse(s)
+        yield from nodes(graph.node)
+
     yield from walk(proto.graph)
+    for function in proto.functions:
+        yield from nodes(function.node)
+    for info in proto.training_info:
+        for graph in (info.initialization, info.algorithm):
+            yield from walk(graph)
+
+
+def _link_leaving(base: Path, location: str) -> str | None:
+    """The first symbolic link on ``location`` (relative to ``base``) whose target lies outside
+    ``base``, as a path relative to ``base``; None when no link takes it out."""
+    parts = Path(os.path.normpath(location)).parts
+    if not parts or parts[0] == "..":
+        return None
+    for i in range(1, len(parts) + 1):
+        here = base.joinpath(*parts[:i])
+        if here.is_symlink():
+            target = here.resolve()
+            if base != target and base not in target.parents:
+                return os.path.join(*parts[:i])
+    return None
+
+
+def _node_label(node: onnx.NodeProto) -> str:
+    if node.name:
+        return f"{node.op_type} node '{node.name}'"
+    return f"{node.op_type} node writing '{node.output[0]}'" if node.output else f"a {node.op_type} node"
+
+
+def _sub_graphs(node: onnx.NodeProto):
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            yield a.g
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            yield from a.graphs
+
+
+def _first_sparse_tensor(proto: onnx.ModelProto) -> str | None:
+    """A sparse initializer or sparse tensor attribute (onnx-ir, which writes the output, drops
+    the first and cannot read the second)."""
+    def nodes(node_list, where):
+        for node in node_list:
+            for a in node.attribute:
+                if a.type in (onnx.AttributeProto.SPARSE_TENSOR, onnx.AttributeProto.SPARSE_TENSORS):
+                    return (f"{_node_label(node)}{where} has a sparse tensor attribute '{a.name}': sparse tensors "
+                            "are not supported (give it a dense value)")
+            for g in _sub_graphs(node):
+                found = walk(g)
+                if found:
+                    return found
+        return None
+
+    def walk(graph):
+        if len(graph.sparse_initializer):
+            s = graph.sparse_initializer[0]
+            name = s.values.name or s.indices.name
+            return (f"sparse initializer '{name}': sparse initializers are not supported (the output would "
+                    "lose it); convert it to a dense initializer")
+        return nodes(graph.node, "")
+
+    found = walk(proto.graph)
+    for function in proto.functions:
+        found = found or nodes(function.node, f" in function '{function.name}'")
+    return found
+
+
+def _first_graph_problem(proto: onnx.ModelProto) -> str | None:
+    """A value written twice (by two nodes, or by a node and a graph input or initializer), or a
+    cycle among the nodes, in the main graph, a subgraph or a model-local function. Names only:
+    no tensor data is read."""
+    def check(node_list, inputs, initializers, where):
+        producer: dict[str, int] = {}
+        for name in inputs:
+            producer.setdefault(name, -1)
+        for name in initializers:
+            producer.setdefault(name, -2)
+        for i, node in enumerate(node_list):
+            for out in node.output:
+                if not out:
+                    continue
+                k = producer.get(out)
+                if k is None:
+                    producer[out] = i
+                elif k >= 0:
+                    return (f"not a valid ONNX model: value '{out}'{where} is written by two nodes "
+                            f"({_node_label(node_list[k])} and {_node_label(node)})")
+                else:
+                    what = "a graph input" if k == -1 else "an initializer"
+                    return (f"not a valid ONNX model: {_node_label(node)}{where} writes '{out}', which is "
+                            f"also {what}")
+        # edges: a node reads another's output, directly or from inside one of its subgraphs
+        readers: list[set[int]] = [set() for _ in node_list]
+        preds: list[set[int]] = [set() for _ in node_list]
+        for j, node in enumerate(node_list):
+            names = set(node.input) | _outer_reads(node)
+            for name in names:
+                i = producer.get(name, -1) if name else -1
+                if i >= 0:
+                    readers[i].add(j)
+                    preds[j].add(i)
+        indegree = [len(p) for p in preds]
+        ready = [j for j, d in enumerate(indegree) if d == 0]
+        done = 0
+        while ready:
+            i = ready.pop()
+            done += 1
+            for j in readers[i]:
+                indegree[j] -= 1
+                if indegree[j] == 0:
+                    ready.append(j)
+        if done < len(node_list):
+            # follow unresolved predecessors back until one repeats: that node is on a cycle
+            j = next(k for k, d in enumerate(indegree) if d > 0)
+            seen: list[int] = []
+            while j not in seen:
+                seen.append(j)
+                j = next(i for i in preds[j] if indegree[i] > 0)
+            cycle = seen[seen.index(j):]
+            others = ", ".join(f"'{node_list[k].name or node_list[k].output[0]}'" for k in cycle[1:4])
+            return (f"not a valid ONNX model: the graph{where} has a cycle: {_node_label(node_list[j])} depends "
+                    f"on its own output" + (f" (through {others})" if others else ""))
+        for node in node_list:
+            for g in _sub_graphs(node):
+                found = check(g.node, [v.name for v in g.input], [t.name for t in g.initializer],
+                              f" in subgraph '{g.name}'" if g.name else " in a subgraph")
+                if found:
+                    return found
+        return None
+
+    found = check(proto.graph.node, [v.name for v in proto.graph.input],
+                  [t.name for t in proto.graph.initializer], "")
+    for function in proto.functions:
+        found = found or check(function.node, list(function.input), [], f" of function '{function.name}'")
+    return found
+
+
+def _outer_reads(node: onnx.NodeProto) -> set[str]:
+    """Names a node's subgraphs (recursively) read from the scopes around it."""
+    refs: set[str] = set()
+    for g in _sub_graphs(node):
+        defined = {v.name for v in g.input} | {t.name for t in g.initializer}
+        for n in g.node:
+            defined.update(n.output)
+        for n in g.node:
+            refs.update(x for x in n.input if x and x not in defined)
+            refs.update(x for x in _outer_reads(n) if x not in defined)
+        refs.update(v.name for v in g.output if v.name not in defined)
+    return refs
 
 
 def _first_undecodable_name(proto: onnx.ModelProto) -> str | None:

@@ -7,7 +7,9 @@ next block is read and folded; tensors the fold leaves unchanged go from the inp
 to the output's by ``os.copy_file_range`` (the kernel copies, no Python buffer), adjacent ones
 in one range. The data file is laid out exactly as ``onnx_ir.save`` lays it out (initializers
 in declaration order, packed densely, those of at most 256 bytes kept inline), so the output
-is the same file, byte for byte, as the in-memory path writes.
+is the same file, byte for byte, as the in-memory path writes. Node-attribute tensors the input
+keeps in external data (a Constant's value) follow the initializers in the data file: onnx_ir.save
+would leave them pointing at the input's file, which is not beside the output.
 """
 
 from __future__ import annotations
@@ -326,6 +328,38 @@ def _initializers(model: ir.Model) -> list[ir.Value]:
     return [v for graph in model.graphs() for v in graph.initializers.values() if v.const_value is not None]
 
 
+class _AttributeSlot:
+    """A node attribute's tensor (a Constant's ``value``, one of a TENSORS list) seen as an
+    initializer value is: ``const_value`` reads and replaces it in the node."""
+
+    def __init__(self, node, attribute: str, index: int | None):
+        self.node, self.attribute, self.index = node, attribute, index
+
+    @property
+    def name(self) -> str | None:
+        return self.const_value.name
+
+    @property
+    def const_value(self):
+        value = self.node.attributes[self.attribute].value
+        return value if self.index is None else value[self.index]
+
+    @const_value.setter
+    def const_value(self, tensor) -> None:
+        old = self.node.attributes[self.attribute]
+        value = tensor if self.index is None else [*old.value[: self.index], tensor, *old.value[self.index + 1:]]
+        self.node.attributes[self.attribute] = ir.Attr(self.attribute, old.type, value, doc_string=old.doc_string)
+
+
+def _external_attribute_tensors(model: ir.Model) -> list[_AttributeSlot]:
+    """Attribute tensors whose data is in an external file (beside the input): their bytes go into
+    the output's data file, else the output would reference a file that is not beside it."""
+    from flashnorm_onnx.model_io import attribute_tensors
+
+    return [_AttributeSlot(node, name, index) for node, name, index, tensor in attribute_tensors(model)
+            if isinstance(tensor, ir.ExternalTensor)]
+
+
 def _sample_for(tensor) -> tuple[slice, np.ndarray] | None:
     """(columns, empty array) for a folded ``[K, N]`` weight the subgraph check samples, else None."""
     from flashnorm_onnx.verify_subgraph import sample_window
@@ -365,9 +399,12 @@ def save_with_external_data(
     big = [v for v in values if v.const_value.nbytes > SIZE_THRESHOLD]
     small_external = [v for v in values if v.const_value.nbytes <= SIZE_THRESHOLD
                       and isinstance(v.const_value, ir.ExternalTensor)]
-    plan: list[tuple[ir.Value, int, int]] = []
+    # external attribute tensors (rare: onnx.save_model's external data moves Constants' values
+    # too) stay external, after the initializers; they are not initializers: not in ``copied``
+    attributes = _external_attribute_tensors(model)
+    plan: list[tuple[ir.Value | _AttributeSlot, int, int]] = []
     offset = 0
-    for v in big:
+    for v in [*big, *attributes]:
         plan.append((v, offset, v.const_value.nbytes))
         offset += v.const_value.nbytes
     total = offset
@@ -420,7 +457,7 @@ def save_with_external_data(
             source = external_source(tensor) if not isinstance(tensor, FoldedTensor) else None
             if source is not None:
                 src_path, src_offset, _ = source
-                if copied is not None:
+                if copied is not None and not isinstance(value, _AttributeSlot):
                     copied[value.name] = (str(src_path), int(src_offset), int(nbytes), str(data_path), int(dst_offset))
                 if (pending is not None and pending[0] == src_path and pending[1] + pending[2] == src_offset
                         and pending[3] + pending[2] == dst_offset):
@@ -466,7 +503,7 @@ def save_with_external_data(
     os.close(fd)
 
     # the model file: each written tensor becomes a reference into the data file, as ir.save does
-    saved = [(v, v.const_value) for v in values]
+    saved = [(v, v.const_value) for v in [*values, *attributes]]
     try:
         for value, dst_offset, nbytes in plan:
             t = value.const_value
