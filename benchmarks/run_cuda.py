@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from benchmarks.run_latency import BUILD, genai_dims, source_model, variant
-from flashnorm_onnx.profiling import gpu_info, parse_shape, profile
+from flashnorm_onnx.profile import gpu_info, parse_shape, profile
 
 OUT = Path(__file__).resolve().parent / "RESULTS_cuda.md"
 RESULTS = Path(__file__).resolve().parent / "results"

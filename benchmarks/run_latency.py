@@ -37,7 +37,8 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from flashnorm_onnx.profiling import norm_chain_nodes, parse_shape, profile
+from benchmarks._chains import norm_chain_nodes
+from flashnorm_onnx.profile import parse_shape, profile
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"
@@ -207,7 +208,8 @@ def variant(name: str, src: Path, work: Path, dims: dict[str, int]) -> Path:
 def machine() -> dict:
     import onnxruntime as ort
 
-    from flashnorm_onnx.profiling import _cpu_name, cuda_available_reason, gpu_info
+    from flashnorm_onnx.profile import cuda_available_reason, gpu_info
+    from flashnorm_onnx.profile.machine import _cpu_name
 
     return {
         "cpu": _cpu_name(),

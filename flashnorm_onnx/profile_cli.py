@@ -78,7 +78,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from flashnorm_onnx.cli import _dims
-    from flashnorm_onnx.profiling import latency_table, ops_table, parse_shape, profile, write_plot
+    from flashnorm_onnx.profile import latency_table, ops_table, parse_shape, profile, write_plot
 
     try:
         shapes = [parse_shape(s) for s in args.shape] if args.shape else None

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks._chains import norm_chain_nodes
 from flashnorm_onnx.cli import main
-from flashnorm_onnx.profiling import GROUPS, bootstrap_ratio, norm_chain_nodes, parse_shape
+from flashnorm_onnx.profile import GROUPS, bootstrap_ratio, parse_shape
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -185,7 +186,7 @@ def test_interval_is_decisive_under_shared_drift():
 
 def test_adaptive_length_stops_at_the_target(pair):
     """Without --runs, pairs run until the interval is within the target; the report says so."""
-    from flashnorm_onnx.profiling import profile
+    from flashnorm_onnx.profile import profile
 
     source, folded = pair
     rep = profile(source, source, shapes=[parse_shape("p=1x4")], warmup=1, target=0.5, min_runs=4, max_runs=200)
@@ -213,7 +214,7 @@ def test_norm_time_is_what_the_catalogue_calls_a_norm():
     RMSNorm chain of the Llama export, and none of GPT-2's GELU Pow/Tanh nodes."""
     import onnx
 
-    from flashnorm_onnx.profiling import _norm_names
+    from flashnorm_onnx.profile.opgroups import _norm_names
     from models import fixtures
 
     llama = Path(fixtures.build("llama_dynamo"))
