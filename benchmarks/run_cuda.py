@@ -5,7 +5,7 @@
    nothing written.
 2. Verification on CUDA: each folded model (fp32 SmolLM2 dynamo, ``--for-ort`` too; fp16 tiny
    Llama) against its input, both on the CUDA provider (``compare_models(provider="cuda")``).
-3. Latency on CUDA: ``flashnorm_onnx.profiling.profile`` with IO binding (inputs, outputs and the
+3. Latency on CUDA: ``flashnorm_onnx.profile.profile`` with IO binding (inputs, outputs and the
    KV cache on the device), without and with CUDA graphs, over the comparisons and shapes below.
 4. ``benchmarks/RESULTS_cuda.md`` with the GPU, driver, ORT version and the command.
 """

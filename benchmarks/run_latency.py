@@ -321,7 +321,7 @@ def write_results(rows: list[dict], notes: list[str], args, started: float) -> N
         f"- Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, "
         f"onnxruntime {m['onnxruntime']}; GPU: {m['gpu']['name'] + ' driver ' + m['gpu']['driver'] if m['gpu'] else 'none'}.",
         f"- CUDA: {'measured' if any(r['provider'] == 'cuda' for r in rows) else 'not measured: ' + ('no GPU on this machine (the CUDA provider does not load)' if m['cuda'] == 'listed' else m['cuda'])}.",
-        f"- Method: `flashnorm_onnx.profiling.profile` -- A and B in one process on one shared intra-op thread "
+        f"- Method: `flashnorm_onnx.profile.profile` -- A and B in one process on one shared intra-op thread "
         f"pool, {args.warmup} warm-up runs each, then interleaved pairs (A B / B A alternating); IO binding; "
         "B/A = median of the per-pair ratios with a paired-bootstrap 95% interval. Pairs run until the "
         f"interval's half-width is within {args.target:g}% or {args.budget:g} s per shape"

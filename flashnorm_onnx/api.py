@@ -131,6 +131,7 @@ def optimize(
         quantize_order = DEFAULT_QUANTIZE_ORDER
     if quantize_order not in QUANTIZE_ORDERS:
         raise ValueError(f"quantize_order must be one of {', '.join(QUANTIZE_ORDERS)}")
+    model_io.check_dims(dims)
     options = dict(untie=untie, keep_structure=keep_structure, verify=verify, verify_mode=verify_mode, dims=dims,
                    rtol=rtol, force_write=force_write, verify_timeout=verify_timeout, progress=progress,
                    for_ort=for_ort, quantize=quantize, quantize_order=quantize_order, requantize=requantize)
@@ -363,6 +364,7 @@ def fold_file(
             result = fold(ir_model)
             restore()
             report = FoldReport(decisions=result.report.decisions, model=str(info.path))
+            report.notes += [f"not carried into the output: {what}" for what in info.dropped]
             if dequantized is not None:
                 _requantize(ir_model, dequantized, report, result)
             if for_ort:

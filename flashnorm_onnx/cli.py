@@ -165,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fold_options(opt)
     opt.add_argument("--for-ort", action="store_true",
                      help="the fastest form for ONNX Runtime: first apply onnxscript's ORT fusions (RMSNorm, "
-                     "skip-RMSNorm, rotary embedding, attention/GQA, FusedMatMul), then fold the fused graph. "
+                     "skip-RMSNorm, rotary embedding, attention as MultiHeadAttention with the mask as its bias (not "
+                     "GroupQueryAttention, which would drop the mask), FusedMatMul), then fold the fused graph. "
                      "The output uses com.microsoft operators (ONNX Runtime only) and is verified as a whole "
                      "against MODEL in ONNX Runtime; the report lists the fusions applied")
     q = opt.add_argument_group(

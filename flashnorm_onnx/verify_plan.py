@@ -175,8 +175,10 @@ def _subgraph_refs(node: onnx.NodeProto) -> set[str]:
     return refs
 
 
-def _same_node(a: onnx.NodeProto, b: onnx.NodeProto, rename: dict[str, str], inputs: bool = True) -> str | None:
-    """Why node ``b`` (output file) is not node ``a`` (input file); None when it is."""
+def _same_node(a: onnx.NodeProto, b: onnx.NodeProto, rename: dict[str, str], inputs: bool = True,
+               bases: tuple[Path | None, Path | None] = (None, None)) -> str | None:
+    """Why node ``b`` (output file) is not node ``a`` (input file); None when it is. ``bases``: the
+    two files' folders, where a tensor attribute's external data is read."""
     if a.op_type != b.op_type or (a.domain or "") not in _equivalent(b.domain or ""):
         return f"is {b.domain + '.' if b.domain else ''}{b.op_type} in the output, {a.op_type} in the input"
     attrs_a = {x.name: x for x in a.attribute}
@@ -184,7 +186,7 @@ def _same_node(a: onnx.NodeProto, b: onnx.NodeProto, rename: dict[str, str], inp
     if attrs_a.keys() != attrs_b.keys():
         return f"has attributes {sorted(attrs_b)} in the output, {sorted(attrs_a)} in the input"
     for key, x in attrs_a.items():
-        if not _same_attribute(x, attrs_b[key]):
+        if not _same_attribute(x, attrs_b[key], bases):
             return f"has another value of attribute '{key}'"
     if inputs:
         got = [rename.get(x, x) for x in b.input]
@@ -202,11 +204,11 @@ def _equivalent(domain: str) -> tuple[str, ...]:
     return _ONNX_DOMAINS if domain in _ONNX_DOMAINS else (domain,)
 
 
-def _same_attribute(a: AttributeProto, b: AttributeProto) -> bool:
+def _same_attribute(a: AttributeProto, b: AttributeProto, bases=(None, None)) -> bool:
     if a.type != b.type:
         return False
-    if a.type == AttributeProto.TENSOR:
-        return _tensor_equal(a.t, None, b.t, None)
+    if a.type == AttributeProto.TENSOR:  # a Constant's value, maybe in external data
+        return _tensor_equal(a.t, bases[0], b.t, bases[1])
     x, y = AttributeProto(), AttributeProto()
     x.CopyFrom(a)
     y.CopyFrom(b)
@@ -342,7 +344,7 @@ def check_plan(reference: str | os.PathLike, output: str | os.PathLike, declared
         if j is None or list(a.nodes[j].output) != list(node.output):
             problems.add(key or node.op_type, f"{b.label(k)} is not in the input, and not part of the plan")
             continue
-        why = _same_node(a.nodes[j], node, rename)
+        why = _same_node(a.nodes[j], node, rename, bases=(a.path.parent, b.path.parent))
         if why:
             problems.add(key, f"{b.label(k)} {why}; the plan does not change it")
         else:

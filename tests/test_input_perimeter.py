@@ -281,6 +281,11 @@ def test_training_info_is_listed_as_dropped(tmp_path):
     assert model_io.check_input(src).dropped == ["training_info (2 entries)"]
     plain = write(rms_model(), tmp_path / "p" / "model.onnx")
     assert model_io.check_input(plain).dropped == []
+    import flashnorm_onnx
+
+    report = flashnorm_onnx.optimize(src, tmp_path / "o" / "model.onnx")  # the report says what the output drops
+    assert "not carried into the output: training_info (2 entries)" in report.notes, report.notes
+    assert not onnx.load(str(tmp_path / "o" / "model.onnx")).training_info
 
 
 # -- 5. --dim sizes below 1 ----------------------------------------------------------------------
@@ -301,8 +306,6 @@ def test_check_dims_refuses_sizes_below_one(value):
     model_io.check_dims(None)
 
 
-@pytest.mark.xfail(strict=True, reason="needs api.optimize to call model_io.check_dims(dims) (api.py is "
-                                       "owned elsewhere); remove this mark once it does")
 def test_api_refuses_dims_below_one(tmp_path):
     import flashnorm_onnx
 

