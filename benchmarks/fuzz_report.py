@@ -2,7 +2,7 @@
 
     FLASHNORM_FUZZ_EXAMPLES=2000 python -m benchmarks.fuzz_report     # what `make fuzz` runs
 
-Runs tests/test_fuzz.py with a fresh random seed (FLASHNORM_FUZZ_RANDOM=1), collects one
+Runs tests/test_passes_fuzz.py with a fresh random seed (FLASHNORM_FUZZ_RANDOM=1), collects one
 outcome per example (FLASHNORM_FUZZ_STATS) and summarises them. Exits with pytest's status.
 """
 
@@ -43,7 +43,7 @@ def main() -> int:
                    FLASHNORM_FUZZ_RANDOM="1")
         start = time.perf_counter()
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "tests/test_fuzz.py", "-p", "no:cacheprovider"],
+            [sys.executable, "-m", "pytest", "-q", "tests/test_passes_fuzz.py", "-p", "no:cacheprovider"],
             cwd=ROOT, env=env, capture_output=True, text=True,
         )
         elapsed = time.perf_counter() - start

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         return 7
     import onnxruntime as ort
 
-    from flashnorm_onnx.verify import compare_models
+    from flashnorm_onnx.verify.whole import compare_models
 
     gpu = gpu_info() or {"name": "unknown", "driver": "unknown", "memory": "?"}
     family = "tiny" if args.quick else "smollm2"

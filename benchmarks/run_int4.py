@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
-    from flashnorm_onnx.api import optimize
-    from flashnorm_onnx.quantize import QuantSpec
+    from flashnorm_onnx.pipeline.api import optimize
+    from flashnorm_onnx.quantize.int4 import QuantSpec
     from models import smollm2
     from models.corpus import PACKAGE, alice_text
 

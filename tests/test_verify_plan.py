@@ -1,6 +1,6 @@
 """The plan-diff check (flashnorm_onnx/verify_plan.py): the output is the input plus the plan.
 
-The mutation suite (test_mutations.py) breaks the pass and runs the CLI in every mode; here the
+The mutation suite (test_verify_mutations.py) breaks the pass and runs the CLI in every mode; here the
 check itself is held to each part of what it claims: model-level entries, the writer's copies,
 and readers of every rewritten tensor, on hand-edited outputs of a correct fold.
 """
@@ -14,10 +14,12 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from flashnorm_onnx import api, cli, verify_plan
+from flashnorm_onnx.pipeline import api
+from flashnorm_onnx import cli as cli
+from flashnorm_onnx.verify import plan as verify_plan
 from flashnorm_onnx.passes import FlashNormFoldPass, flashnorm_fold
 from tests import graphs
-from tests.test_bad_input import snapshot
+from tests.helpers import snapshot
 
 
 def _folded(tmp_path: Path, model: onnx.ModelProto | None = None):
@@ -154,7 +156,7 @@ def test_writer_copying_the_wrong_bytes_is_caught(tmp_path, monkeypatch, capsys)
 def test_a_constant_in_external_data_is_compared_by_its_bytes(tmp_path, monkeypatch, capsys):
     """A Constant node whose value lives in external data (carried into the output's data file):
     its value outside the plan changed is named, although both attributes are only references."""
-    from tests.test_input_perimeter import constant_model, write
+    from tests.helpers import constant_model, write
 
     src = write(constant_model(tmp_path / "m", "add"), tmp_path / "m" / "model.onnx")
     out = tmp_path / "out" / "model.onnx"
@@ -177,7 +179,7 @@ def test_a_constant_in_external_data_is_compared_by_its_bytes(tmp_path, monkeypa
 
 def test_a_constant_in_external_data_with_other_bytes_is_named(tmp_path, monkeypatch, capsys):
     """Both Constants are references into data files; the bytes they point at are compared."""
-    from tests.test_input_perimeter import constant_model, write
+    from tests.helpers import constant_model, write
 
     src = write(constant_model(tmp_path / "m", "add"), tmp_path / "m" / "model.onnx")
     real = verify_plan.check_plan

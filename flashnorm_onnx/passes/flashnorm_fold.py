@@ -575,7 +575,7 @@ def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -
 def _deferrable(tensor: ir.TensorProtocol) -> bool:
     """A 2-D weight in an external data file: the streamed writer reads it block by block, so
     its overflow check can ride on that read (``defer_overflow``)."""
-    from flashnorm_onnx.tensor_io import external_source
+    from flashnorm_onnx.passes.tensor_access import external_source
 
     return len(tensor.shape) == 2 and external_source(tensor) is not None
 

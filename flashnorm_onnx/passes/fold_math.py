@@ -90,12 +90,12 @@ def check_tensor(tensor, g: np.ndarray, k_axis: int) -> None:
     """:func:`check_fold` on an ir tensor, read block by block (external data with ``pread`` into
     one reused buffer, nothing memory-mapped), and not read at all when no product can
     overflow (every |g| <= 1)."""
-    from flashnorm_onnx import tensor_io
+    from flashnorm_onnx.passes import tensor_access
 
     shape = tuple(int(d) for d in tensor.shape.numpy())
     check = OverflowCheck(g, k_axis, tensor.dtype.numpy(), shape)
     if check.needed:
-        for rows, block in tensor_io.iter_row_blocks(tensor):
+        for rows, block in tensor_access.iter_row_blocks(tensor):
             check.add(block, rows)
     check.finish()
 
@@ -218,53 +218,23 @@ FAST_KERNEL_MIN_ELEMENTS = 1 << 16
 #: Elements per kernel call: its float32 intermediate (2 MB) stays in the cache.
 KERNEL_ELEMENTS = 1 << 19
 _kernel_state: dict = {}
+#: Builds the float16 kernel, or returns None (no ONNX Runtime): set by whoever can run one
+#: (``io.fp16_kernel``, imported by the streamed writer), so the fold itself needs only numpy.
+KERNEL_FACTORY = None
 
 
 def fast_kernel(dtype, g: np.ndarray):
-    """A ``kernel(block, g_rows, k_axis) -> folded block`` bit-identical to the numpy path, or None."""
+    """A ``kernel(block, g_rows, k_axis) -> folded block`` bit-identical to the numpy path, or None
+    (checked once by :func:`kernel_agrees` before it is used)."""
     if np.dtype(dtype) != np.dtype(np.float16) or g.dtype != np.float32 or not np.all(np.isfinite(g)):
         return None
     if "kernel" not in _kernel_state:
-        _kernel_state["kernel"] = _build_ort_kernel()
+        kernel = KERNEL_FACTORY() if KERNEL_FACTORY is not None else None
+        _kernel_state["kernel"] = kernel if kernel is not None and kernel_agrees(kernel) else None
     return _kernel_state["kernel"]
 
 
-def _build_ort_kernel():
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except Exception:  # noqa: BLE001 - no ONNX Runtime: numpy
-        return None
-    try:
-        graph = helper.make_graph(
-            [helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["wf", "g"], ["p"]),
-             helper.make_node("Cast", ["p"], ["y"], to=TensorProto.FLOAT16)],
-            "flashnorm_fold_kernel",
-            [helper.make_tensor_value_info("w", TensorProto.FLOAT16, ["r", "n"]),
-             helper.make_tensor_value_info("g", TensorProto.FLOAT, ["a", "b"])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["r", "n"])],
-        )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 4
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-        def kernel(block: np.ndarray, g: np.ndarray, k_axis: int) -> np.ndarray:
-            gg = g.reshape(1, 1) if g.size == 1 else (g.reshape(-1, 1) if k_axis == 0 else g.reshape(1, -1))
-            return session.run(None, {"w": block, "g": gg})[0]
-
-        if not _kernel_agrees(kernel):
-            return None
-        return kernel
-    except Exception:  # noqa: BLE001 - any trouble: numpy
-        return None
-
-
-def _kernel_agrees(kernel) -> bool:
+def kernel_agrees(kernel) -> bool:
     """Every float16 bit pattern times scales of every magnitude: bit-identical to numpy?"""
     every = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).reshape(256, 256)
     rng = np.random.default_rng(0)
@@ -307,7 +277,7 @@ class FoldedTensor(_ir.LazyTensor):
     """``g`` folded into ``original`` along ``k_axis``, computed only when read.
 
     Read whole (``numpy()``, ``tobytes()``), it is :func:`fold_scale` of the whole original. The
-    streamed writer (:mod:`flashnorm_onnx.tensor_io`) reads it with :meth:`blocks` instead: row
+    streamed writer (:mod:`flashnorm_onnx.io.tensor_io`) reads it with :meth:`blocks` instead: row
     blocks of the stored array, each read once and folded by the same :func:`fold_scale` into a
     reused buffer, so memory stays at a few blocks whatever the tensor's size.
 
@@ -348,7 +318,7 @@ class FoldedTensor(_ir.LazyTensor):
     def blocks(self, block_bytes: int):
         """(byte offset, byte count, fill): ``fill(buffer)`` writes the folded bytes of that block
         into a uint8 buffer of ``byte count`` bytes. Call each fill before asking for the next."""
-        from flashnorm_onnx import tensor_io
+        from flashnorm_onnx.passes import tensor_access
 
         g = np.asarray(self.g).reshape(-1)
         shape = tuple(int(d) for d in self.original.shape.numpy())
@@ -357,7 +327,7 @@ class FoldedTensor(_ir.LazyTensor):
         if self.check_for is not None:
             check = OverflowCheck(g, self.k_axis, self.dtype.numpy(), shape)
             check = check if check.needed else None
-        for rows, block in tensor_io.iter_row_blocks(self.original, block_bytes):
+        for rows, block in tensor_access.iter_row_blocks(self.original, block_bytes):
             gr = g if g.size == 1 or self.k_axis == 1 else g[rows]
             nbytes = block.nbytes
 

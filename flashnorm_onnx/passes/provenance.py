@@ -23,7 +23,7 @@ KEY = "flashnorm_onnx"
 
 
 def record(model: ir.Model, report) -> None:
-    """Append this fold (a :class:`~flashnorm_onnx.report.FoldReport`) to the model's entry."""
+    """Append this fold (a :class:`~flashnorm_onnx.pipeline.report.FoldReport`) to the model's entry."""
     from flashnorm_onnx import __version__
 
     entry = read(model) or {"tool": "flashnorm-onnx", "runs": []}

@@ -2,7 +2,7 @@
 
 Used by ``flashnorm-onnx profile``. The method:
 
-* Inputs are generated as ``optimize``'s verification does (:mod:`flashnorm_onnx.inputs`):
+* Inputs are generated as ``optimize``'s verification does (:mod:`flashnorm_onnx.verify.inputs`):
   token ids within the vocabulary, masks of ones, positions after the past. A shape with a
   ``past`` length runs one step on a KV cache of that length (only for models with cache
   inputs; others skip it, with the reason).

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 from flashnorm_onnx.errors import VerificationUnavailable, first_line
-from flashnorm_onnx.inputs import Case, make_feeds
+from flashnorm_onnx.verify.inputs import Case, make_feeds
 from flashnorm_onnx.profile.load import LoadMonitor
 from flashnorm_onnx.profile.runner import Runner
 from flashnorm_onnx.profile.sessions import Settings

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from flashnorm_onnx.inputs import Case
+from flashnorm_onnx.verify.inputs import Case
 from flashnorm_onnx.profile.measure import ModelInfo, feeds_for
 from flashnorm_onnx.profile.opgroups import _norm_names, parse_profile
 from flashnorm_onnx.profile.runner import Runner

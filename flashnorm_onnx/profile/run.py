@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from flashnorm_onnx.errors import FlashNormError, ProviderUnavailable, VerificationUnavailable, first_line
-from flashnorm_onnx.inputs import Case, has_past, specs_from_session
+from flashnorm_onnx.verify.inputs import Case, has_past, specs_from_session
 from flashnorm_onnx.profile.machine import machine_info
 from flashnorm_onnx.profile.measure import ModelInfo, measure_pair
 from flashnorm_onnx.profile.ops import profile_ops
@@ -203,8 +203,8 @@ def _profile_here(
 
 def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple[dict[str, Path], dict[str, int]]:
     """The checked paths of A and B, and the vocabulary sizes read from A."""
-    from flashnorm_onnx import model_io
-    from flashnorm_onnx.inputs import vocab_sizes
+    from flashnorm_onnx.io import model_io
+    from flashnorm_onnx.verify.inputs import vocab_sizes
 
     paths = {}
     for label, p in (("A", baseline), ("B", candidate)):

@@ -1,10 +1,10 @@
-"""The shapes to time: parsing ``--shape NAME=BATCHxTOKENS[,past=N]`` into a :class:`~flashnorm_onnx.inputs.Case`."""
+"""The shapes to time: parsing ``--shape NAME=BATCHxTOKENS[,past=N]`` into a :class:`~flashnorm_onnx.verify.inputs.Case`."""
 
 from __future__ import annotations
 
 import re
 
-from flashnorm_onnx.inputs import Case
+from flashnorm_onnx.verify.inputs import Case
 
 
 def parse_shape(text: str) -> Case:

@@ -1,0 +1,164 @@
+"""``flashnorm-onnx profile``: latency of a folded model against its input, interleaved."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flashnorm_onnx.errors import FlashNormError
+
+DESCRIPTION = """\
+Time MODEL (B, usually MODEL.flashnorm.onnx) against --baseline (A) in one process: after
+warm-up the two run interleaved (A B, B A, ...) so that drift hits both, on one intra-op
+thread pool shared by both sessions (with a pool each, the idle session's spinning threads
+take the cores of the one being timed). Per shape and provider: median, p90, p99 latency,
+tokens/s, and B/A = the median of the per-pair ratios with a bootstrap 95% interval ('no
+significant difference' when it holds 1). By default pairs run until the interval's
+half-width is within --target (2%) or --budget seconds per shape pass; the output says which
+stopped it. Other processes' CPU use while measuring is reported, with a warning when it
+competed. Inputs are generated as optimize's verification does; a shape with past=N times
+one step on a KV cache of N tokens (models with cache inputs only). Inputs, outputs and the
+cache are bound on the device (IO binding).
+"""
+
+EXAMPLES = """\
+examples:
+  flashnorm-onnx profile model.flashnorm.onnx --baseline model.onnx
+  flashnorm-onnx profile model.flashnorm.onnx --baseline model.onnx --shape prefill=1x512 \\
+      --shape decode=1x1,past=1024 --target 1 --budget 300 --ops --json prof.json --plot prof.png
+  flashnorm-onnx profile model.flashnorm.onnx --baseline model.onnx --threads 1 --runs 100
+  flashnorm-onnx profile model.flashnorm.onnx --baseline model.onnx --provider cuda --cuda-graph
+
+exit codes: 0 ok, 2 bad arguments, 3 bad model, 6 a model does not run on generated inputs,
+7 requested provider unavailable (CUDA on a machine without it; --fallback-cpu measures on CPU)
+"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "profile",
+        help="latency of a model against a baseline (interleaved, with confidence intervals)",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="the model to measure (B), e.g. model.flashnorm.onnx")
+    p.add_argument("--baseline", required=True, metavar="MODEL", help="the reference model (A), e.g. model.onnx")
+    p.add_argument("--provider", action="append", choices=("cpu", "cuda"),
+                   help="execution provider; repeat for both (default: cpu)")
+    p.add_argument("--shape", action="append", metavar="NAME=BxT[,past=N]",
+                   help="a shape to time, e.g. prefill=1x512 or decode=1x1,past=1024 (repeatable; "
+                   "default: prefill=1x128 and decode=1x1,past=256)")
+    p.add_argument("--runs", type=int, help="a fixed number of interleaved pairs per shape (default: adaptive, "
+                   "see --target and --budget)")
+    p.add_argument("--target", type=float, default=2.0, metavar="PCT",
+                   help="stop when the 95%% interval of B/A is within +-PCT%% of it (default 2)")
+    p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
+                   help="stop a shape after this long even if the target is not met (default 120)")
+    p.add_argument("--min-runs", type=int, default=10, help="pairs before the first stopping check (default 10)")
+    p.add_argument("--max-runs", type=int, default=1000, help="most pairs per shape (default 1000)")
+    p.add_argument("--warmup", type=int, default=5, help="warm-up runs of each model per shape (default 5)")
+    p.add_argument("--ops", action="store_true", help="also profile op types with ORT's profiler and compare by group")
+    p.add_argument("--ops-runs", type=int, help="runs per model under the profiler (default min(runs, 10))")
+    p.add_argument("--json", metavar="PATH", help="write the full report (all samples) as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write a PNG of the latency distributions and the op groups")
+    p.add_argument("--cuda-graph", action="store_true", help="capture a CUDA graph (CUDA provider only)")
+    p.add_argument("--fallback-cpu", action="store_true",
+                   help="when the CUDA provider cannot load, measure on CPU instead of failing")
+    p.add_argument("--threads", type=int, help="intra-op threads of the shared pool (default: ORT's choice, one "
+                   "per physical core); --threads 1 gives the steadiest CPU numbers")
+    p.add_argument("--dim", action="append", metavar="NAME=VALUE", help="value for a symbolic input dimension")
+    p.add_argument("--seed", type=int, default=0, help="seed for generated inputs and the bootstrap")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+    return p
+
+
+def run(args) -> int:
+    from flashnorm_onnx.cli.common import parse_dims as _dims
+    from flashnorm_onnx.profile import latency_table, ops_table, parse_shape, profile, write_plot
+
+    try:
+        shapes = [parse_shape(s) for s in args.shape] if args.shape else None
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if args.runs is not None and args.runs < 2:
+        raise argparse.ArgumentTypeError("--runs must be at least 2")
+    if not (0 < args.target < 100):
+        raise argparse.ArgumentTypeError("--target is a percentage between 0 and 100, e.g. 2")
+    if not (args.budget > 0):
+        raise argparse.ArgumentTypeError("--budget must be a positive number of seconds")
+    if args.min_runs < 2 or args.max_runs < args.min_runs:
+        raise argparse.ArgumentTypeError("need 2 <= --min-runs <= --max-runs")
+    if args.threads is not None and args.threads < 1:
+        raise argparse.ArgumentTypeError("--threads must be at least 1")
+    if args.warmup < 0:
+        raise argparse.ArgumentTypeError("--warmup must be >= 0")
+    names = [s.name for s in shapes or []]
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError("--shape names must be distinct")
+    providers = tuple(dict.fromkeys(args.provider or ["cpu"]))
+    if args.cuda_graph and "cuda" not in providers:
+        raise argparse.ArgumentTypeError("--cuda-graph needs --provider cuda")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise FlashNormError("--plot needs matplotlib: pip install 'flashnorm-onnx[plot]'") from None
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    report = profile(
+        args.baseline,
+        args.model,
+        shapes=shapes,
+        providers=providers,
+        runs=args.runs,
+        warmup=args.warmup,
+        ops=args.ops,
+        ops_runs=args.ops_runs,
+        cuda_graph=args.cuda_graph,
+        fallback_cpu=args.fallback_cpu,
+        threads=args.threads,
+        dims=_dims(args.dim),
+        seed=args.seed,
+        progress=not args.no_progress,
+        log=log,
+        target=args.target / 100,
+        budget_s=args.budget,
+        min_runs=args.min_runs,
+        max_runs=args.max_runs,
+    )
+    report["command"] = ["flashnorm-onnx"] + sys.argv[1:] if sys.argv and "flashnorm" in sys.argv[0] else None
+    m = report["machine"]
+    print(f"A (baseline): {report['models']['A']['path']}")
+    print(f"B:            {report['models']['B']['path']}")
+    gpu = m.get("gpu")
+    print(f"machine: {m['processor']}, {m['cpu_count']} cores; onnxruntime {m['onnxruntime']}; "
+          f"providers used: {', '.join(m['session_providers'])}"
+          + (f"; GPU {gpu['name']}, driver {gpu['driver']}" if gpu else ""))
+    threading = report["settings"]["threading"]
+    print(f"threads: {threading['intra_op_threads']}, {threading['pool']}")
+    length = (f"{args.runs} interleaved pairs" if args.runs else
+              f"interleaved pairs until the interval is within +-{args.target:g}% or {args.budget:g} s per shape")
+    print(f"{length}, after {args.warmup} warm-up runs each; B/A < 1 means B is faster\n")
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if report["results"]:
+        print(latency_table(report["results"]))
+    for skip in report["skipped"]:
+        print(f"skipped {skip['shape']} ({skip['provider']}): {skip['reason']}")
+    for entry in report["ops"]:
+        print()
+        print(ops_table(entry))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {path}")
+    if args.plot:
+        print(f"wrote {write_plot(report, args.plot)}")
+    return 0

@@ -1,0 +1,1 @@
+"""ONNX Runtime fusions applied before the fold (--for-ort)."""

@@ -1,0 +1,1 @@
+"""Files: input checks and loading, tensor streaming, the staged writer, publishing."""

@@ -1,0 +1,1 @@
+"""The pipeline: optimize and inspect (api), one model's stages, folders, export, the report."""

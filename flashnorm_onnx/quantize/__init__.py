@@ -1,0 +1,1 @@
+"""int4 quantization (MatMulNBits) of the folded or unfolded model."""

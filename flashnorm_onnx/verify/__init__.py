@@ -1,0 +1,1 @@
+"""Verification: generated inputs, the whole-model, subgraph, algebraic and plan-diff checks."""

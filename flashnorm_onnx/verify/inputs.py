@@ -1,0 +1,539 @@
+"""Generate plausible inputs for a transformer exported to ONNX.
+
+Used by verification (``optimize``) and by ``profile``. Inputs are recognised by their name
+and type, symbolic dimensions by their name:
+
+* token ids (``input_ids``, ``*ids``): integers within the embedding's range, read from the
+  ``Gather`` that consumes them;
+* ``attention_mask``: ones over past + current tokens; ``position_ids``/``cache_position``:
+  positions after the past;
+* past key/values (``past_key_values.*``, ``past.*``, ``cache*``): random values, with a past
+  length that may be zero (an empty cache);
+* onnxruntime-genai's ``seqlens_k`` / ``total_sequence_length``;
+* any other float input (``pixel_values``, ``input_features``): standard normal.
+
+Symbolic dimensions: names containing ``batch`` take the batch size, ``past`` the cache
+length, ``total``/``+`` the sum, others (``sequence``, ``s17``...) the new-token count. Any can
+be overridden with ``dims={"name": value}`` (``--dim name=value``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+_PAST = re.compile(r"past|cache|present", re.I)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int = 1
+    sequence: int = 8
+    past: int = 0
+
+    def describe(self) -> str:
+        past = f", past {self.past}" if self.past else ""
+        return f"{self.name}: batch {self.batch}, {self.sequence} tokens{past}"
+
+
+@dataclasses.dataclass
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: list  # ints, strings (symbolic) or None
+
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def specs_from_session(session) -> list[InputSpec]:
+    specs = []
+    for arg in session.get_inputs():
+        dtype = _ORT_TYPES.get(arg.type)
+        if dtype is None and arg.type == "tensor(bfloat16)":
+            import ml_dtypes
+
+            dtype = ml_dtypes.bfloat16
+        if dtype is None:
+            raise ValueError(f"input '{arg.name}' has unsupported type {arg.type}")
+        specs.append(InputSpec(arg.name, np.dtype(dtype), list(arg.shape)))
+    return specs
+
+
+def has_past(specs: list[InputSpec]) -> bool:
+    return any(_PAST.search(s.name) and s.dtype.kind == "f" for s in specs)
+
+
+def default_cases(specs: list[InputSpec]) -> list[Case]:
+    if has_past(specs):
+        return [Case("prefill", batch=1, sequence=8, past=0), Case("decode", batch=1, sequence=1, past=5)]
+    # named by order, not by size: --dim (and a model's fixed sizes) decide the shapes that run,
+    # which the case line then lists
+    return [Case("run1", batch=2, sequence=8, past=0), Case("run2", batch=1, sequence=3, past=0)]
+
+
+#: Width a verification case line is summarised to (a terminal's; the report indents it by 8).
+CASE_WIDTH = 120
+
+_NUMBER = re.compile(r"\d+")
+_TOKEN = re.compile(r"\{[^}]*\}|[^./{}]+|[./]")
+_ITEM = re.compile(r"([^\s,\[\]]+)\[([0-9, ]*)\]")
+
+
+def _numbers(values: list[int]) -> str:
+    """``[0, 1, 2, 3, 7]`` -> ``{0..3,7}``."""
+    values = sorted(set(values))
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    parts = [f"{r[0]}..{r[-1]}" if len(r) > 2 else ",".join(map(str, r)) for r in runs]
+    return "{" + ",".join(parts) + "}"
+
+
+def _merge_numbers(items: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+    """Names that differ only in one number and have the same shape become one
+    (``past_key_values.0.key`` ... ``past_key_values.29.key`` -> ``past_key_values.{0..29}.key``)."""
+    groups: dict[tuple, list[tuple[str, ...]]] = {}
+    order: list[tuple] = []
+    for name, shape in items:
+        nums = tuple(_NUMBER.findall(name))
+        if any(n != str(int(n)) for n in nums):  # leading zeros: keep the name as it is
+            key = (name, None, shape)
+        else:
+            key = (_NUMBER.sub("\0", name), len(nums), shape)
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(nums)
+    out: list[tuple[str, tuple]] = []
+    for key in order:
+        template, count, shape = key
+        members = groups[key]
+        varying = [i for i in range(count or 0) if len({m[i] for m in members}) > 1]
+        if count is None or len(members) == 1 or len(varying) != 1:
+            # one name, or several numbers varying at once: each name as it is
+            out += [(_fill(template, nums), shape) for nums in members]
+            continue
+        i = varying[0]
+        parts = list(members[0])
+        parts[i] = _numbers([int(m[i]) for m in members])
+        out.append((_fill(template, parts), shape))
+    return out
+
+
+def _fill(template: str, parts) -> str:
+    it = iter(parts)
+    return "".join(next(it) if piece == "\0" else piece for piece in re.split("(\0)", template))
+
+
+def _merge_words(items: list[tuple[str, tuple]]) -> list[tuple[str, tuple]]:
+    """Names with the same shape that differ in one dot-separated part become one
+    (``past_key_values.{0..29}.key`` and ``.value`` -> ``past_key_values.{0..29}.{key,value}``)."""
+    merged: list[dict] = []  # tokens, shape, the position that differs (None: one name), its words
+    for name, shape in items:
+        tokens = _TOKEN.findall(name)
+        if "".join(tokens) == name and len(tokens) > 1:  # a part of a dotted name, never a whole name
+            for entry in merged:
+                if entry["shape"] != shape or len(entry["tokens"]) != len(tokens):
+                    continue
+                diff = [i for i, (a, b) in enumerate(zip(entry["tokens"], tokens)) if a != b]
+                if len(diff) != 1 or tokens[diff[0]] in "./" or entry["at"] not in (None, diff[0]):
+                    continue
+                if entry["at"] is None:
+                    entry["at"] = diff[0]
+                    entry["words"].append(entry["tokens"][diff[0]])
+                entry["words"].append(tokens[diff[0]])
+                break
+            else:
+                merged.append({"tokens": tokens, "shape": shape, "at": None, "words": []})
+        else:
+            merged.append({"tokens": [name], "shape": shape, "at": None, "words": []})
+    out = []
+    for entry in merged:
+        tokens = list(entry["tokens"])
+        if entry["at"] is not None:
+            tokens[entry["at"]] = "{" + ",".join(entry["words"]) + "}"
+        out.append(("".join(tokens), entry["shape"]))
+    return out
+
+
+def summarize_inputs(shapes, width: int | None = None) -> str:
+    """``name[shape]`` for each input, with the names of inputs of the same shape grouped
+    (``past_key_values.{0..29}.{key,value}[2, 3, 4, 64]``). ``shapes``: a mapping or pairs of
+    name and shape. With ``width``, cut to that many characters and say how many were left out."""
+    items = [(str(name), tuple(int(d) for d in shape))
+             for name, shape in (shapes.items() if hasattr(shapes, "items") else shapes)]
+    parts = [f"{name}{list(shape)}" for name, shape in _merge_words(_merge_numbers(items))]
+    text = ", ".join(parts)
+    if width is None or len(text) <= width:
+        return text
+    for keep in range(len(parts) - 1, 0, -1):
+        cut = ", ".join(parts[:keep]) + f", ... ({len(parts) - keep} more)"
+        if len(cut) <= width:
+            return cut
+    return parts[0] + (f", ... ({len(parts) - 1} more)" if len(parts) > 1 else "")
+
+
+def summarize_case(text: str, width: int = CASE_WIDTH) -> str:
+    """A verification case line ``NAME: in0[1, 8], in1[1, 8], ...`` with its inputs grouped by
+    :func:`summarize_inputs` to fit ``width``; any other line unchanged."""
+    head, sep, rest = text.partition(": ")
+    if not sep or len(text) <= width:
+        return text
+    items = [(m.group(1), [int(d) for d in m.group(2).split(",") if d.strip()]) for m in _ITEM.finditer(rest)]
+    if not items or ", ".join(f"{n}{s}" for n, s in items) != rest:
+        return text  # not a list of inputs (a note): as it is
+    return f"{head}: {summarize_inputs(items, max(40, width - len(head) - 2))}"
+
+
+def _is_image(spec: InputSpec) -> bool:
+    """A rank-4 floating input of image pixels (``pixel_values``, ``images``, ``image``)."""
+    low = spec.name.lower()
+    return len(spec.shape) == 4 and (spec.dtype.kind == "f" or spec.dtype.name == "bfloat16") and (
+        "pixel" in low or "image" in low)
+
+
+def _dim_value(dim, case: Case, dims: dict[str, int], position: int, spec: InputSpec) -> int:
+    if isinstance(dim, int) and dim >= 0:
+        return dim
+    name = str(dim) if dim is not None else ""
+    if name in dims:
+        return dims[name]
+    low = name.lower()
+    total = case.past + case.sequence
+    if "batch" in low:
+        return case.batch
+    if "+" in low or "total" in low or "all" in low:
+        return total
+    if "past" in low or ("cache" in low and ("len" in low or "seq" in low)):
+        return case.past
+    if low in ("kv_cache_dim", "head_size", "head_dim") and "head_size" in dims:
+        return dims["head_size"]
+    if _is_image(spec) and position in (1, 2, 3):
+        # NCHW pixels (optimum names the axes batch_size, num_channels, height, width): channels and
+        # size from the model's config (dims_from_configs), else RGB at the ImageNet size
+        if position == 1:
+            return dims.get("num_channels", 3)
+        return dims.get("height" if position == 2 else "width", dims.get("image_size", 224))
+    if low in ("", "none") or not name:
+        # unnamed dynamic dim: batch first, then the sequence
+        if position == 0:
+            return case.batch
+    if position == 0 and not ("seq" in low or "len" in low):
+        return case.batch
+    if "mask" in spec.name.lower() and position == len(spec.shape) - 1:
+        return total
+    return case.sequence
+
+
+#: Upper bound of the verification input cap (the smaller of this and available memory / 8).
+VERIFY_CAP_MAX_BYTES = 1 << 30
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now: MemAvailable from /proc/meminfo, else os.sysconf; None if unknown."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def verification_cap() -> int:
+    """Most bytes the generated inputs of one verification case may take: min(1 GiB, available / 8).
+
+    The element cap is this / 4 (generation makes float64 temporaries). Tests monkeypatch this."""
+    available = available_memory()
+    return VERIFY_CAP_MAX_BYTES if available is None else max(1, min(VERIFY_CAP_MAX_BYTES, available // 8))
+
+
+#: Upper bound of the verification memory cap (the smaller of this and available memory / 2).
+VERIFY_RUN_CAP_MAX_BYTES = 2 << 30
+
+
+def verification_run_cap() -> int:
+    """Most bytes one verification case's runs may need, as estimated (:class:`RunEstimate`):
+    min(2 GiB, available / 2). Half: the two models' sessions run one after the other, each
+    holding its weights beside the values it creates. Tests monkeypatch this."""
+    available = available_memory()
+    return VERIFY_RUN_CAP_MAX_BYTES if available is None else max(1, min(VERIFY_RUN_CAP_MAX_BYTES, available // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEstimate:
+    """What running one case (both models, then comparing) needs, estimated from shape inference
+    (see :class:`flashnorm_onnx.verify.whole.RunEstimator`); values of unknown shape count nothing."""
+
+    total: int
+    """Bytes in all: ``peak`` + ``outputs`` (the input model's, held while the output model runs)
+    + the comparison's float64 temporaries for the largest output."""
+    peak: int
+    """Bytes of the values alive at once during one run (inputs, live intermediates, outputs)."""
+    outputs: int
+    """Bytes of all graph outputs."""
+    name: str
+    """The largest single value's name, shape, element type and size."""
+    shape: list
+    dtype: str
+    nbytes: int
+
+
+def input_shapes(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """The shape :func:`make_feeds` gives each input for this case (nothing allocated)."""
+    dims = dims or {}
+    return {spec.name: [_dim_value(d, case, dims, i, spec) for i, d in enumerate(spec.shape)] for spec in specs}
+
+
+def _feeds_size(specs: list[InputSpec], shapes: dict[str, list[int]]) -> tuple[int, int, str, int]:
+    """Total elements and bytes of all inputs, and the largest input's name and bytes."""
+    import math
+
+    elements = total = biggest = 0
+    name = ""
+    for spec in specs:
+        n = math.prod(shapes[spec.name])
+        size = n * spec.dtype.itemsize
+        elements, total = elements + n, total + size
+        if size >= biggest:
+            name, biggest = spec.name, size
+    return elements, total, name, biggest
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.1f} KiB"
+
+
+def fit_case(specs: list[InputSpec], case: Case, dims: dict[str, int] | None = None,
+             estimate: Callable[[dict[str, list[int]]], RunEstimate | None] | None = None,
+             ) -> tuple[Case, str | None]:
+    """The case, with its batch/tokens/past halved until all its inputs fit :func:`verification_cap`
+    and, given ``estimate`` (input shapes -> :class:`RunEstimate` or None), until the memory its
+    runs need fits :func:`verification_run_cap`.
+
+    Returns the case and a note when it was reduced. Sizes the model declares (and ``--dim`` or
+    config values) are never changed: when they alone exceed a cap, raises
+    :class:`~flashnorm_onnx.errors.VerificationUnavailable`. Nothing is allocated."""
+    from flashnorm_onnx.errors import VerificationUnavailable
+
+    cap = verification_cap()
+    max_elements = cap // 4
+    run_cap = verification_run_cap() if estimate is not None else None
+
+    def size(c: Case) -> tuple:
+        shapes = input_shapes(specs, c, dims)
+        run = estimate(shapes) if estimate is not None else None
+        return (*_feeds_size(specs, shapes), run)
+
+    def inputs_over(s) -> bool:
+        return s[0] > max_elements or s[1] > cap
+
+    def run_over(s) -> bool:
+        return s[4] is not None and s[4].total > run_cap
+
+    def over(s) -> bool:
+        return inputs_over(s) or run_over(s)
+
+    def key(s) -> tuple:
+        return s[0], s[1], s[4].total if s[4] is not None else 0
+
+    current = size(case)
+    if not over(current):
+        return case, None
+    first = current
+    reduced = case
+    while over(current):
+        best = None
+        for field in ("batch", "sequence", "past"):
+            value = getattr(reduced, field)
+            if value <= 1:
+                continue
+            trial = dataclasses.replace(reduced, **{field: max(1, value // 2)})
+            trial_size = size(trial)
+            if key(trial_size) < key(current) and (best is None or value > best[0]):
+                best = (value, trial, trial_size)
+        if best is None:
+            break
+        _, reduced, current = best
+    given = {str(d) for s in specs for d in s.shape if not isinstance(d, int)} & set(dims or {})
+    if inputs_over(current):
+        elements, total, name, biggest, _ = current
+        spec = next(s for s in specs if s.name == name)
+        shape = input_shapes(specs, reduced, dims)[name]
+        what = f"input '{name}' {shape} is {_mb(biggest)} ({spec.dtype.name})"
+        if total > biggest:
+            what += f", all inputs {_mb(total)}"
+        if elements > max_elements and total <= cap:
+            what += f", {elements} elements (cap {max_elements})"
+        hint = "set smaller sizes with --dim NAME=VALUE or skip the check with --no-verify" if given \
+            else "skip the check with --no-verify"
+        raise VerificationUnavailable(
+            f"{what}: over the verification input cap of {_mb(cap)} (min(1 GiB, available memory / 8)); {hint}"
+        )
+    if run_over(current):
+        run = current[4]
+        hint = "set smaller sizes with --dim NAME=VALUE, " if given else ""
+        raise VerificationUnavailable(
+            f"running the check would create tensor '{run.name}' {list(run.shape)} of {_mb(run.nbytes)} "
+            f"({run.dtype}); its runs need an estimated {_mb(run.total)}, over the verification memory cap of "
+            f"{_mb(run_cap)} (min(2 GiB, available memory / 2)); {hint}skip the check with --no-verify "
+            "or check piece by piece with --verify subgraph"
+        )
+    changes = [f"{field} {getattr(case, field)} -> {getattr(reduced, field)}"
+               for field in ("batch", "sequence", "past") if getattr(case, field) != getattr(reduced, field)]
+    if inputs_over(first):
+        what = f"the verification cap ({_mb(cap)})"
+    else:
+        what = f"the verification memory cap ({_mb(run_cap)})"
+    if inputs_over(first) and run_over(first):
+        what += f" and the verification memory cap ({_mb(run_cap)})"
+    note = f"{case.name}: input shapes reduced to fit {what}: " + ", ".join(changes)
+    return reduced, note
+
+
+def make_feeds(
+    specs: list[InputSpec],
+    case: Case,
+    dims: dict[str, int] | None = None,
+    vocab: dict[str, int] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    dims = dims or {}
+    vocab = vocab or {}
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in specs:
+        shape = [_dim_value(d, case, dims, i, spec) for i, d in enumerate(spec.shape)]
+        name = spec.name.lower()
+        total = case.past + case.sequence
+        if spec.dtype.kind == "f" or spec.dtype.name == "bfloat16":
+            scale = 0.5 if _PAST.search(name) else 1.0
+            feeds[spec.name] = (rng.standard_normal(shape) * scale).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feeds[spec.name] = np.ones(shape, dtype=np.bool_)
+        elif "mask" in name:
+            feeds[spec.name] = np.ones(shape, dtype=spec.dtype)
+        elif "position" in name or "cache_position" in name:
+            pos = np.arange(case.past, case.past + (shape[-1] if shape else 1))
+            feeds[spec.name] = np.broadcast_to(pos, shape).astype(spec.dtype).copy() if shape else np.array(case.past, spec.dtype)
+        elif "seqlens_k" in name:
+            feeds[spec.name] = np.full(shape, total - 1, dtype=spec.dtype)
+        elif "total_sequence_length" in name:
+            feeds[spec.name] = np.array(total, dtype=spec.dtype).reshape(shape)
+        elif "token_type" in name:
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        else:
+            high = vocab.get(spec.name)
+            if high is None:
+                high = 2 if "ids" in name else 1
+            feeds[spec.name] = rng.integers(0, high, size=shape).astype(spec.dtype)
+    return feeds
+
+
+def vocab_sizes(model) -> dict[str, int]:
+    """Upper bound for integer graph inputs that index an embedding (onnx-ir model)."""
+    from flashnorm_onnx.passes.graph_utils import const_tensor
+
+    bounds: dict[str, int] = {}
+    for value in model.graph.inputs:
+        if value.dtype is None or value.dtype.is_floating_point():
+            continue
+        frontier = [value]
+        seen = set()
+        while frontier:
+            v = frontier.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            for use in v.uses():
+                node = use.node
+                if node.op_type in ("Gather", "GatherBlockQuantized") and use.idx == 1:
+                    data = const_tensor(node.inputs[0])
+                    if data is None and node.inputs[0].producer() is not None:
+                        # Gather(Transpose(W)) or Gather(Cast(W)): look through it
+                        src = node.inputs[0].producer().inputs[0]
+                        data = const_tensor(src) if src is not None else None
+                        if data is not None and node.inputs[0].producer().op_type == "Transpose":
+                            n = int(data.shape[1])
+                            bounds[value.name] = min(bounds.get(value.name, n), n)
+                            continue
+                    if data is not None:
+                        axis = 0
+                        if "axis" in node.attributes:
+                            axis = node.attributes["axis"].value
+                        n = int(data.shape[axis])
+                        if node.op_type == "GatherBlockQuantized":
+                            n = int(data.shape[0])
+                        bounds[value.name] = min(bounds.get(value.name, n), n)
+                elif node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity") and use.idx == 0:
+                    frontier.extend(node.outputs)
+    return bounds
+
+
+def dims_from_configs(model_path) -> dict[str, int]:
+    """Dimension values a runtime config beside the model states: genai's head_size, HF's head_dim,
+    and for image inputs the channels and size (config.json ``num_channels`` / ``image_size``, or
+    preprocessor_config.json ``crop_size`` / ``size``)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(model_path).parent
+    dims: dict[str, int] = {}
+    try:
+        genai = json.loads((folder / "genai_config.json").read_text())
+        head = genai["model"]["decoder"]["head_size"]
+        dims.update({"head_size": int(head), "kv_cache_dim": int(head)})
+    except (OSError, KeyError, ValueError, TypeError):
+        pass
+    try:
+        hf = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        hf = {}
+    try:
+        head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        dims.setdefault("head_size", int(head))
+        dims.setdefault("head_dim", int(head))
+    except (KeyError, ValueError, TypeError, ZeroDivisionError, AttributeError):
+        pass
+    # images (ViT, CLIP vision, ...): channels and size from config.json, else preprocessor_config.json
+    vision = hf.get("vision_config", hf) if isinstance(hf, dict) else {}
+    if isinstance(vision.get("num_channels"), int):
+        dims.setdefault("num_channels", vision["num_channels"])
+    size = vision.get("image_size")
+    try:
+        pre = json.loads((folder / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        pre = {}
+    if size is None and isinstance(pre, dict):
+        size = pre.get("crop_size") or pre.get("size")
+    if isinstance(size, dict):
+        size = [size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))]
+    if isinstance(size, int):
+        size = [size, size]
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size):
+        dims.setdefault("height", size[0])
+        dims.setdefault("width", size[1])
+    return dims

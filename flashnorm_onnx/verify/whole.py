@@ -1,0 +1,567 @@
+"""Numerical equivalence check: run the input and the output in ONNX Runtime and compare.
+
+Both models run on the CPU provider on the same generated inputs (see :mod:`inputs`), for a
+prefill case and, for models with a KV cache, a decode step on a short past. Every output is
+compared: max absolute error, max error relative to the output's largest magnitude, and for
+logits the share of positions whose argmax agrees. The check passes when, for every output,
+``max|a - b| <= atol + rtol * max|a|`` with a tolerance suited to the output's dtype.
+
+Memory is bounded before anything runs: each case's generated inputs by
+:func:`~flashnorm_onnx.verify.inputs.verification_cap`, and what its runs will create (intermediate
+values, outputs, the comparison's temporaries), estimated by :class:`RunEstimator` from ONNX
+shape inference on the input model without its tensor data, by
+:func:`~flashnorm_onnx.verify.inputs.verification_run_cap`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, first_line
+from flashnorm_onnx.verify.inputs import Case, RunEstimate, default_cases, fit_case, make_feeds, specs_from_session
+from flashnorm_onnx.verify.result import VerificationResult, failed_entry  # noqa: F401 - failed_entry: callers
+from flashnorm_onnx.verify.tolerances import TOLERANCES
+
+logger = logging.getLogger(__name__)
+
+
+
+#: ONNX Runtime optimizers the check's sessions leave out. FuseFp16InitializerToFp32Node converts
+#: every float16 weight that the CPU provider reads through a Cast to float32 once at load, at
+#: about 0.15 GB/s here: 14.9 s of a 2.1 GB fp16 model's 18.8 s session start, for runs that then
+#: take 1 s instead of about 5 s. A check runs each session a few times: the Cast at run time is
+#: cheaper, and the function is the same (the same Cast, at another time).
+CHECK_DISABLED_OPTIMIZERS = ["FuseFp16InitializerToFp32NodeTransformer"]
+
+
+def make_session(path: str | Path | bytes, provider: str = "cpu", threads: int | None = None):
+    """A session for the check: the default graph optimizations but :data:`CHECK_DISABLED_OPTIMIZERS`,
+    no memory arena (a few runs of different shapes; their buffers go back at once)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # errors come back as exceptions; keep stderr clean
+    options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = ["CPUExecutionProvider"]
+    if provider == "cuda":
+        providers = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+    source = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(source, options, providers=providers, disabled_optimizers=CHECK_DISABLED_OPTIMIZERS)
+
+
+class Deadline:
+    """A wall-clock limit over several ONNX Runtime runs (``--verify-timeout``); None or <= 0: none.
+
+    :meth:`run` passes ``RunOptions`` to ``session.run`` and a timer sets its ``terminate`` flag
+    when the time is up; ONNX Runtime checks it between kernels (a ``Loop``'s iterations too), so
+    the run stops with an error, turned into :class:`VerificationTimeout`. One kernel that runs
+    long by itself is not interrupted."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds if seconds and seconds > 0 else None
+        self.end = None if self.seconds is None else time.monotonic() + self.seconds
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() >= self.end:
+            raise VerificationTimeout.after(self.seconds)
+
+    def run(self, session, feeds: dict, outputs: list[str] | None = None) -> list:
+        import onnxruntime as ort
+
+        self.check()
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # the "terminate flag" error comes back as an exception
+        timer = None
+        if self.end is not None:
+            timer = threading.Timer(max(0.0, self.end - time.monotonic()), setattr, (options, "terminate", True))
+            timer.daemon = True
+            timer.start()
+        try:
+            return session.run(outputs, feeds, options)
+        except Exception:
+            if options.terminate:
+                raise VerificationTimeout.after(self.seconds) from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+#: Bytes per element of an output that comparing it takes beyond the two outputs themselves:
+#: :func:`_compare`'s float64 copies of both, the difference, its absolute value, the finite
+#: values of each (8 + 8 + 8 + 8 + 8 + 1 at most at once); :func:`compare_quantized` takes less.
+COMPARE_BYTES_PER_ELEMENT = 41
+
+#: Initializers of at most this many bytes of data keep it in :func:`model_skeleton` (shape
+#: inference reads the small ones: Reshape's shape, Tile's repeats, Slice's starts); larger ones,
+#: and external ones, become graph inputs declaring their type and shape.
+SKELETON_KEEP_BYTES = 4096
+
+_TENSOR_DATA_FIELDS = frozenset({4, 5, 6, 7, 9, 10, 11})  # TensorProto float/int32/string/int64/raw/double/uint64
+
+
+def _varint(buf, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("malformed varint")
+
+
+def _encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        if not n:
+            out.append(b)
+            return bytes(out)
+        out.append(b | 0x80)
+
+
+def _fields(buf, start: int, end: int):
+    """(field number, wire type, start of the key, start of a length-delimited value, end) for
+    each field of the protobuf message in ``buf[start:end]``."""
+    pos = start
+    while pos < end:
+        key_start = pos
+        key, pos = _varint(buf, pos)
+        wire, value_start = key & 7, pos
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 2:
+            n, value_start = _varint(buf, pos)
+            pos = value_start + n
+        elif wire == 5:
+            pos += 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise ValueError("truncated protobuf message")
+        yield key >> 3, wire, key_start, value_start, pos
+
+
+def _graph_skeleton(buf, start: int, end: int, declared: list[bytes]) -> bytes:
+    """The GraphProto in ``buf[start:end]`` without its large initializers (their headers go to
+    ``declared``) nor sparse ones; everything else copied as it is."""
+    out = bytearray()
+    for field, wire, key_start, value_start, stop in _fields(buf, start, end):
+        if wire == 2 and field == 15:  # sparse_initializer: left out (its consumers' shapes stay unknown)
+            continue
+        if wire != 2 or field != 5:  # not an initializer
+            out += buf[key_start:stop]
+            continue
+        header = bytearray()
+        data = 0
+        external = False
+        for t_field, t_wire, t_key, t_value, t_stop in _fields(buf, value_start, stop):
+            if t_field in _TENSOR_DATA_FIELDS:
+                data += t_stop - t_value
+                continue
+            if t_field == 14 and t_wire == 0 and _varint(buf, t_value)[0] == 1:  # data_location: EXTERNAL
+                external = True
+            header += buf[t_key:t_stop]
+        if external or data > SKELETON_KEEP_BYTES:
+            declared.append(bytes(header))
+        else:
+            out += buf[key_start:stop]
+    return bytes(out)
+
+
+def _declare(graph, tensors) -> None:
+    """Each tensor (a TensorProto without its data) as a graph input of its type and shape."""
+    import onnx
+
+    inputs = {i.name for i in graph.input}
+    for t in tensors:
+        if t.name and t.name not in inputs:
+            graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            inputs.add(t.name)
+
+
+def model_skeleton(source: str | Path | bytes):
+    """The model file's ModelProto without tensor data: its large (over :data:`SKELETON_KEEP_BYTES`)
+    and external initializers become graph inputs declaring their type and shape.
+
+    The file is memory-mapped and only the protobuf's field headers are read: an initializer's data,
+    embedded or external, is never touched (a Constant node's value is copied as it is)."""
+    import mmap
+
+    import onnx
+
+    def build(buf) -> onnx.ModelProto:
+        out = bytearray()
+        declared: list[bytes] = []
+        for field, wire, key_start, value_start, stop in _fields(buf, 0, len(buf)):
+            if field == 7 and wire == 2:  # ModelProto.graph
+                graph = _graph_skeleton(buf, value_start, stop, declared)
+                out += _encode_varint((7 << 3) | 2) + _encode_varint(len(graph)) + graph
+            else:
+                out += buf[key_start:stop]
+        model = onnx.ModelProto.FromString(bytes(out))
+        _declare(model.graph, [onnx.TensorProto.FromString(h) for h in declared])
+        return model
+
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return build(memoryview(source))
+    with open(source, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        return build(buf)
+
+
+def _itemsize(elem_type: int) -> int | None:
+    """Bytes per element of an ONNX tensor type (4-bit types: 1, as unpacked); None for strings."""
+    from onnx import TensorProto as T
+
+    sizes = {T.FLOAT: 4, T.UINT8: 1, T.INT8: 1, T.UINT16: 2, T.INT16: 2, T.INT32: 4, T.INT64: 8, T.BOOL: 1,
+             T.FLOAT16: 2, T.DOUBLE: 8, T.UINT32: 4, T.UINT64: 8, T.COMPLEX64: 8, T.COMPLEX128: 16,
+             T.BFLOAT16: 2}
+    if elem_type in sizes:
+        return sizes[elem_type]
+    name = T.DataType.Name(elem_type) if elem_type in T.DataType.values() else ""
+    return 1 if name.startswith(("FLOAT8", "FLOAT4", "INT4", "UINT4", "INT2", "UINT2")) else None
+
+
+def _dtype_name(elem_type: int) -> str:
+    """numpy's name of an ONNX tensor type (``float32``), else ONNX's in lower case."""
+    from onnx import TensorProto as T
+
+    names = {T.FLOAT: "float32", T.FLOAT16: "float16", T.DOUBLE: "float64", T.BFLOAT16: "bfloat16"}
+    if elem_type in names:
+        return names[elem_type]
+    name = T.DataType.Name(elem_type).lower() if elem_type in T.DataType.values() else str(elem_type)
+    return "bool" if name == "bool" else name
+
+
+def _subgraph_names(node) -> set[str]:
+    """Every name a node's subgraphs (If/Loop/Scan bodies, at any depth) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for graph in list(attr.graphs) + ([attr.g] if attr.HasField("g") else []):
+            for inner in graph.node:
+                names.update(n for n in inner.input if n)
+                names |= _subgraph_names(inner)
+    return names
+
+
+class RunEstimator:
+    """Estimates what running one verification case needs (a :class:`~flashnorm_onnx.verify.inputs.RunEstimate`),
+    from the model's graph alone (no tensor data: see :func:`model_skeleton`).
+
+    For given input shapes, the graph inputs take them (symbolic dims replaced) and ONNX shape
+    inference (with data propagation, so that Shape -> Gather -> Concat -> Reshape chains are
+    followed) gives each value's shape. The run is then walked in the graph's (topological) node
+    order: the inputs stay alive, each node's outputs are allocated, and a value is freed after its
+    last reader unless it is a graph output. ``peak`` is the most bytes alive at once (what ONNX
+    Runtime's allocation planner roughly needs; it may need less by reusing buffers in place).
+    ``total`` adds the graph outputs again (the input model's, held while the output model runs)
+    and :data:`COMPARE_BYTES_PER_ELEMENT` for the largest floating output.
+
+    Not counted: initializers and Constant outputs (the model's own data; whether a model's
+    weights fit is decided elsewhere), and any value whose shape inference leaves unknown
+    (contrib ops, data-dependent sizes): the estimate is then too low, never a cause to refuse.
+    Only the input model is estimated; the output computes the same function with the same shapes."""
+
+    def __init__(self, model):
+        import onnx
+
+        base = onnx.ModelProto()
+        base.CopyFrom(model)
+        graph = base.graph
+        heavy = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+        if heavy:  # a proto loaded without its external data: declare those, as model_skeleton does
+            names = {t.name for t in heavy}
+            kept = [t for t in graph.initializer if t.name not in names]
+            del graph.initializer[:]
+            graph.initializer.extend(kept)
+            _declare(graph, heavy)
+        del graph.value_info[:]  # an exporter's symbolic shapes: inferred again for each case
+        for vi in graph.output:
+            if vi.type.HasField("tensor_type"):
+                vi.type.tensor_type.ClearField("shape")
+        self.model = base
+        self._cache: dict[tuple, RunEstimate | None] = {}
+
+    @classmethod
+    def for_model(cls, source: str | Path | bytes) -> "RunEstimator | None":
+        """For a model file (or its bytes); None when its graph cannot be read without the data."""
+        try:
+            return cls(model_skeleton(source))
+        except Exception as e:  # the estimate is a bound, not a gate: an unreadable file fails elsewhere
+            logger.debug("no verification memory estimate: %s", e)
+            return None
+
+    def __call__(self, shapes: dict[str, list[int]]) -> RunEstimate | None:
+        key = tuple(sorted((name, tuple(int(d) for d in shape)) for name, shape in shapes.items()))
+        if key not in self._cache:
+            try:
+                self._cache[key] = self._estimate(dict(key))
+            except Exception as e:  # shape inference gave up: nothing known, nothing refused
+                logger.debug("no verification memory estimate: %s", e)
+                self._cache[key] = None
+        return self._cache[key]
+
+    def _estimate(self, shapes: dict[str, tuple]) -> RunEstimate | None:
+        import math
+
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        graph = model.graph
+        for vi in graph.input:
+            if vi.name in shapes and vi.type.HasField("tensor_type"):
+                shape = vi.type.tensor_type.shape
+                shape.ClearField("dim")
+                for d in shapes[vi.name]:
+                    shape.dim.add().dim_value = int(d)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True).graph
+
+        known: dict[str, tuple[int, list[int], str]] = {}  # name -> bytes, shape, dtype
+        for vi in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+            if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+                continue
+            tensor = vi.type.tensor_type
+            size = _itemsize(tensor.elem_type)
+            dims = tensor.shape.dim
+            if size is None or not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+                continue
+            shape = [int(d.dim_value) for d in dims]
+            known[vi.name] = (math.prod(shape) * size, shape, _dtype_name(tensor.elem_type))
+
+        outputs = {o.name for o in graph.output}
+        feeds = [name for name in shapes if name in known]
+        largest = max(((known[n][0], n) for n in feeds), default=(0, ""))
+        live = peak = sum(known[n][0] for n in feeds)
+        nodes = list(graph.node)
+        last_use: dict[str, int] = {}
+        reads: list[set[str]] = []
+        for i, node in enumerate(nodes):
+            names = {n for n in node.input if n} | _subgraph_names(node)
+            reads.append(names)
+            for n in names:
+                last_use[n] = i
+        allocated: dict[str, int] = {}
+        for i, node in enumerate(nodes):
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                for n in node.output:
+                    if n and n in known and n not in allocated and n not in shapes:
+                        allocated[n] = known[n][0]
+                        live += known[n][0]
+                        largest = max(largest, (known[n][0], n))
+            peak = max(peak, live)
+            for n in reads[i] | set(node.output):
+                if n in allocated and n not in outputs and last_use.get(n, i) <= i:
+                    live -= allocated.pop(n)
+        out_bytes = sum(known[n][0] for n in outputs if n in known)
+        floating = ("float32", "float16", "float64", "bfloat16")
+        compare = max((math.prod(known[n][1]) for n in outputs if n in known and known[n][2] in floating), default=0)
+        for n in outputs:
+            if n in known:
+                largest = max(largest, (known[n][0], n))
+        if not largest[1]:
+            return None
+        nbytes, name = largest
+        return RunEstimate(total=peak + out_bytes + COMPARE_BYTES_PER_ELEMENT * compare, peak=peak,
+                           outputs=out_bytes, name=name, shape=known[name][1], dtype=known[name][2], nbytes=nbytes)
+
+
+
+def compare_models(
+    reference: str | Path,
+    candidate: str | Path,
+    dims: dict[str, int] | None = None,
+    vocab: dict[str, int] | None = None,
+    cases: list[Case] | None = None,
+    rtol: float | None = None,
+    timeout: float | None = None,
+    provider: str = "cpu",
+    quantized: bool = False,
+) -> VerificationResult:
+    """Run both models on the same generated inputs and compare every output.
+
+    ``quantized``: the candidate is a quantized form of the reference, so equality is not
+    expected: each output gets the measures that fit quantization (see :func:`compare_quantized`)
+    and the check fails only on a model that no longer computes the function (cosine similarity
+    below :data:`QUANT_MIN_COSINE`, non-finite values, another shape).
+
+    ``provider``: "cpu" (what ``optimize`` uses) or "cuda" (``benchmarks/cuda.sh``: both models on
+    the CUDA provider).
+
+    ``timeout``: seconds for the whole comparison (None or 0: no limit); past it, raises
+    :class:`VerificationTimeout`. Each case's inputs are sized to
+    :func:`~flashnorm_onnx.verify.inputs.verification_cap`, and the memory its runs need (estimated by
+    :class:`RunEstimator`) to :func:`~flashnorm_onnx.verify.inputs.verification_run_cap`, before anything
+    is allocated; sizes the model declares that alone exceed either raise
+    :class:`VerificationUnavailable`."""
+    deadline = Deadline(timeout)
+    # one session at a time: the input's runs every case and is freed before the output's loads,
+    # so peak memory is one model's (a 16-bit model's session may hold float32 copies of its weights)
+    try:
+        ref = make_session(reference, provider)
+    except Exception as e:
+        raise VerificationUnavailable(
+            f"ONNX Runtime cannot load the input model ({first_line(e)}); use --no-verify to skip the check"
+        ) from e
+    specs = specs_from_session(ref)
+    estimate = RunEstimator.for_model(reference)  # the input model's graph, read without its data
+    output_names = [meta.name for meta in ref.get_outputs()]
+    result = VerificationResult(method="onnxruntime-quantized" if quantized else "onnxruntime", passed=True)
+    explicit = cases is not None
+    cases = cases or default_cases(specs)
+    runs = []  # (case, feeds, the input model's outputs)
+    for case in cases:
+        deadline.check()
+        case, note = fit_case(specs, case, dims, estimate=estimate)
+        if note:
+            result.cases.append(note)
+        feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
+        try:
+            expected = deadline.run(ref, feeds)
+        except VerificationTimeout:
+            raise
+        except Exception as e:
+            if not explicit and case.batch > 1:
+                # Exports traced with batch 1 may be specialised to it: check batch 1 only.
+                case = dataclasses.replace(case, batch=1, name=case.name + "-batch1")
+                case, note = fit_case(specs, case, dims, estimate=estimate)
+                if note:
+                    result.cases.append(note)
+                feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
+                try:
+                    expected = deadline.run(ref, feeds)
+                except VerificationTimeout:
+                    raise
+                except Exception:
+                    expected = None
+                if expected is not None:
+                    result.cases.append("the input model does not run with batch 2; checked batch 1")
+            else:
+                expected = None
+            if expected is None:
+                e_ = e
+                shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+                raise VerificationUnavailable(
+                    f"the input model does not run on generated inputs ({case.describe()}; {shapes}): "
+                    f"{first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
+                ) from e_
+        runs.append((case, feeds, [np.asarray(a) for a in expected]))
+    del ref
+    try:
+        cand = make_session(candidate, provider)
+    except Exception as e:
+        return VerificationResult(
+            method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"
+        )
+    for case, feeds, expected in runs:
+        deadline.check()
+        try:
+            got = deadline.run(cand, feeds)
+        except VerificationTimeout:
+            raise
+        except Exception as e:
+            result.passed = False
+            result.message = f"the output model fails to run: {first_line(e)}"
+            return result
+        # what actually ran: --dim values and config dims may override the case's sizes
+        result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
+        for name, a, b in zip(output_names, expected, got):
+            compare = compare_quantized if quantized else _compare
+            entry = compare(name, case.name, a, np.asarray(b), rtol)
+            result.outputs.append(entry)
+            if not entry["ok"]:
+                result.passed = False
+    if quantized:
+        bad = [o for o in result.outputs if not o["ok"]]
+        if bad:
+            result.message = (f"output '{bad[0]['name']}' has cosine similarity {bad[0]['cosine']:.3f} to the input's "
+                              f"(below {QUANT_MIN_COSINE}: not a quantization error, a broken model)")
+        return result
+    worst = max(result.outputs, key=lambda o: o["max_rel"], default=None)
+    if worst is not None:
+        result.tolerance = worst["rtol"]
+        if not result.passed:
+            result.message = (
+                f"output '{worst['name']}' differs by {worst['max_rel']:.3e} (relative), "
+                f"tolerance {worst['rtol']:.1e}"
+            )
+    return result
+
+
+#: A floor, not a proof: an int4 model's outputs differ from the float model's by design, and on
+#: the generated (random-token) inputs SmolLM2-135M's correct int4 logits had a cosine similarity
+#: as low as 0.78 to fp32's (tiny random-weight models: 0.99). Below this floor the model computes
+#: garbage. What proves the quantization is the per-weight check (api._check_int4_weights).
+QUANT_MIN_COSINE = 0.5
+
+
+def compare_quantized(name: str, case: str, a: np.ndarray, b: np.ndarray, rtol: float | None = None) -> dict:
+    """Measures of a quantized output ``b`` against the float ``a``: relative error
+    ||b - a|| / ||a|| (``rel_err``), cosine similarity, argmax agreement for logits, and the
+    max errors as for an exact check."""
+    entry = {"case": case, "name": name, "dtype": a.dtype.name, "shape": list(a.shape), "rtol": 0.0}
+    if a.shape != b.shape or a.dtype.kind not in "fc":
+        equal = a.shape == b.shape and bool(np.array_equal(a, b))
+        entry.update(max_abs=0.0 if equal else float("inf"), max_rel=0.0 if equal else float("inf"),
+                     rel_err=0.0 if equal else float("inf"), cosine=1.0 if equal else 0.0, ok=equal,
+                     argmax_agreement=None)
+        return entry
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    finite = bool(np.isfinite(a64).all() and np.isfinite(b64).all())
+    if not finite or not a.size:
+        entry.update(max_abs=float("inf") if a.size else 0.0, max_rel=float("inf") if a.size else 0.0,
+                     rel_err=float("inf") if a.size else 0.0, cosine=0.0 if a.size else 1.0, ok=not a.size,
+                     argmax_agreement=None)
+        return entry
+    diff = np.abs(a64 - b64)
+    scale = float(np.abs(a64).max())
+    norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+    cosine = float(a64 @ b64 / (norm_a * norm_b)) if norm_a > 0 and norm_b > 0 else float(norm_a == norm_b)
+    agreement = None
+    if "logit" in name.lower() and a.ndim >= 1 and a.shape[-1] > 1:
+        agreement = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+    entry.update(max_abs=float(diff.max()), max_rel=float(diff.max()) / scale if scale > 0 else float(diff.max()),
+                 rel_err=float(np.linalg.norm(a64 - b64)) / norm_a if norm_a > 0 else float(norm_b),
+                 cosine=cosine, ok=cosine >= QUANT_MIN_COSINE, argmax_agreement=agreement)
+    return entry
+
+
+def _compare(name: str, case: str, a: np.ndarray, b: np.ndarray, rtol: float | None) -> dict:
+    dtype = a.dtype.name
+    default_rtol, atol = TOLERANCES.get(dtype, (0.0, 0.0))
+    rtol = default_rtol if rtol is None else rtol
+    entry = {"case": case, "name": name, "dtype": dtype, "shape": list(a.shape), "rtol": rtol}
+    if a.shape != b.shape:
+        entry.update(max_abs=float("inf"), max_rel=float("inf"), ok=False, argmax_agreement=None)
+        return entry
+    if a.dtype.kind not in "fc" and dtype != "bfloat16":
+        equal = bool(np.array_equal(a, b))
+        entry.update(max_abs=0.0 if equal else float("inf"), max_rel=0.0 if equal else float("inf"), ok=equal,
+                     argmax_agreement=None)
+        return entry
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    finite = np.isfinite(a64)
+    same_nonfinite = bool(np.array_equal(np.isfinite(b64), finite))
+    diff = np.abs(a64 - b64)[finite] if a.size else np.zeros(0)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(a64[finite]).max()) if diff.size else 0.0
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    ok = same_nonfinite and max_abs <= atol + rtol * scale
+    agreement = None
+    if "logit" in name.lower() and a.ndim >= 1 and a.shape[-1] > 1 and a.size:
+        agreement = float(np.mean(np.argmax(a64, axis=-1) == np.argmax(b64, axis=-1)))
+    entry.update(max_abs=max_abs, max_rel=max_rel, ok=bool(ok), argmax_agreement=agreement)
+    return entry

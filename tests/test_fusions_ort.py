@@ -1,0 +1,136 @@
+"""``optimize --for-ort``: onnxscript's exact ORT fusions, then the fold, on exported models.
+
+Each output is run in ONNX Runtime against its input at a batch and length the verification did
+not use, and the fused operators are counted in the written graph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from flashnorm_onnx.cli import main
+from flashnorm_onnx.verify.inputs import Case, make_feeds, specs_from_session
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+
+def _ops(path: Path) -> Counter:
+    model = onnx.load(str(path), load_external_data=False)
+    return Counter((n.domain or "ai.onnx", n.op_type) for n in model.graph.node)
+
+
+def _run_both(source: Path, output: Path, case: Case) -> None:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    a = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(output), options, providers=["CPUExecutionProvider"])
+    feeds = make_feeds(specs_from_session(a), case, seed=5)
+    names = [o.name for o in a.get_outputs()]
+    for name, x, y in zip(names, a.run(None, feeds), b.run(names, feeds)):
+        scale = max(float(np.abs(x).max()), 1e-6)
+        assert float(np.abs(x - y).max()) / scale < 1e-4, name
+
+
+def _optimize(source: Path, out: Path, *extra: str) -> dict:
+    report = out.with_suffix(".json")
+    rc = main(["optimize", str(source), "-o", str(out), "--for-ort", "--report", str(report), "-q", *extra])
+    assert rc == 0
+    return json.loads(report.read_text())
+
+
+def test_dynamo_export_fuses_and_folds_every_norm(tmp_path):
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_dynamo"))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    fusions = data["ort_fusions"]
+    assert fusions["rms_normalization"] > 0 and fusions["skip_rms_normalization"] > 0, fusions
+    assert fusions.get("rotary_embedding", 0) > 0 and fusions["position_ids_expanded"] >= 1, fusions
+    summary = data["summary"]
+    assert summary["skipped"] == 0 and summary["folded"] == summary["norms"] > 0
+    assert data["verification"]["passed"] and data["verification"]["method"] == "onnxruntime"
+    ops = _ops(out)
+    assert ops[("com.microsoft", "SkipSimplifiedLayerNormalization")] == fusions["skip_rms_normalization"]
+    assert ops[("com.microsoft", "RotaryEmbedding")] == fusions["rotary_embedding"]
+    # no decomposed RMSNorm left, and no attention fusion (GQA ignores the attention mask)
+    assert ops[("ai.onnx", "ReduceMean")] == 0 and ops[("ai.onnx", "Pow")] == 0
+    assert ops[("com.microsoft", "GroupQueryAttention")] == 0
+    # batch 3 at another length: the rotary kernel needs position ids of the batch's size
+    _run_both(source, out, Case("b3", batch=3, sequence=11))
+
+
+def test_final_norm_folds_into_fused_matmul(tmp_path):
+    """The fused output layer is com.microsoft.FusedMatMul(transB=1): the final norm folds into it."""
+    from models import fixtures
+
+    source = Path(fixtures.build("qwen3_tied_dynamo"))  # tied: lm_head = MatMul(y, Transpose(E))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    final = data["norms"][-1]
+    assert final["status"] == "folded", final
+    assert any("FusedMatMul" in c["op"] for c in final["consumers"]), final["consumers"]
+    _run_both(source, out, Case("b2", batch=2, sequence=9))
+
+
+def test_optimum_with_past(tmp_path):
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_optimum_past"))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    assert data["verification"]["passed"]
+    assert data["summary"]["skipped"] == 0 and data["ort_fusions"], data["ort_fusions"]
+    _run_both(source, out, Case("decode", batch=2, sequence=1, past=7))
+
+
+def test_checks_that_cannot_see_fusions_are_refused(tmp_path, capsys):
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_dynamo"))
+    rc = main(["optimize", str(source), "-o", str(tmp_path / "m.onnx"), "--for-ort", "--verify", "subgraph"])
+    assert rc == 6
+    assert "--for-ort" in capsys.readouterr().err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_legacy_export_goes_through_ort_transformers_optimizer(tmp_path):
+    """onnxscript's patterns are written for dynamo graphs: on the legacy exporter's graph ORT's
+    transformers optimizer fuses the residual + norm pairs, and the fold then folds every norm."""
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_legacy"))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    assert data["summary"]["skipped"] == 0
+    ops = _ops(out)
+    skip = ops[("com.microsoft", "SkipSimplifiedLayerNormalization")]
+    assert skip == data["ort_fusions"]["ort_transformers_optimizer:SkipSimplifiedLayerNormalization"] > 0
+    plain = sum(n for (_domain, op), n in ops.items() if op == "SimplifiedLayerNormalization")
+    assert plain + skip == data["summary"]["norms"]
+    _run_both(source, out, Case("b3", batch=3, sequence=6))
+
+
+@pytest.mark.genai
+def test_genai_builder_output_is_the_fold_alone_when_nothing_fuses(tmp_path):
+    """The genai builder already writes ORT's fused ops: no fusion applies, and the --for-ort
+    output is node for node the plain fold's (never slower than the fold alone)."""
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_genai_fp32"))
+    out = tmp_path / "for_ort.onnx"
+    data = _optimize(source, out)
+    assert data["ort_fusions"] == {} and data["verification"]["passed"]
+    plain = tmp_path / "fold.onnx"
+    assert main(["optimize", str(source), "-o", str(plain), "-q"]) == 0
+    a = onnx.load(str(plain), load_external_data=False).graph
+    b = onnx.load(str(out), load_external_data=False).graph
+    assert [(n.op_type, list(n.input)) for n in a.node] == [(n.op_type, list(n.input)) for n in b.node]
