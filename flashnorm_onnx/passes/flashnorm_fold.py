@@ -270,22 +270,36 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         if (index, match.name) in self.refused:  # found by the write of an earlier run (defer_overflow)
             decision.reason = self.refused[(index, match.name)]
             return plan
+        refusal = self._check_overflow(writes, g)
+        if refusal:
+            decision.reason = refusal
+            return plan
+
+        decision.status = "folded"
+        plan.g, plan.uses, plan.writes, plan.biases = g, analysis.uses, writes, biases
+        plan.site = _site_before(match, g, beta, analysis.uses)
+        self._record_writes(decision, writes, biases)
+        return plan
+
+    def _check_overflow(self, writes: list[_WeightWrite], g: np.ndarray) -> str | None:
+        """Every g*w representable in the weight's dtype? Weights in external data are left to the
+        streamed write, which reads them anyway (``defer_overflow``); the others are read block by
+        block here, nothing mapped whole."""
         for write in writes:
             tensor = const_tensor(write.source)
             if self.defer_overflow and _deferrable(tensor):
                 write.deferred_check = True  # checked on the blocks the write reads
                 continue
             try:
-                fold_math.check_tensor(tensor, g, write.k_axis)  # block by block, nothing mapped
+                fold_math.check_tensor(tensor, g, write.k_axis)
             except fold_math.FoldRefused as e:
-                decision.reason = f"folding into '{write.source.name}' is not representable: {e}"
-                return plan
+                return f"folding into '{write.source.name}' is not representable: {e}"
             finally:
                 release_tensor(tensor)
+        return None
 
-        decision.status = "folded"
-        plan.g, plan.uses, plan.writes, plan.biases = g, analysis.uses, writes, biases
-        plan.site = _site_before(match, g, beta, analysis.uses)
+    def _record_writes(self, decision: NormDecision, writes: list[_WeightWrite], biases: list[_BiasWrite]) -> None:
+        """What the decision reports the fold will write: each reader's action, tensors and bytes."""
         for write in writes:
             nbytes = _nbytes(const_tensor(write.source))
             if write.in_place and any(w.in_place and w.source is write.source for w in writes[:writes.index(write)]):
@@ -305,7 +319,6 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             decision.bytes_added += added
             decision.bytes_rewritten += rewritten
             decision.tensors_written += 1
-        return plan
 
     def _apply(self, plan: NormPlan, graph: ir.Graph, pool: ConstantPool, opset: int, applied: "_Applied") -> None:
         """Write one folding plan: the weights, the biases, the weightless norm."""
