@@ -358,3 +358,23 @@ def test_direct_writes_unless_the_whole_output_is_read_back(tmp_path, monkeypatc
     assert asked == [False, False, True]
     assert real(1, read_back=False) is True
     assert outputs["no-verify"] == outputs["algebraic"] == outputs["onnxruntime"]  # the same bytes either way
+
+
+def test_a_tied_weight_folded_in_place_is_caught_on_a_large_model(big_model, tmp_path, monkeypatch, capsys):
+    """The reviewer's case at scale: a Llama-shaped fp16 model with a tied lm_head (a Transpose of
+    the embedding), checked piece by piece as a model too large to run whole, and a pass that
+    believes the embedding has no other reader. The plan-diff check names the embedding's Gather
+    (exit 5) and nothing is written."""
+    from flashnorm_onnx import cli
+    from flashnorm_onnx.passes import flashnorm_fold
+    from flashnorm_onnx.verify import policy
+
+    monkeypatch.setattr(policy, "VERIFY_MEMORY_FRACTION", 1e-12)  # "too large to run whole"
+    monkeypatch.setattr(flashnorm_fold, "_outside_readers", lambda source, group, ours: [])
+    out = tmp_path / "out" / "model.onnx"
+    code = cli.main(["optimize", str(big_model[0]), "-o", str(out)])
+    text = capsys.readouterr()
+    assert code == 5, text.out[-2000:]
+    assert "verification (subgraph+algebraic+structure+plan): FAILED" in text.out
+    assert "which the fold wrote, is also read by Gather" in text.err
+    assert not out.parent.exists() or not any(out.parent.iterdir())
