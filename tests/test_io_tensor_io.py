@@ -271,7 +271,8 @@ def test_kept_samples_are_the_columns_written(tmp_path, monkeypatch, block_bytes
     FlashNormFoldPass()(model)
     kept: dict = {}
     (tmp_path / "out").mkdir()
-    tensor_io.save_with_external_data(model, tmp_path / "out" / "model.onnx", "model.onnx.data", keep_samples=kept)
+    tensor_io.save_with_external_data(model, tmp_path / "out" / "model.onnx", "model.onnx.data", keep_samples=kept,
+                                      sample_window=verify_subgraph.sample_window)
     written = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.initializer}
     assert len(kept) >= 4  # q/k/v, gate/up: [K, N] weights over the (patched) sample size
     for name, (cols, sample) in kept.items():
