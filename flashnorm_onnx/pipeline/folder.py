@@ -212,13 +212,39 @@ def optimize_folder(folder: Path, output: str | os.PathLike | None, options: Fol
     companions; publish only when every model verified. See the module docstring.
 
     ``force_write`` is implied: a model with nothing to fold is written too (re-serialized, same
-    function), because the runtime needs every model of the folder."""
+    function), because the runtime needs every model of the folder. The stages of each model are
+    those of one model file (:func:`~flashnorm_onnx.pipeline.model.optimize_file`), its output left
+    staged; then one publish for the whole folder."""
     options = options.replace(force_write=True)  # always on in folder mode
     folder = Path(folder)
     root = folder.resolve()
     out_dir = _check_output_folder(folder, root, output)
+    plan, infos, targets = _check_models(folder, out_dir)  # before anything is written
+    report = FolderReport(model=str(folder), output=str(out_dir))
+    companions = _plan_companions(folder, root, out_dir, plan, infos, targets, report.notes)
+    report_file = _check_report(report_path, folder, root, out_dir, infos, targets, companions)
+    staged: list[tuple[str, FoldReport]] = []
+    copied = _Copied()
+    try:
+        for rel in plan.models:  # fold, stage and verify each model; nothing is visible yet
+            staged.append((rel, _fold_one(rel, infos[rel], targets[rel], options, report, report_file)))
+        # every model verified: companions first, then the models, the report before the last one
+        _copy_companions(folder, out_dir, companions, copied)
+        if copied.files or copied.links:
+            report.notes.append(f"copied {len(copied.files)} companion file(s)"
+                                + (f" and {len(copied.links)} link(s)" if copied.links else "") + f" into {out_dir}")
+    except BaseException:
+        copied.undo()
+        for _, r in reversed(staged):
+            r.staged.abandon()
+            r.staged = None
+        raise
+    _publish(staged, targets, report, report_file, copied)
+    return report
 
-    # -- what the folder holds, every model checked (before anything is written)
+
+def _check_models(folder: Path, out_dir: Path) -> tuple["_Plan", dict[str, model_io.InputInfo], dict[str, Path]]:
+    """What the folder holds, every model checked as an input and its output path as an output."""
     plan = _scan(folder)
     if plan.hidden:
         logger.debug("hidden names skipped: %s", ", ".join(plan.hidden))
@@ -233,51 +259,35 @@ def optimize_folder(folder: Path, output: str | os.PathLike | None, options: Fol
         infos[rel] = info
         _no_link_below(out_dir, out_dir / rel)
         targets[rel] = model_io.check_output(out_dir / rel, info)
-    report = FolderReport(model=str(folder), output=str(out_dir))
-    companions = _plan_companions(folder, root, out_dir, plan, infos, targets, report.notes)
-    report_file = _check_report(report_path, folder, root, out_dir, infos, targets, companions)
+    return plan, infos, targets
 
-    # -- fold, stage and verify each model; nothing is visible yet
+
+def _fold_one(rel: str, info: model_io.InputInfo, target: Path, options: FoldOptions, report: FolderReport,
+              report_file: Path | None) -> FoldReport:
+    """One model of the folder through its stages, its verified output left staged; a failure is
+    recorded in the folder's report (written) before it is raised."""
     from flashnorm_onnx.pipeline.model import optimize_file
 
-    staged: list[tuple[str, FoldReport]] = []
-    copied = _Copied()
+    logger.info("folding %s", rel)
+    out_dir = report.output
     try:
-        for rel in plan.models:
-            logger.info("folding %s", rel)
-            try:
-                model_report = optimize_file(infos[rel], targets[rel],
-                                             options.replace(progress=_progress_for(options.progress, rel)),
-                                             publish_output=False, report_path=None)
-            except VerificationFailed as e:
-                if e.report is not None:
-                    report.models[rel] = e.report
-                report.notes.append(f"verification failed in {rel}: nothing written to {out_dir}")
-                _write_report(report, report_file)
-                raise VerificationFailed(f"{rel}: {e}", report=report) from e
-            except FlashNormError as e:
-                report.notes.append(f"{rel}: {e}; nothing written to {out_dir}")
-                _write_report(report, report_file)
-                raise
-            report.models[rel] = model_report
-            staged.append((rel, model_report))
-            if model_report.folded == 0 and not model_report.quantization:
-                model_report.notes.append(
-                    "nothing to fold: written anyway, re-serialized (the runtime needs every model of the folder)")
-
-        # -- every model verified: companions first, then the models, the report before the last one
-        _copy_companions(folder, out_dir, companions, copied)
-        if copied.files or copied.links:
-            report.notes.append(f"copied {len(copied.files)} companion file(s)"
-                                + (f" and {len(copied.links)} link(s)" if copied.links else "") + f" into {out_dir}")
-    except BaseException:
-        copied.undo()
-        for _, r in reversed(staged):
-            r.staged.abandon()
-            r.staged = None
+        model_report = optimize_file(info, target, options.replace(progress=_progress_for(options.progress, rel)),
+                                     publish_output=False, report_path=None)
+    except VerificationFailed as e:
+        if e.report is not None:
+            report.models[rel] = e.report
+        report.notes.append(f"verification failed in {rel}: nothing written to {out_dir}")
+        _write_report(report, report_file)
+        raise VerificationFailed(f"{rel}: {e}", report=report) from e
+    except FlashNormError as e:
+        report.notes.append(f"{rel}: {e}; nothing written to {out_dir}")
+        _write_report(report, report_file)
         raise
-    _publish(staged, targets, report, report_file, copied)
-    return report
+    report.models[rel] = model_report
+    if model_report.folded == 0 and not model_report.quantization:
+        model_report.notes.append(
+            "nothing to fold: written anyway, re-serialized (the runtime needs every model of the folder)")
+    return model_report
 
 
 def _check_output_folder(folder: Path, root: Path, output) -> Path:
