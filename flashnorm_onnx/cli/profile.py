@@ -77,8 +77,30 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from flashnorm_onnx.cli.common import parse_dims as _dims
-    from flashnorm_onnx.profile import latency_table, ops_table, parse_shape, profile, write_plot
+    """Check the options, measure, print the tables, write the JSON and plot asked for."""
+    from flashnorm_onnx.cli.common import parse_dims
+    from flashnorm_onnx.profile import profile
+
+    shapes, providers = _checked(args)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    report = profile(
+        args.baseline, args.model, shapes=shapes, providers=providers, runs=args.runs, warmup=args.warmup,
+        ops=args.ops, ops_runs=args.ops_runs, cuda_graph=args.cuda_graph, fallback_cpu=args.fallback_cpu,
+        threads=args.threads, dims=parse_dims(args.dim), seed=args.seed, progress=not args.no_progress, log=log,
+        target=args.target / 100, budget_s=args.budget, min_runs=args.min_runs, max_runs=args.max_runs,
+    )
+    report["command"] = ["flashnorm-onnx"] + sys.argv[1:] if sys.argv and "flashnorm" in sys.argv[0] else None
+    _print(report, args)
+    _write(report, args)
+    return 0
+
+
+def _checked(args):
+    """(shapes, providers) from the options; a bad value is one line (exit 2) before anything runs."""
+    from flashnorm_onnx.profile import parse_shape
 
     try:
         shapes = [parse_shape(s) for s in args.shape] if args.shape else None
@@ -107,32 +129,13 @@ def run(args) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise FlashNormError("--plot needs matplotlib: pip install 'flashnorm-onnx[plot]'") from None
+    return shapes, providers
 
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr)
 
-    report = profile(
-        args.baseline,
-        args.model,
-        shapes=shapes,
-        providers=providers,
-        runs=args.runs,
-        warmup=args.warmup,
-        ops=args.ops,
-        ops_runs=args.ops_runs,
-        cuda_graph=args.cuda_graph,
-        fallback_cpu=args.fallback_cpu,
-        threads=args.threads,
-        dims=_dims(args.dim),
-        seed=args.seed,
-        progress=not args.no_progress,
-        log=log,
-        target=args.target / 100,
-        budget_s=args.budget,
-        min_runs=args.min_runs,
-        max_runs=args.max_runs,
-    )
-    report["command"] = ["flashnorm-onnx"] + sys.argv[1:] if sys.argv and "flashnorm" in sys.argv[0] else None
+def _print(report: dict, args) -> None:
+    """The models, the machine, how long it measured, then the latency and op tables."""
+    from flashnorm_onnx.profile import latency_table, ops_table
+
     m = report["machine"]
     print(f"A (baseline): {report['models']['A']['path']}")
     print(f"B:            {report['models']['B']['path']}")
@@ -154,11 +157,16 @@ def run(args) -> int:
     for entry in report["ops"]:
         print()
         print(ops_table(entry))
+
+
+def _write(report: dict, args) -> None:
+    """``--json`` and ``--plot``."""
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=1))
         print(f"\nwrote {path}")
     if args.plot:
+        from flashnorm_onnx.profile import write_plot
+
         print(f"wrote {write_plot(report, args.plot)}")
-    return 0
