@@ -15,6 +15,9 @@ constant weight whose input rows are indexed by the norm's channels:
   before the weight's other axis, which comes last);
 * any of these behind a ``Cast`` of ``y``.
 
+Each kind of linear is a :class:`LinearRule` (:data:`LINEAR_RULES`): a pattern, a check that
+says why a matching node refuses the fold, and the use the pass rewrites.
+
 Between the norm and the linear, ops that keep the channel axis (Cast, Identity, a Reshape that
 keeps the last dimension, Slice/Gather of rows, a Transpose that keeps the last axis last, an
 Unsqueeze that adds leading axes: a mixture of experts selects each expert's rows so) and a
@@ -405,69 +408,127 @@ def find_linear_uses(value: ir.Value, channels: int | None = None) -> ConsumerAn
             result.shape_readers += inner.shape_readers
             result.residual |= inner.residual
             continue
-        if node.op_type == "FusedMatMul" and node.domain == "com.microsoft" and index == 0:
-            flags = [a for a in ("transA", "transBatchA", "transBatchB") if attr(node, a, 0)]
-            if flags:
-                result.refusals.append(f"feeds {node_label(node)} with {'='.join(flags)}=1")
-                continue
-        if is_op(node, "Einsum") and index == 0:
-            parsed = einsum_linear(node)
-            if isinstance(parsed, str):
-                result.refusals.append(f"feeds {node_label(node)} but {parsed}")
-                continue
-        if (is_op(node, "MatMul") or is_op(node, "Einsum")
-                or (node.op_type == "FusedMatMul" and node.domain == "com.microsoft")) and index == 0:
-            traced = trace_weight(node.inputs[1], weight_k_axis(node))
-            if isinstance(traced, str):
-                result.refusals.append(f"feeds {node_label(node)} but {traced}")
-                continue
-            use_ = LinearUse(node=node, weight=traced)
-            bias = _bias_after(node)
-            if bias is not None:
-                use_.bias_add, use_.bias_source, use_.bias_path = bias
-            result.uses.append(use_)
-            continue
-        if is_op(node, "Gemm") and index == 0:
-            if attr(node, "transA", 0) != 0:
-                result.refusals.append(f"feeds {node_label(node)} with transA=1")
-                continue
-            traced = trace_weight(node.inputs[1], 1 if attr(node, "transB", 0) else 0)
-            if isinstance(traced, str):
-                result.refusals.append(f"feeds {node_label(node)} but {traced}")
-                continue
-            use_ = LinearUse(node=node, weight=traced)
-            if len(node.inputs) > 2 and node.inputs[2] is not None:
-                c = node.inputs[2]
-                path: list[ir.Node] = []
-                while const_tensor(c) is None and c.producer() is not None and (
-                    is_op(c.producer(), "Cast") or is_op(c.producer(), "Identity")
-                ):
-                    path.insert(0, c.producer())
-                    c = c.producer().inputs[0]
-                if const_tensor(c) is None or c.is_graph_input():
-                    # Only a LayerNorm bias needs C; record that it is not constant.
-                    use_.bias_source = None
-                    use_.bias_path = []
-                    use_.bias_add = node  # marks "has a non-constant C"
-                else:
-                    use_.bias_source, use_.bias_path = c, path
-            result.uses.append(use_)
-            continue
-        if node.op_type == "Attention" and node.domain == "com.microsoft" and index == 0:
-            # ORT's fused attention: input @ weights[K, 3H] + bias, a linear on the norm output
-            traced = trace_weight(node.inputs[1], 0) if len(node.inputs) > 1 and node.inputs[1] is not None \
-                else "it has no weights input"
-            if isinstance(traced, str):
-                result.refusals.append(f"feeds {node_label(node)} but {traced}")
-                continue
-            use_ = LinearUse(node=node, weight=traced)
-            bias = node.inputs[2] if len(node.inputs) > 2 else None
-            if bias is not None and const_tensor(bias) is not None and not bias.is_graph_input():
-                use_.bias_add, use_.bias_source = node, bias
-            result.uses.append(use_)
+        rule = next((r for r in LINEAR_RULES if r.matches(node, index)), None)
+        if rule is not None:
+            found = rule.check(node) or rule.use(node)
+            if isinstance(found, str):
+                result.refusals.append(f"feeds {node_label(node)} {found}")
+            else:
+                result.uses.append(found)
             continue
         reason, residual = _describe_refusal(node, index, value)
         result.refusals.append(reason)
         result.residual |= residual
     return result
 
+
+# -- the linear readers: one rule each (its pattern, a check that says why it refuses, the use) ----
+
+
+class LinearRule:
+    """One kind of linear reader of a norm's output, in the style of onnxscript's rewrite rules:
+    :meth:`matches` is the pattern (which node, read at which input), :meth:`check` says why a
+    matching node cannot take the fold (None: it can), and :meth:`use` finds what the fold
+    rewrites, its weight traced to a constant and its bias (a reason instead when it cannot).
+    The rewrite itself is the pass's, the same for every rule (B* = diag(g) B; c* = c + beta B)."""
+
+    name = ""
+
+    def matches(self, node: ir.Node, index: int) -> bool:
+        raise NotImplementedError
+
+    def check(self, node: ir.Node) -> str | None:
+        return None
+
+    def use(self, node: ir.Node) -> "LinearUse | str":
+        raise NotImplementedError
+
+
+class MatMulRule(LinearRule):
+    """``MatMul(y, B)``, ``Einsum`` written as a linear map, ``com.microsoft.FusedMatMul(y, B)``;
+    a bias ``Add`` after it moves with the fold."""
+
+    name = "MatMul"
+
+    def matches(self, node: ir.Node, index: int) -> bool:
+        return index == 0 and (is_op(node, "MatMul") or is_op(node, "Einsum")
+                               or (node.op_type == "FusedMatMul" and node.domain == "com.microsoft"))
+
+    def check(self, node: ir.Node) -> str | None:
+        if node.op_type == "FusedMatMul":
+            flags = [a for a in ("transA", "transBatchA", "transBatchB") if attr(node, a, 0)]
+            if flags:
+                return f"with {'='.join(flags)}=1"
+        if node.op_type == "Einsum":
+            parsed = einsum_linear(node)
+            if isinstance(parsed, str):
+                return f"but {parsed}"
+        return None
+
+    def use(self, node: ir.Node) -> "LinearUse | str":
+        traced = trace_weight(node.inputs[1], weight_k_axis(node))
+        if isinstance(traced, str):
+            return f"but {traced}"
+        found = LinearUse(node=node, weight=traced)
+        bias = _bias_after(node)
+        if bias is not None:
+            found.bias_add, found.bias_source, found.bias_path = bias
+        return found
+
+
+class GemmRule(LinearRule):
+    """``Gemm(y, B, C)`` with ``transA=0`` (``transB`` 0 or 1); a constant C takes a moved bias."""
+
+    name = "Gemm"
+
+    def matches(self, node: ir.Node, index: int) -> bool:
+        return index == 0 and is_op(node, "Gemm")
+
+    def check(self, node: ir.Node) -> str | None:
+        return "with transA=1" if attr(node, "transA", 0) != 0 else None
+
+    def use(self, node: ir.Node) -> "LinearUse | str":
+        traced = trace_weight(node.inputs[1], 1 if attr(node, "transB", 0) else 0)
+        if isinstance(traced, str):
+            return f"but {traced}"
+        found = LinearUse(node=node, weight=traced)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = node.inputs[2]
+            path: list[ir.Node] = []
+            while const_tensor(c) is None and c.producer() is not None and (
+                is_op(c.producer(), "Cast") or is_op(c.producer(), "Identity")
+            ):
+                path.insert(0, c.producer())
+                c = c.producer().inputs[0]
+            if const_tensor(c) is None or c.is_graph_input():
+                # Only a LayerNorm bias needs C; record that it is not constant.
+                found.bias_source = None
+                found.bias_path = []
+                found.bias_add = node  # marks "has a non-constant C"
+            else:
+                found.bias_source, found.bias_path = c, path
+        return found
+
+
+class AttentionRule(LinearRule):
+    """ORT's fused ``com.microsoft.Attention``: input @ weights[K, 3H] + bias, a linear on the norm."""
+
+    name = "Attention"
+
+    def matches(self, node: ir.Node, index: int) -> bool:
+        return index == 0 and node.op_type == "Attention" and node.domain == "com.microsoft"
+
+    def use(self, node: ir.Node) -> "LinearUse | str":
+        traced = trace_weight(node.inputs[1], 0) if len(node.inputs) > 1 and node.inputs[1] is not None \
+            else "it has no weights input"
+        if isinstance(traced, str):
+            return f"but {traced}"
+        found = LinearUse(node=node, weight=traced)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None and const_tensor(bias) is not None and not bias.is_graph_input():
+            found.bias_add, found.bias_source = node, bias
+        return found
+
+
+#: The linear readers the fold absorbs, asked in this order.
+LINEAR_RULES: tuple[LinearRule, ...] = (MatMulRule(), GemmRule(), AttentionRule())
