@@ -156,68 +156,94 @@ class ModelFile:
         input_names = []
         for i, piece in enumerate(pieces):
             prefix = f"p{i}/"
-            cut = set(piece.inputs)
-            seen: set[int] = set()
-            picked: list[ir.Node] = []
-            frontier = []
-            for name in piece.outputs:
-                v = self.values.get(name)
-                if v is None:
-                    raise _NotIsolable(f"value '{name}' is not in {self.path.name}")
-                frontier.append(v)
-            consts: dict[str, ir.Value] = {}
-            while frontier:
-                v = frontier.pop()
-                if v.name in cut or v.const_value is not None or v.is_graph_input():
-                    if v.const_value is not None:
-                        consts[v.name] = v
-                    elif v.name not in cut:
-                        raise _NotIsolable(f"'{v.name}' depends on the graph input '{v.name}'")
-                    continue
-                node = v.producer()
-                if node is None:
-                    raise _NotIsolable(f"value '{v.name}' has no producer")
-                if id(node) in seen:
-                    continue
-                seen.add(id(node))
-                picked.append(node)
-                if len(picked) > 64:
-                    raise _NotIsolable(f"the piece ending in '{piece.outputs[0]}' does not end at its inputs")
-                for a in node.attributes.values():
-                    if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
-                        raise _NotIsolable(f"node '{node.name}' has a subgraph")
-                frontier.extend(x for x in _data_inputs(node) if x is not None)
-            local = _sampled(piece, picked, consts, self.kept) if piece.linear else {}
-            self.sampled += bool(local)
-            self.sampled_kept += any(a is self.kept.get(n, (None, None))[1] for n, a in local.items())
+            picked, consts = self._pick(piece)
+            local = self._sample(piece, picked, consts)
             initializers.update((n, v) for n, v in consts.items() if n not in local)
-            order = {id(n): k for k, n in enumerate(self.graph)}
-            for node in sorted(picked, key=lambda n: order.get(id(n), 0)):
-                proto = ir.serde.serialize_node(node)
-                del proto.input[len(_data_inputs(node)):]
-                for lst in (proto.input, proto.output):
-                    for k, name in enumerate(lst):
-                        if name and (name in local or name not in initializers):
-                            lst[k] = prefix + name
-                nodes.append(proto)
+            nodes += self._renamed(picked, prefix, local, initializers)
             for name, array in local.items():
                 extra_initializers.append(onnx.numpy_helper.from_array(array, prefix + name))
             for name in piece.inputs:
-                dtype = self.dtype(name)
-                if dtype is None:
-                    raise _NotIsolable(f"the type of '{name}' is unknown")
-                inputs.append(onnx.helper.make_tensor_value_info(prefix + name, int(dtype), None))
+                inputs.append(self._input_info(name, prefix))
                 input_names.append(prefix + name)
             for name in piece.outputs:
                 outputs.append(onnx.ValueInfoProto(name=prefix + name))
-        graph = onnx.helper.make_graph(nodes, "flashnorm_check", inputs, outputs,
-                                       [_tensor_proto(name, v) for name, v in initializers.items()]
-                                       + extra_initializers)
+        initializer_protos = [_tensor_proto(name, v) for name, v in initializers.items()] + extra_initializers
+        return self._serialize(nodes, inputs, outputs, initializer_protos), input_names
+
+    def _pick(self, piece: _Piece) -> tuple[list[ir.Node], dict[str, ir.Value]]:
+        """The nodes that compute the piece's outputs from its inputs, and the constants they read;
+        :class:`_NotIsolable` when they reach another graph input, a subgraph or too far."""
+        cut = set(piece.inputs)
+        seen: set[int] = set()
+        picked: list[ir.Node] = []
+        frontier = []
+        for name in piece.outputs:
+            v = self.values.get(name)
+            if v is None:
+                raise _NotIsolable(f"value '{name}' is not in {self.path.name}")
+            frontier.append(v)
+        consts: dict[str, ir.Value] = {}
+        while frontier:
+            v = frontier.pop()
+            if v.name in cut or v.const_value is not None or v.is_graph_input():
+                if v.const_value is not None:
+                    consts[v.name] = v
+                elif v.name not in cut:
+                    raise _NotIsolable(f"'{v.name}' depends on the graph input '{v.name}'")
+                continue
+            node = v.producer()
+            if node is None:
+                raise _NotIsolable(f"value '{v.name}' has no producer")
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            picked.append(node)
+            if len(picked) > 64:
+                raise _NotIsolable(f"the piece ending in '{piece.outputs[0]}' does not end at its inputs")
+            for a in node.attributes.values():
+                if a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+                    raise _NotIsolable(f"node '{node.name}' has a subgraph")
+            frontier.extend(x for x in _data_inputs(node) if x is not None)
+        return picked, consts
+
+    def _sample(self, piece: _Piece, picked: list[ir.Node], consts: dict[str, ir.Value]) -> dict[str, np.ndarray]:
+        """A linear piece's constants sliced to its sampled columns (:func:`_sampled`; {} when it
+        runs whole), counted in :attr:`sampled` and :attr:`sampled_kept`."""
+        local = _sampled(piece, picked, consts, self.kept) if piece.linear else {}
+        self.sampled += bool(local)
+        self.sampled_kept += any(a is self.kept.get(n, (None, None))[1] for n, a in local.items())
+        return local
+
+    def _renamed(self, picked: list[ir.Node], prefix: str, local: dict, initializers: dict) -> list[onnx.NodeProto]:
+        """The picked nodes in graph order, as protos whose values (all but the shared
+        initializers) are renamed into the piece's name space."""
+        out = []
+        order = {id(n): k for k, n in enumerate(self.graph)}
+        for node in sorted(picked, key=lambda n: order.get(id(n), 0)):
+            proto = ir.serde.serialize_node(node)
+            del proto.input[len(_data_inputs(node)):]
+            for lst in (proto.input, proto.output):
+                for k, name in enumerate(lst):
+                    if name and (name in local or name not in initializers):
+                        lst[k] = prefix + name
+            out.append(proto)
+        return out
+
+    def _input_info(self, name: str, prefix: str) -> onnx.ValueInfoProto:
+        """The piece input ``name``'s graph input (its type; :class:`_NotIsolable` when unknown)."""
+        dtype = self.dtype(name)
+        if dtype is None:
+            raise _NotIsolable(f"the type of '{name}' is unknown")
+        return onnx.helper.make_tensor_value_info(prefix + name, int(dtype), None)
+
+    def _serialize(self, nodes: list, inputs: list, outputs: list, initializers: list) -> bytes:
+        """The pieces' graph as a model of this file's opsets and functions, serialized."""
+        graph = onnx.helper.make_graph(nodes, "flashnorm_check", inputs, outputs, initializers)
         opsets = [onnx.helper.make_opsetid(d, v) for d, v in self.model.opset_imports.items()]
         model = onnx.helper.make_model(graph, opset_imports=opsets, ir_version=min(self.model.ir_version, 10))
         for f in self.model.functions.values():
             model.functions.append(ir.serde.serialize_function(f))
-        return model.SerializeToString(), input_names
+        return model.SerializeToString()
 
 
 def _data_inputs(node: ir.Node) -> list:
@@ -374,94 +400,157 @@ def check_sites(sites, reference: ModelFile | str | os.PathLike, candidate: Mode
     pieces_run = 0
     for site in sites:
         deadline.check()
-        after = site.output_after.name
-        g = np.asarray(site.g, dtype=np.float64).reshape(-1)
-        beta = None if site.beta is None else np.asarray(site.beta, dtype=np.float64).reshape(-1)
-        channels = g.size if g.size > 1 else (beta.size if beta is not None else 1)
-        if channels == 1:
-            last = ref.values.get(site.output_before)
-            if last is not None and last.shape is not None and last.shape and isinstance(last.shape[-1], int):
-                channels = last.shape[-1]
-        # wiring: every reader reads the weightless norm through the ops it read the norm through
-        # a linear reading the norm directly reads, in the output, the weightless norm's value
-        data_after = [after if r.data == site.output_before else r.data for r in site.readers]
-        for r, d_after in zip(site.readers, data_after):
-            want, got = _wiring(ref, r.data, site.output_before), _wiring(cand, d_after, after)
-            if got is None or got != want:
-                result.passed = False
-                result.message = (f"norm '{site.norm}': the reader of '{r.data}' does not read the weightless "
-                                  f"norm '{after}' in the output ({got} vs {want})")
-                result.outputs.append(failed_entry("subgraph", f"{r.data} ({site.norm})"))
-        norm_piece_ref = _Piece(site.inputs, [site.output_before, *site.extra_outputs])
-        norm_piece_cand = _Piece(site.inputs, [after, *site.extra_outputs])
-        reader_ref = [_Piece([r.data], [r.result_before], linear=True) for r in site.readers]
-        reader_cand = [_Piece([d], [r.result_after.name], linear=True) for r, d in zip(site.readers, data_after)]
-        try:
-            ref_model, ref_in = ref.build([norm_piece_ref, *reader_ref])
-            cand_model, cand_in = cand.build([norm_piece_cand, *reader_cand])
-        except _NotIsolable as e:
-            raise VerificationUnavailable(
-                f"norm '{site.norm}' cannot be checked in isolation ({e}); use --verify onnxruntime"
-            ) from None
-        # feeds: x (and skip) for the norm, d for each reader; the input's readers get d * g + beta
-        feeds_ref, feeds_cand = {}, {}
-        for name, rname, cname in zip(site.inputs, ref_in, cand_in):
-            dtype = ref.dtype(name).numpy()
-            value = rng.standard_normal(_shape(ref, name, channels, 3)).astype(dtype)
-            feeds_ref[rname] = feeds_cand[cname] = value
-        offset = len(site.inputs)
-        for r, rname, cname in zip(site.readers, ref_in[offset:], cand_in[offset:]):
-            dtype = ref.dtype(r.data).numpy()
-            d = rng.standard_normal(_shape(ref, r.data, channels, 2 if r.op == "Gemm" else 3))
-            feeds_cand[cname] = d.astype(dtype)
-            scaled = d.astype(dtype).astype(np.float64) * g + (beta if beta is not None else 0.0)
-            feeds_ref[rname] = scaled.astype(dtype)
-        try:
-            got_ref = _run(ref_model, ref.path.parent, feeds_ref, deadline)
-        except VerificationTimeout:
-            raise
-        except Exception as e:
-            raise VerificationUnavailable(
-                f"norm '{site.norm}': its piece of the input model does not run in isolation "
-                f"({first_line(e)}); use --verify onnxruntime"
-            ) from None
-        try:
-            got_cand = _run(cand_model, cand.path.parent, feeds_cand, deadline)
-        except VerificationTimeout:
-            raise
-        except Exception as e:
-            result.passed = False
-            result.message = f"norm '{site.norm}': the output's piece fails to run: {first_line(e)}"
-            result.outputs.append(failed_entry("subgraph", f"{after} ({site.norm})"))
-            continue
-        pieces_run += 1 + len(site.readers)
-        # the norm: y_in == y_out * g + beta (in float64, rounded to the output's dtype)
-        y_ref, y_cand = np.asarray(got_ref[0]), np.asarray(got_cand[0])
-        expected = y_cand.astype(np.float64) * g + (beta if beta is not None else 0.0)
-        entries = [_compare(f"{site.output_before} (norm)", "subgraph", y_ref, expected.astype(y_ref.dtype), rtol)]
-        for k, name in enumerate(site.extra_outputs, start=1):
-            entries.append(_compare(f"{name} (norm output {k})", "subgraph", np.asarray(got_ref[k]),
-                                    np.asarray(got_cand[k]), rtol))
-        first = 1 + len(site.extra_outputs)
-        for r, a, b in zip(site.readers, got_ref[first:], got_cand[first:]):
-            entries.append(_compare(f"{r.result_before} ({r.op})", "subgraph", np.asarray(a), np.asarray(b), rtol))
-        for entry in entries:
-            result.outputs.append(entry)
-            if not entry["ok"] and result.passed:
-                result.passed = False
-                result.message = (f"norm '{site.norm}': '{entry['name']}' differs by {entry['max_rel']:.3e} "
-                                  f"(relative), tolerance {entry['rtol']:.1e}")
-            elif not entry["ok"]:
-                result.passed = False
+        pieces_run += _check_site(site, ref, cand, rng, deadline, rtol, result)
     result.tolerance = max((o["rtol"] for o in result.outputs), default=0.0)
+    result.cases.append(_summary(len(sites), pieces_run, cand))
+    return result
+
+
+def _check_site(site, ref: ModelFile, cand: ModelFile, rng, deadline: Deadline, rtol: float | None,
+                result: VerificationResult) -> int:
+    """One folded norm: its wiring, then its pieces built, fed and run in both files and compared,
+    into ``result``. Returns how many pieces ran (0 when the output's failed to run)."""
+    after = site.output_after.name
+    g, beta, channels = _site_scale(site, ref)
+    # a linear reading the norm directly reads, in the output, the weightless norm's value
+    data_after = [after if r.data == site.output_before else r.data for r in site.readers]
+    _check_wiring(site, ref, cand, data_after, result)
+    ref_model, ref_in, cand_model, cand_in = _build_site(site, ref, cand, data_after)
+    feeds_ref, feeds_cand = _site_feeds(site, ref, ref_in, cand_in, g, beta, channels, rng)
+    got = _run_site(site, ref, cand, ref_model, cand_model, feeds_ref, feeds_cand, deadline, result)
+    if got is None:
+        return 0
+    got_ref, got_cand = got
+    _record(site, _site_entries(site, got_ref, got_cand, g, beta, rtol), result)
+    return 1 + len(site.readers)
+
+
+def _site_scale(site, ref: ModelFile) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """The norm's scale g and bias beta (float64, flat), and its channel count (a scalar g and no
+    bias: the channels of the norm's output in the input file, else 1)."""
+    g = np.asarray(site.g, dtype=np.float64).reshape(-1)
+    beta = None if site.beta is None else np.asarray(site.beta, dtype=np.float64).reshape(-1)
+    channels = g.size if g.size > 1 else (beta.size if beta is not None else 1)
+    if channels == 1:
+        last = ref.values.get(site.output_before)
+        if last is not None and last.shape is not None and last.shape and isinstance(last.shape[-1], int):
+            channels = last.shape[-1]
+    return g, beta, channels
+
+
+def _check_wiring(site, ref: ModelFile, cand: ModelFile, data_after: list[str], result: VerificationResult) -> None:
+    """Every reader reads the weightless norm through the ops it read the norm through in the
+    input; each one that does not fails ``result``."""
+    after = site.output_after.name
+    for r, d_after in zip(site.readers, data_after):
+        want, got = _wiring(ref, r.data, site.output_before), _wiring(cand, d_after, after)
+        if got is None or got != want:
+            result.passed = False
+            result.message = (f"norm '{site.norm}': the reader of '{r.data}' does not read the weightless "
+                              f"norm '{after}' in the output ({got} vs {want})")
+            result.outputs.append(failed_entry("subgraph", f"{r.data} ({site.norm})"))
+
+
+def _build_site(site, ref: ModelFile, cand: ModelFile, data_after: list[str]) -> tuple[bytes, list, bytes, list]:
+    """The site's pieces (the norm, each linear reader) cut out of each file: (input's model, its
+    input names, output's model, its input names); :class:`VerificationUnavailable` when they
+    cannot be cut out."""
+    after = site.output_after.name
+    norm_piece_ref = _Piece(site.inputs, [site.output_before, *site.extra_outputs])
+    norm_piece_cand = _Piece(site.inputs, [after, *site.extra_outputs])
+    reader_ref = [_Piece([r.data], [r.result_before], linear=True) for r in site.readers]
+    reader_cand = [_Piece([d], [r.result_after.name], linear=True) for r, d in zip(site.readers, data_after)]
+    try:
+        ref_model, ref_in = ref.build([norm_piece_ref, *reader_ref])
+        cand_model, cand_in = cand.build([norm_piece_cand, *reader_cand])
+    except _NotIsolable as e:
+        raise VerificationUnavailable(
+            f"norm '{site.norm}' cannot be checked in isolation ({e}); use --verify onnxruntime"
+        ) from None
+    return ref_model, ref_in, cand_model, cand_in
+
+
+def _site_feeds(site, ref: ModelFile, ref_in: list[str], cand_in: list[str], g: np.ndarray,
+                beta: np.ndarray | None, channels: int, rng) -> tuple[dict, dict]:
+    """Random feeds for both files' pieces: x (and skip) for the norm, d for each reader, whose
+    input-file piece gets d * g + beta. Draws from ``rng`` in that order."""
+    feeds_ref, feeds_cand = {}, {}
+    for name, rname, cname in zip(site.inputs, ref_in, cand_in):
+        dtype = ref.dtype(name).numpy()
+        value = rng.standard_normal(_shape(ref, name, channels, 3)).astype(dtype)
+        feeds_ref[rname] = feeds_cand[cname] = value
+    offset = len(site.inputs)
+    for r, rname, cname in zip(site.readers, ref_in[offset:], cand_in[offset:]):
+        dtype = ref.dtype(r.data).numpy()
+        d = rng.standard_normal(_shape(ref, r.data, channels, 2 if r.op == "Gemm" else 3))
+        feeds_cand[cname] = d.astype(dtype)
+        scaled = d.astype(dtype).astype(np.float64) * g + (beta if beta is not None else 0.0)
+        feeds_ref[rname] = scaled.astype(dtype)
+    return feeds_ref, feeds_cand
+
+
+def _run_site(site, ref: ModelFile, cand: ModelFile, ref_model: bytes, cand_model: bytes, feeds_ref: dict,
+              feeds_cand: dict, deadline: Deadline, result: VerificationResult) -> tuple[list, list] | None:
+    """Both files' pieces run: (input's outputs, output's outputs). The input's failing raises
+    :class:`VerificationUnavailable`; the output's fails ``result`` and returns None."""
+    try:
+        got_ref = _run(ref_model, ref.path.parent, feeds_ref, deadline)
+    except VerificationTimeout:
+        raise
+    except Exception as e:
+        raise VerificationUnavailable(
+            f"norm '{site.norm}': its piece of the input model does not run in isolation "
+            f"({first_line(e)}); use --verify onnxruntime"
+        ) from None
+    try:
+        got_cand = _run(cand_model, cand.path.parent, feeds_cand, deadline)
+    except VerificationTimeout:
+        raise
+    except Exception as e:
+        result.passed = False
+        result.message = f"norm '{site.norm}': the output's piece fails to run: {first_line(e)}"
+        result.outputs.append(failed_entry("subgraph", f"{site.output_after.name} ({site.norm})"))
+        return None
+    return got_ref, got_cand
+
+
+def _site_entries(site, got_ref: list, got_cand: list, g: np.ndarray, beta: np.ndarray | None,
+                  rtol: float | None) -> list[dict]:
+    """The comparisons of one site's outputs: the norm (y_in == y_out * g + beta, in float64
+    rounded to the output's dtype), its other outputs, and each linear reader's result."""
+    y_ref, y_cand = np.asarray(got_ref[0]), np.asarray(got_cand[0])
+    expected = y_cand.astype(np.float64) * g + (beta if beta is not None else 0.0)
+    entries = [_compare(f"{site.output_before} (norm)", "subgraph", y_ref, expected.astype(y_ref.dtype), rtol)]
+    for k, name in enumerate(site.extra_outputs, start=1):
+        entries.append(_compare(f"{name} (norm output {k})", "subgraph", np.asarray(got_ref[k]),
+                                np.asarray(got_cand[k]), rtol))
+    first = 1 + len(site.extra_outputs)
+    for r, a, b in zip(site.readers, got_ref[first:], got_cand[first:]):
+        entries.append(_compare(f"{r.result_before} ({r.op})", "subgraph", np.asarray(a), np.asarray(b), rtol))
+    return entries
+
+
+def _record(site, entries: list[dict], result: VerificationResult) -> None:
+    """The entries into ``result``; the first that fails sets its message."""
+    for entry in entries:
+        result.outputs.append(entry)
+        if not entry["ok"] and result.passed:
+            result.passed = False
+            result.message = (f"norm '{site.norm}': '{entry['name']}' differs by {entry['max_rel']:.3e} "
+                              f"(relative), tolerance {entry['rtol']:.1e}")
+        elif not entry["ok"]:
+            result.passed = False
+
+
+def _summary(sites: int, pieces_run: int, cand: ModelFile) -> str:
+    """The check's case line: how many norms and pieces ran, and how many linears ran on a sample."""
     kept = f", {cand.sampled_kept} of them as kept from the buffers the writer wrote" if cand.sampled_kept else ""
     sampled = f"; {cand.sampled} linears with weights over {SAMPLE_BYTES >> 20} MB ran on {SAMPLE_COLUMNS} " \
         f"contiguous output columns (all rows{kept})" if cand.sampled else ""
-    result.cases.append(
-        f"{len(sites)} folded norms: {pieces_run} pieces (each norm, each of its linears with its bias) cut out of "
+    return (
+        f"{sites} folded norms: {pieces_run} pieces (each norm, each of its linears with its bias) cut out of "
         f"the input and the written output and run in ONNX Runtime on random activations{sampled}"
     )
-    return result
 
 
 def _run(model: bytes, folder: Path, feeds: dict, deadline: Deadline) -> list:

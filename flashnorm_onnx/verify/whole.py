@@ -315,57 +315,14 @@ class RunEstimator:
         return self._cache[key]
 
     def _estimate(self, shapes: dict[str, tuple]) -> RunEstimate | None:
+        """The estimate for these input shapes (None when no value's size is known)."""
         import math
 
-        import onnx
-
-        model = onnx.ModelProto()
-        model.CopyFrom(self.model)
+        model = self._with_shapes(shapes)
+        known = _known_values(model)
         graph = model.graph
-        for vi in graph.input:
-            if vi.name in shapes and vi.type.HasField("tensor_type"):
-                shape = vi.type.tensor_type.shape
-                shape.ClearField("dim")
-                for d in shapes[vi.name]:
-                    shape.dim.add().dim_value = int(d)
-        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True).graph
-
-        known: dict[str, tuple[int, list[int], str]] = {}  # name -> bytes, shape, dtype
-        for vi in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
-            if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-                continue
-            tensor = vi.type.tensor_type
-            size = _itemsize(tensor.elem_type)
-            dims = tensor.shape.dim
-            if size is None or not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
-                continue
-            shape = [int(d.dim_value) for d in dims]
-            known[vi.name] = (math.prod(shape) * size, shape, _dtype_name(tensor.elem_type))
-
         outputs = {o.name for o in graph.output}
-        feeds = [name for name in shapes if name in known]
-        largest = max(((known[n][0], n) for n in feeds), default=(0, ""))
-        live = peak = sum(known[n][0] for n in feeds)
-        nodes = list(graph.node)
-        last_use: dict[str, int] = {}
-        reads: list[set[str]] = []
-        for i, node in enumerate(nodes):
-            names = {n for n in node.input if n} | _subgraph_names(node)
-            reads.append(names)
-            for n in names:
-                last_use[n] = i
-        allocated: dict[str, int] = {}
-        for i, node in enumerate(nodes):
-            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-                for n in node.output:
-                    if n and n in known and n not in allocated and n not in shapes:
-                        allocated[n] = known[n][0]
-                        live += known[n][0]
-                        largest = max(largest, (known[n][0], n))
-            peak = max(peak, live)
-            for n in reads[i] | set(node.output):
-                if n in allocated and n not in outputs and last_use.get(n, i) <= i:
-                    live -= allocated.pop(n)
+        peak, largest = _walk_run(list(graph.node), known, shapes, outputs)
         out_bytes = sum(known[n][0] for n in outputs if n in known)
         floating = ("float32", "float16", "float64", "bfloat16")
         compare = max((math.prod(known[n][1]) for n in outputs if n in known and known[n][2] in floating), default=0)
@@ -378,6 +335,75 @@ class RunEstimator:
         return RunEstimate(total=peak + out_bytes + COMPARE_BYTES_PER_ELEMENT * compare, peak=peak,
                            outputs=out_bytes, name=name, shape=known[name][1], dtype=known[name][2], nbytes=nbytes)
 
+    def _with_shapes(self, shapes: dict[str, tuple]):
+        """A copy of the skeleton whose graph inputs named in ``shapes`` have those fixed shapes."""
+        import onnx
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        for vi in model.graph.input:
+            if vi.name in shapes and vi.type.HasField("tensor_type"):
+                shape = vi.type.tensor_type.shape
+                shape.ClearField("dim")
+                for d in shapes[vi.name]:
+                    shape.dim.add().dim_value = int(d)
+        return model
+
+
+def _known_values(model) -> dict[str, tuple[int, list[int], str]]:
+    """Name -> (bytes, shape, dtype) of every value whose shape ONNX shape inference (with data
+    propagation) fixes in ``model``."""
+    import math
+
+    import onnx
+
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True).graph
+    known: dict[str, tuple[int, list[int], str]] = {}  # name -> bytes, shape, dtype
+    for vi in list(inferred.input) + list(inferred.value_info) + list(inferred.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        tensor = vi.type.tensor_type
+        size = _itemsize(tensor.elem_type)
+        dims = tensor.shape.dim
+        if size is None or not all(d.HasField("dim_value") and d.dim_value >= 0 for d in dims):
+            continue
+        shape = [int(d.dim_value) for d in dims]
+        known[vi.name] = (math.prod(shape) * size, shape, _dtype_name(tensor.elem_type))
+    return known
+
+
+def _last_reads(nodes: list) -> tuple[list[set[str]], dict[str, int]]:
+    """The names each node reads (its subgraphs' too), and the index of each name's last reader."""
+    last_use: dict[str, int] = {}
+    reads: list[set[str]] = []
+    for i, node in enumerate(nodes):
+        names = {n for n in node.input if n} | _subgraph_names(node)
+        reads.append(names)
+        for n in names:
+            last_use[n] = i
+    return reads, last_use
+
+
+def _walk_run(nodes: list, known: dict, shapes: dict, outputs: set[str]) -> tuple[int, tuple[int, str]]:
+    """The run walked in node order (see :class:`RunEstimator`): the most bytes alive at once, and
+    the largest (bytes, name) of the inputs and the values allocated."""
+    feeds = [name for name in shapes if name in known]
+    largest = max(((known[n][0], n) for n in feeds), default=(0, ""))
+    live = peak = sum(known[n][0] for n in feeds)
+    reads, last_use = _last_reads(nodes)
+    allocated: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            for n in node.output:
+                if n and n in known and n not in allocated and n not in shapes:
+                    allocated[n] = known[n][0]
+                    live += known[n][0]
+                    largest = max(largest, (known[n][0], n))
+        peak = max(peak, live)
+        for n in reads[i] | set(node.output):
+            if n in allocated and n not in outputs and last_use.get(n, i) <= i:
+                live -= allocated.pop(n)
+    return peak, largest
 
 
 def compare_models(
@@ -410,55 +436,13 @@ def compare_models(
     deadline = Deadline(timeout)
     # one session at a time: the input's runs every case and is freed before the output's loads,
     # so peak memory is one model's (a 16-bit model's session may hold float32 copies of its weights)
-    try:
-        ref = make_session(reference, provider)
-    except Exception as e:
-        raise VerificationUnavailable(
-            f"ONNX Runtime cannot load the input model ({first_line(e)}); use --no-verify to skip the check"
-        ) from e
+    ref = _load_reference(reference, provider)
     specs = specs_from_session(ref)
     estimate = RunEstimator.for_model(reference)  # the input model's graph, read without its data
     output_names = [meta.name for meta in ref.get_outputs()]
     result = VerificationResult(method="onnxruntime-quantized" if quantized else "onnxruntime", passed=True)
-    explicit = cases is not None
-    cases = cases or default_cases(specs)
-    runs = []  # (case, feeds, the input model's outputs)
-    for case in cases:
-        deadline.check()
-        case, note = fit_case(specs, case, dims, estimate=estimate)
-        if note:
-            result.cases.append(note)
-        feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
-        try:
-            expected = deadline.run(ref, feeds)
-        except VerificationTimeout:
-            raise
-        except Exception as e:
-            if not explicit and case.batch > 1:
-                # Exports traced with batch 1 may be specialised to it: check batch 1 only.
-                case = dataclasses.replace(case, batch=1, name=case.name + "-batch1")
-                case, note = fit_case(specs, case, dims, estimate=estimate)
-                if note:
-                    result.cases.append(note)
-                feeds = make_feeds(specs, case, dims=dims, vocab=vocab)
-                try:
-                    expected = deadline.run(ref, feeds)
-                except VerificationTimeout:
-                    raise
-                except Exception:
-                    expected = None
-                if expected is not None:
-                    result.cases.append("the input model does not run with batch 2; checked batch 1")
-            else:
-                expected = None
-            if expected is None:
-                e_ = e
-                shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
-                raise VerificationUnavailable(
-                    f"the input model does not run on generated inputs ({case.describe()}; {shapes}): "
-                    f"{first_line(e_)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
-                ) from e_
-        runs.append((case, feeds, [np.asarray(a) for a in expected]))
+    generate = _Generator(specs, dims, vocab, estimate)
+    runs = _run_reference(ref, generate, cases, deadline, result)
     del ref
     try:
         cand = make_session(candidate, provider)
@@ -466,6 +450,95 @@ def compare_models(
         return VerificationResult(
             method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"
         )
+    if not _run_candidate(cand, runs, output_names, deadline, result, quantized, rtol):
+        return result
+    return _conclude(result, quantized)
+
+
+def _load_reference(reference: str | Path, provider: str):
+    """The input model's session; :class:`VerificationUnavailable` when ONNX Runtime cannot load it."""
+    try:
+        return make_session(reference, provider)
+    except Exception as e:
+        raise VerificationUnavailable(
+            f"ONNX Runtime cannot load the input model ({first_line(e)}); use --no-verify to skip the check"
+        ) from e
+
+
+@dataclasses.dataclass
+class _Generator:
+    """What a case's inputs are generated from: the input model's input specs, ``--dim`` and
+    vocabulary sizes, and the run estimator that :func:`fit_case` sizes the case with."""
+
+    specs: list
+    dims: dict[str, int] | None
+    vocab: dict[str, int] | None
+    estimate: RunEstimator | None
+
+    def feeds(self, case: Case, result: VerificationResult) -> tuple[Case, dict]:
+        """The case fitted to the memory caps (a note in ``result.cases`` when it was reduced) and its feeds."""
+        case, note = fit_case(self.specs, case, self.dims, estimate=self.estimate)
+        if note:
+            result.cases.append(note)
+        return case, make_feeds(self.specs, case, dims=self.dims, vocab=self.vocab)
+
+
+def _run_reference(ref, generate: _Generator, cases: list[Case] | None, deadline: Deadline,
+                   result: VerificationResult) -> list:
+    """Runs the input model on each case (the given ones, else :func:`default_cases`); returns
+    (case as run, feeds, the input model's outputs) for each."""
+    explicit = cases is not None
+    runs = []
+    for case in cases or default_cases(generate.specs):
+        deadline.check()
+        case, feeds, expected = _run_reference_case(ref, generate, case, explicit, deadline, result)
+        runs.append((case, feeds, [np.asarray(a) for a in expected]))
+    return runs
+
+
+def _run_reference_case(ref, generate: _Generator, case: Case, explicit: bool, deadline: Deadline,
+                        result: VerificationResult) -> tuple[Case, dict, list]:
+    """One case on the input model, retried with batch 1 when a default case of a larger batch
+    fails; :class:`VerificationUnavailable` when the input model does not run on it."""
+    case, feeds = generate.feeds(case, result)
+    try:
+        return case, feeds, deadline.run(ref, feeds)
+    except VerificationTimeout:
+        raise
+    except Exception as e:
+        expected = None
+        if not explicit and case.batch > 1:
+            # Exports traced with batch 1 may be specialised to it: check batch 1 only.
+            case, feeds, expected = _retry_batch1(ref, generate, case, deadline, result)
+        if expected is None:
+            shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+            raise VerificationUnavailable(
+                f"the input model does not run on generated inputs ({case.describe()}; {shapes}): "
+                f"{first_line(e)}. Set sizes with --dim NAME=VALUE, or skip with --no-verify"
+            ) from e
+        return case, feeds, expected
+
+
+def _retry_batch1(ref, generate: _Generator, case: Case, deadline: Deadline,
+                  result: VerificationResult) -> tuple[Case, dict, list | None]:
+    """The case again with batch 1 on the input model: (case, feeds, outputs), the outputs None
+    when it fails too."""
+    case = dataclasses.replace(case, batch=1, name=case.name + "-batch1")
+    case, feeds = generate.feeds(case, result)
+    try:
+        expected = deadline.run(ref, feeds)
+    except VerificationTimeout:
+        raise
+    except Exception:
+        return case, feeds, None
+    result.cases.append("the input model does not run with batch 2; checked batch 1")
+    return case, feeds, expected
+
+
+def _run_candidate(cand, runs: list, output_names: list[str], deadline: Deadline, result: VerificationResult,
+                   quantized: bool, rtol: float | None) -> bool:
+    """Runs the output model on each case's feeds and compares its outputs to the input model's;
+    False (``result`` failed, with its message) when the output model fails to run."""
     for case, feeds, expected in runs:
         deadline.check()
         try:
@@ -475,15 +548,26 @@ def compare_models(
         except Exception as e:
             result.passed = False
             result.message = f"the output model fails to run: {first_line(e)}"
-            return result
+            return False
         # what actually ran: --dim values and config dims may override the case's sizes
         result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
-        for name, a, b in zip(output_names, expected, got):
-            compare = compare_quantized if quantized else _compare
-            entry = compare(name, case.name, a, np.asarray(b), rtol)
-            result.outputs.append(entry)
-            if not entry["ok"]:
-                result.passed = False
+        _compare_outputs(case, output_names, expected, got, result, quantized, rtol)
+    return True
+
+
+def _compare_outputs(case: Case, output_names: list[str], expected: list, got: list, result: VerificationResult,
+                     quantized: bool, rtol: float | None) -> None:
+    """Each output of one case compared (:func:`compare_quantized` or exactly), into ``result``."""
+    for name, a, b in zip(output_names, expected, got):
+        compare = compare_quantized if quantized else _compare
+        entry = compare(name, case.name, a, np.asarray(b), rtol)
+        result.outputs.append(entry)
+        if not entry["ok"]:
+            result.passed = False
+
+
+def _conclude(result: VerificationResult, quantized: bool) -> VerificationResult:
+    """The result's message (and for an exact check its tolerance) from its outputs' entries."""
     if quantized:
         bad = [o for o in result.outputs if not o["ok"]]
         if bad:
