@@ -48,70 +48,93 @@ def check_folds(folds, output=None, rows: int = 4, columns: int = 256, seed: int
 
     ``rows``: random vectors per tensor; ``columns``: sampled rows of each stored weight (see the
     module docstring)."""
-    from flashnorm_onnx.passes import tensor_access
-    from flashnorm_onnx.verify.subgraph import ModelFile
-
     rng = np.random.default_rng(seed)
-    written = None
-    if output is not None:
-        written = {v.name: v.const_value for v in ModelFile.of(output).graph.initializers.values()}
+    written = _written_tensors(output)
     result = VerificationResult(method="algebraic", passed=True)
     for record in folds:
         name = record.folded.name or record.name
         folded_tensor = written.get(name) if written is not None else record.folded
-        if folded_tensor is None:
-            result.passed = False
-            result.message = f"folded tensor '{name}' is missing from the output"
-            continue
-        shape = tuple(int(d) for d in record.original.shape.numpy())
-        dtype = np.dtype(record.original.dtype.numpy())
-        if tuple(int(d) for d in folded_tensor.shape.numpy()) != shape or len(shape) != 2:
-            result.passed = False
-            result.message = f"folded tensor '{name}' has shape {list(folded_tensor.shape.numpy())}, not {list(shape)}"
-            result.outputs.append(failed_entry("x@B*", name))
-            continue
-        picks = _sample_rows(shape, dtype.itemsize, columns, rng)
-        if picks is None:
-            original = np.asarray(record.original.numpy())
-            folded = np.asarray(folded_tensor.numpy())
-        else:
-            original = tensor_access.read_rows(record.original, picks)
-            folded = tensor_access.read_rows(folded_tensor, picks)
-        work = np.float64 if dtype.itemsize >= 4 else np.float32
-        # the effective [K', n] matrix: the channels (K, or the sampled ones) along its rows
-        b = np.ascontiguousarray(original if record.k_axis == 0 else original.T).astype(work)
-        bf = np.ascontiguousarray(folded if record.k_axis == 0 else folded.T).astype(work)
-        g = np.asarray(record.g, dtype=np.float64).reshape(-1)
-        channels = shape[record.k_axis]
-        g = np.broadcast_to(g, (channels,))
-        if record.k_axis == 0 and picks is not None:
-            g = g[picks]
-        g = g.astype(work)
-        k = b.shape[0]
-        x = rng.standard_normal((rows, k)).astype(work)
-        expected = ((x * g) @ b).astype(np.float64)
-        got = (x @ bf).astype(np.float64)
-        scale = float(np.abs(expected).max()) if expected.size else 0.0
-        scale = scale or 1.0
-        max_abs = float(np.abs(got - expected).max()) if expected.size else 0.0
-        tol = FOLD_TOLERANCES.get(dtype.name, 1e-6)
-        ok = bool(np.isfinite(max_abs)) and max_abs <= tol * scale * np.sqrt(k / 16 + 1)
-        result.outputs.append(
-            {"case": "x@B*", "name": name, "max_abs": max_abs, "max_rel": max_abs / scale,
-             "argmax_agreement": None, "ok": bool(ok), "rtol": tol, "dtype": dtype.name,
-             "shape": list(shape)}
-        )
-        if not ok:
-            result.passed = False
-            result.message = f"folded tensor '{name}' does not equal diag(g)·B"
-        del original, folded, b, bf
-        for tensor in (record.original, folded_tensor):
-            release_tensor(tensor)
+        if _check_fold(record, name, folded_tensor, rows, columns, rng, result):
+            for tensor in (record.original, folded_tensor):
+                release_tensor(tensor)
     result.cases.append(
         f"{len(folds)} folded tensors read back from the output, each checked on {rows} random vectors "
         f"(up to {columns} sampled rows of the stored weight, at most {READ_BACK_BYTES >> 10} KB of it)"
     )
     return result
+
+
+def _written_tensors(output) -> dict | None:
+    """Initializer name -> tensor of the written model (None: no ``output``, the tensors in memory)."""
+    from flashnorm_onnx.verify.subgraph import ModelFile
+
+    if output is None:
+        return None
+    return {v.name: v.const_value for v in ModelFile.of(output).graph.initializers.values()}
+
+
+def _check_fold(record, name: str, folded_tensor, rows: int, columns: int, rng, result: VerificationResult) -> bool:
+    """One folded tensor into ``result``: missing or of another shape fails it (returns False:
+    nothing read), else its entry from :func:`_fold_entry` (returns True)."""
+    if folded_tensor is None:
+        result.passed = False
+        result.message = f"folded tensor '{name}' is missing from the output"
+        return False
+    shape = tuple(int(d) for d in record.original.shape.numpy())
+    dtype = np.dtype(record.original.dtype.numpy())
+    if tuple(int(d) for d in folded_tensor.shape.numpy()) != shape or len(shape) != 2:
+        result.passed = False
+        result.message = f"folded tensor '{name}' has shape {list(folded_tensor.shape.numpy())}, not {list(shape)}"
+        result.outputs.append(failed_entry("x@B*", name))
+        return False
+    entry = _fold_entry(record, name, folded_tensor, shape, dtype, rows, columns, rng)
+    result.outputs.append(entry)
+    if not entry["ok"]:
+        result.passed = False
+        result.message = f"folded tensor '{name}' does not equal diag(g)·B"
+    return True
+
+
+def _read_back(record, folded_tensor, shape: tuple, itemsize: int, columns: int, rng):
+    """The sampled rows (:func:`_sample_rows`, one draw from ``rng``; None: all) of the stored
+    weight, and those rows of the original and of the folded tensor."""
+    from flashnorm_onnx.passes import tensor_access
+
+    picks = _sample_rows(shape, itemsize, columns, rng)
+    if picks is None:
+        return picks, np.asarray(record.original.numpy()), np.asarray(folded_tensor.numpy())
+    return picks, tensor_access.read_rows(record.original, picks), tensor_access.read_rows(folded_tensor, picks)
+
+
+def _fold_entry(record, name: str, folded_tensor, shape: tuple, dtype: np.dtype, rows: int, columns: int,
+                rng) -> dict:
+    """``X @ B* == (X * g) @ B`` on the sampled rows, for ``rows`` random vectors X (drawn from
+    ``rng`` after the rows), within the dtype's fold tolerance: the entry."""
+    picks, original, folded = _read_back(record, folded_tensor, shape, dtype.itemsize, columns, rng)
+    work = np.float64 if dtype.itemsize >= 4 else np.float32
+    # the effective [K', n] matrix: the channels (K, or the sampled ones) along its rows
+    b = np.ascontiguousarray(original if record.k_axis == 0 else original.T).astype(work)
+    bf = np.ascontiguousarray(folded if record.k_axis == 0 else folded.T).astype(work)
+    del original, folded
+    g = np.asarray(record.g, dtype=np.float64).reshape(-1)
+    channels = shape[record.k_axis]
+    g = np.broadcast_to(g, (channels,))
+    if record.k_axis == 0 and picks is not None:
+        g = g[picks]
+    g = g.astype(work)
+    k = b.shape[0]
+    x = rng.standard_normal((rows, k)).astype(work)
+    expected = ((x * g) @ b).astype(np.float64)
+    got = (x @ bf).astype(np.float64)
+    del b, bf
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    scale = scale or 1.0
+    max_abs = float(np.abs(got - expected).max()) if expected.size else 0.0
+    tol = FOLD_TOLERANCES.get(dtype.name, 1e-6)
+    ok = bool(np.isfinite(max_abs)) and max_abs <= tol * scale * np.sqrt(k / 16 + 1)
+    return {"case": "x@B*", "name": name, "max_abs": max_abs, "max_rel": max_abs / scale,
+            "argmax_agreement": None, "ok": bool(ok), "rtol": tol, "dtype": dtype.name,
+            "shape": list(shape)}
 
 
 def check_structure(sites, reference, output) -> VerificationResult:

@@ -308,8 +308,7 @@ def check_plan(reference: str | os.PathLike, output: str | os.PathLike, declared
     problems = _Problems()
     _check_model(a.model, b.model, problems)
 
-    rename = {n.after: n.before for n in declared.norms if n.after}
-    rename.update({x.result_after: x.result_before for x in declared.linears if x.result_after})
+    rename = _renames(declared)
     accounted: set[int] = set()
     linear_of: dict[int, LinearEdit] = {}  # linear node -> its declaration
     bias_add_of: dict[int, LinearEdit] = {}
@@ -319,22 +318,53 @@ def check_plan(reference: str | os.PathLike, output: str | os.PathLike, declared
     for norm in declared.norms:
         _norm_region(b, norm, region, problems)
     accounted |= set(region)
-    for k, norm_name in region.items():  # a node of the input kept in the rewrite: only constants swapped
+    _check_region_nodes(a, b, region, problems)
+    kept = _check_other_nodes(a, b, accounted, rename, problems)
+
+    new_constants = _check_initializers(a, b, declared.written, copied or {}, region, problems)
+    readers = _check_readers(b, declared, linear_of, bias_add_of, region, problems)
+    _check_dangling(b, problems)
+    return _plan_result(b, declared, copied, kept, new_constants, readers, problems)
+
+
+def _renames(declared: Declaration) -> dict[str, str]:
+    """Output name -> input name of the values the plan renamed: each weightless norm's output,
+    each linear's result after a new bias Add."""
+    rename = {n.after: n.before for n in declared.norms if n.after}
+    rename.update({x.result_after: x.result_before for x in declared.linears if x.result_after})
+    return rename
+
+
+def _check_region_nodes(a: _Graph, b: _Graph, region: dict[int, str], problems: _Problems) -> None:
+    """A node of the input kept in a norm's rewrite has only its constants swapped (a new scale,
+    bias, or one dropped); any other difference is a problem."""
+    for k, norm_name in region.items():
         node = b.nodes[k]
         j = a.producer.get(node.output[0]) if node.output and node.output[0] else None
         if j is not None and list(a.nodes[j].output) == list(node.output):
-            why = _same_node(a.nodes[j], node, {}, inputs=False)
-            ins_a, ins_b = list(a.nodes[j].input), list(node.input)
-            for i, x in enumerate(ins_a):
-                y = ins_b[i] if i < len(ins_b) else ""
-                # the same input, or a constant (its scale, bias) swapped for a new one or dropped
-                if not (y == x or a.constant_source(x) is not None and (not y or y in b.inits and y not in a.inits)):
-                    why = why or f"reads '{y}' in the output, '{x}' in the input"
-            if len(ins_b) > len(ins_a):
-                why = why or f"reads {ins_b} in the output, {ins_a} in the input"
+            why = _region_node_difference(a, b, a.nodes[j], node)
             if why:
                 problems.add(node.output[0], f"{b.label(k)} in the rewrite of norm '{norm_name}' {why}")
 
+
+def _region_node_difference(a: _Graph, b: _Graph, node_a: onnx.NodeProto, node_b: onnx.NodeProto) -> str | None:
+    """Why ``node_b`` (in a norm's rewrite) is not ``node_a`` with constants swapped; None when it is."""
+    why = _same_node(node_a, node_b, {}, inputs=False)
+    ins_a, ins_b = list(node_a.input), list(node_b.input)
+    for i, x in enumerate(ins_a):
+        y = ins_b[i] if i < len(ins_b) else ""
+        # the same input, or a constant (its scale, bias) swapped for a new one or dropped
+        if not (y == x or a.constant_source(x) is not None and (not y or y in b.inits and y not in a.inits)):
+            why = why or f"reads '{y}' in the output, '{x}' in the input"
+    if len(ins_b) > len(ins_a):
+        why = why or f"reads {ins_b} in the output, {ins_a} in the input"
+    return why
+
+
+def _check_other_nodes(a: _Graph, b: _Graph, accounted: set[int], rename: dict[str, str],
+                       problems: _Problems) -> int:
+    """Every output node the plan does not account for is the input's node of the same outputs,
+    unchanged (renamed values read as their input names); returns how many are."""
     kept = 0
     for k, node in enumerate(b.nodes):
         if k in accounted:
@@ -349,10 +379,14 @@ def check_plan(reference: str | os.PathLike, output: str | os.PathLike, declared
             problems.add(key, f"{b.label(k)} {why}; the plan does not change it")
         else:
             kept += 1
+    return kept
 
-    new_constants = _check_initializers(a, b, declared.written, copied or {}, region, problems)
-    readers = _check_readers(b, declared, linear_of, bias_add_of, region, problems)
-    _check_dangling(b, problems)
+
+def _plan_result(b: _Graph, declared: Declaration, copied: dict | None, kept: int, new_constants: int,
+                 readers: int, problems: _Problems) -> VerificationResult:
+    """The check's result: passed when there is no problem, with what it counted, the first 20
+    problems as entries and the first one as its message."""
+    from flashnorm_onnx.verify.result import failed_entry
 
     result = VerificationResult(method="plan", passed=not problems.items)
     copies = sum(1 for name in (copied or {}) if name in b.inits and name not in declared.written)
@@ -361,8 +395,6 @@ def check_plan(reference: str | os.PathLike, output: str | os.PathLike, declared
         f"linears; {len(b.inits) - len(declared.written) - new_constants} initializers the input's "
         f"({copies} checked by what the writer copied and from where); {len(declared.written)} written tensors "
         f"and {len(declared.norms)} weightless norms with {readers} readers, each a declared linear or a Shape")
-    from flashnorm_onnx.verify.result import failed_entry
-
     for name, message in problems.items[:20]:
         result.outputs.append({**failed_entry("plan", name), "reason": message})
     if problems.items:
