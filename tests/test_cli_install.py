@@ -19,7 +19,7 @@ import pytest
 
 from flashnorm_onnx import cli as cli
 from flashnorm_onnx.errors import InputModelError
-from flashnorm_onnx.verify.inputs import summarize_case, summarize_inputs
+from flashnorm_onnx.verify.inputs import case_line, summarize_inputs
 from flashnorm_onnx.verify.result import VerificationResult
 from tests import graphs
 
@@ -271,22 +271,24 @@ def test_wrote_comes_after_the_verdict_and_quiet_keeps_the_verdict(capsys, model
 # -- verification case lines fit a terminal -------------------------------------------------------------
 
 
-def _kv_case(layers: int = 30) -> str:
+def _kv_case(layers: int = 30) -> dict[str, list[int]]:
     shapes = {"input_ids": [2, 3], "attention_mask": [2, 7], "position_ids": [2, 3]}
     for i in range(layers):
         shapes[f"past_key_values.{i}.key"] = [2, 3, 4, 64]
         shapes[f"past_key_values.{i}.value"] = [2, 3, 4, 64]
-    return "decode: " + ", ".join(f"{k}{v}" for k, v in shapes.items())
+    return shapes
 
 
 def test_kv_cache_case_line_is_grouped_to_fit_a_terminal():
-    line = _kv_case()
+    shapes = _kv_case()
+    line = "decode: " + ", ".join(f"{k}{v}" for k, v in shapes.items())
     assert len(line) > 2000  # what verification records (and the JSON report keeps)
-    assert summarize_case(line) == ("decode: input_ids[2, 3], attention_mask[2, 7], position_ids[2, 3], "
-                                    "past_key_values.{0..29}.{key,value}[2, 3, 4, 64]")
-    result = VerificationResult(method="onnxruntime", passed=True, cases=[line, "note: not a list of inputs"])
+    assert case_line("decode", shapes) == ("decode: input_ids[2, 3], attention_mask[2, 7], position_ids[2, 3], "
+                                           "past_key_values.{0..29}.{key,value}[2, 3, 4, 64]")
+    result = VerificationResult(method="onnxruntime", passed=True, cases=[line, "note: not a list of inputs"],
+                                case_inputs={"decode": shapes})
     printed = result.lines()
-    assert printed[2] == "  case: " + summarize_case(line)  # 123 columns, from 2,325
+    assert printed[2] == "  case: " + case_line("decode", shapes)  # 123 columns, from 2,325; no text parsed back
     assert all(len(p) <= 8 + 120 for p in printed), [len(p) for p in printed]
     assert "  case: note: not a list of inputs" in printed and result.cases[0] == line
 
@@ -297,9 +299,8 @@ def test_grouping_keeps_what_differs():
                              "past.0.value": [1, 3], "past.1.value": [1, 3], "past.3.value": [1, 3]}) \
         == "past.{0,1,3}.key[1, 2], past.{0,1,3}.value[1, 3]"
     assert summarize_inputs({"input_ids": [1, 8], "position_ids": [1, 8]}) == "input_ids[1, 8], position_ids[1, 8]"
-    assert summarize_case("run1: x[2, 8, 16]") == "run1: x[2, 8, 16]"
-    many = "run1: " + ", ".join(f"in_{chr(97 + i)}{i}x[{i}]" for i in range(26))
-    cut = summarize_case(many)
+    assert case_line("run1", {"x": [2, 8, 16]}) == "run1: x[2, 8, 16]"
+    cut = case_line("run1", {f"in_{chr(97 + i)}{i}x": [i] for i in range(26)})
     assert len(cut) <= 120 and cut.endswith("more)"), cut
 
 

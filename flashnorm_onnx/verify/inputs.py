@@ -90,7 +90,6 @@ CASE_WIDTH = 120
 
 _NUMBER = re.compile(r"\d+")
 _TOKEN = re.compile(r"\{[^}]*\}|[^./{}]+|[./]")
-_ITEM = re.compile(r"([^\s,\[\]]+)\[([0-9, ]*)\]")
 
 
 def _numbers(values: list[int]) -> str:
@@ -190,16 +189,14 @@ def summarize_inputs(shapes, width: int | None = None) -> str:
     return parts[0] + (f", ... ({len(parts) - 1} more)" if len(parts) > 1 else "")
 
 
-def summarize_case(text: str, width: int = CASE_WIDTH) -> str:
-    """A verification case line ``NAME: in0[1, 8], in1[1, 8], ...`` with its inputs grouped by
-    :func:`summarize_inputs` to fit ``width``; any other line unchanged."""
-    head, sep, rest = text.partition(": ")
-    if not sep or len(text) <= width:
+def case_line(name: str, shapes, width: int = CASE_WIDTH) -> str:
+    """A verification case as one line, ``NAME: in0[1, 8], in1[1, 8], ...`` from the shapes that
+    ran; past ``width``, its inputs grouped by :func:`summarize_inputs` to fit."""
+    items = list(shapes.items() if hasattr(shapes, "items") else shapes)
+    text = f"{name}: " + ", ".join(f"{n}{list(s)}" for n, s in items)
+    if len(text) <= width:
         return text
-    items = [(m.group(1), [int(d) for d in m.group(2).split(",") if d.strip()]) for m in _ITEM.finditer(rest)]
-    if not items or ", ".join(f"{n}{s}" for n, s in items) != rest:
-        return text  # not a list of inputs (a note): as it is
-    return f"{head}: {summarize_inputs(items, max(40, width - len(head) - 2))}"
+    return f"{name}: {summarize_inputs(items, max(40, width - len(name) - 2))}"
 
 
 def _is_image(spec: InputSpec) -> bool:

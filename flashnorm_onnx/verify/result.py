@@ -32,6 +32,8 @@ class VerificationResult:
     outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     cases: list[str] = dataclasses.field(default_factory=list)
     message: str = ""
+    case_inputs: dict[str, dict[str, list[int]]] = dataclasses.field(default_factory=dict)
+    """The inputs' shapes of each case that ran, by case name (what its line is printed from)."""
     details: list[str] = dataclasses.field(default_factory=list)
     """What a check counted (the plan-diff's nodes, initializers and readers), one line each."""
 
@@ -43,11 +45,12 @@ class VerificationResult:
         for part in self.method.split("+"):
             if part in PROVES:
                 out.append(f"  checks ({part}): {PROVES[part]}")
-        from flashnorm_onnx.verify.inputs import summarize_case
+        from flashnorm_onnx.verify.inputs import case_line
 
         for case in self.cases:
             # inputs grouped by name and shape (a KV cache: 2 inputs per layer) to fit a terminal
-            out.append(f"  case: {summarize_case(case)}")
+            name = case.partition(": ")[0]
+            out.append(f"  case: {case_line(name, self.case_inputs[name]) if name in self.case_inputs else case}")
         out += [f"  {line}" for line in self.details]
         shown = self.outputs
         if len(shown) > 8:
@@ -81,6 +84,7 @@ def combine(checks: list[VerificationResult]) -> VerificationResult:
     for c in checks:
         out.outputs += c.outputs
         out.cases += c.cases
+        out.case_inputs.update(c.case_inputs)
         out.tolerance = max(out.tolerance, c.tolerance)
     out.message = "; ".join(f"{c.method}: {c.message}" for c in checks if c.message and not c.passed)
     return out

@@ -550,6 +550,7 @@ def _run_candidate(cand, runs: list, output_names: list[str], deadline: Deadline
             result.message = f"the output model fails to run: {first_line(e)}"
             return False
         # what actually ran: --dim values and config dims may override the case's sizes
+        result.case_inputs[case.name] = {k: list(v.shape) for k, v in feeds.items()}
         result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
         _compare_outputs(case, output_names, expected, got, result, quantized, rtol)
     return True
