@@ -19,7 +19,7 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import onnx
 import onnx_ir as ir
@@ -80,6 +80,17 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
 def check_input(path: str | os.PathLike) -> InputInfo:
     """Validate a model file and its external data without loading tensor data."""
     p = resolve_model_path(path)
+    size = _check_model_file(p)
+    proto = _parse_model(p)
+    _check_model_proto(p, proto)
+    dropped = _dropped_parts(proto)
+    data_files, tensor_bytes = _check_tensors(p, proto)
+    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes, proto=proto,
+                     dropped=dropped)
+
+
+def _check_model_file(p: Path) -> int:
+    """The model path is a regular, non-empty file under the protobuf limit: its size."""
     if not p.is_file():
         raise InputModelError(f"{p}: not a regular file")
     size = p.stat().st_size
@@ -90,20 +101,27 @@ def check_input(path: str | os.PathLike) -> InputInfo:
             f"{p}: {size / 2**30:.1f} GB in one protobuf file is over the 2 GB protobuf limit; "
             "ONNX models this large must keep their tensors in external data"
         )
+    return size
+
+
+def _parse_model(p: Path) -> onnx.ModelProto:
+    """The model file parsed as ONNX (without its external data)."""
     try:
-        proto = onnx.load_model(str(p), load_external_data=False)
+        return onnx.load_model(str(p), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as e:
         raise InputModelError(f"{p}: not a valid ONNX model ({first_line(e)})") from e
     except Exception as e:  # protobuf's C++ parser raises other types for garbage
         raise InputModelError(f"{p}: not a valid ONNX model ({first_line(e)})") from e
+
+
+def _check_model_proto(p: Path, proto: onnx.ModelProto) -> None:
+    """The parsed model is whole and well formed: a graph, IR version, opset and outputs; names
+    that are UTF-8; node arities and attributes its schemas allow; no sparse tensor; no value
+    written twice and no cycle."""
     if not proto.HasField("graph") or proto.ir_version <= 0 or len(proto.opset_import) == 0:
         raise InputModelError(f"{p}: not a valid ONNX model (no graph, IR version or opset; truncated?)")
     if len(proto.graph.output) == 0:
         raise InputModelError(f"{p}: the graph has no outputs (truncated file?)")
-    base = p.parent.resolve()
-    data_files: set[Path] = set()
-    tensor_bytes = 0
-    file_sizes: dict[Path, int] = {}
     bad_name = _first_undecodable_name(proto)
     if bad_name is not None:
         raise InputModelError(f"{p}: not a valid ONNX model ({bad_name} is not valid UTF-8; corrupt file?)")
@@ -113,85 +131,142 @@ def check_input(path: str | os.PathLike) -> InputInfo:
     problem = _first_sparse_tensor(proto) or _first_graph_problem(proto)
     if problem is not None:
         raise InputModelError(f"{p}: {problem}")
-    dropped = [f"training_info ({len(proto.training_info)} entr{'y' if len(proto.training_info) == 1 else 'ies'})"
-               ] if len(proto.training_info) else []
+
+
+def _dropped_parts(proto: onnx.ModelProto) -> list[str]:
+    """What of the input the output will not carry (see :attr:`InputInfo.dropped`)."""
+    return [f"training_info ({len(proto.training_info)} entr{'y' if len(proto.training_info) == 1 else 'ies'})"
+            ] if len(proto.training_info) else []
+
+
+def _check_tensors(p: Path, proto: onnx.ModelProto) -> tuple[set[Path], int]:
+    """Every tensor's shape against its data, inline or external: the external data files
+    (resolved) and the bytes of all tensors."""
+    base = p.parent.resolve()
+    data_files: set[Path] = set()
+    tensor_bytes = 0
+    file_sizes: dict[Path, int] = {}
     for tensor in all_tensors(proto):
         if any(d < 0 for d in tensor.dims):
             raise InputModelError(f"{p}: tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}")
         expected = _expected_bytes(tensor) if _fixed_size(tensor) else None
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            if _element_count(tensor) > 0 and not _holds_data(tensor):
-                raise InputModelError(
-                    f"{p}: tensor '{tensor.name}' declares shape {list(tensor.dims)} but holds no data"
-                )
-            if expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
-                raise InputModelError(
-                    f"{p}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its shape "
-                    f"{list(tensor.dims)} needs {expected} (corrupt or truncated file?)"
-                )
-            tensor_bytes += len(tensor.raw_data) or _typed_bytes(tensor)
+            tensor_bytes += _check_inline_tensor(p, tensor, expected)
             continue
-        info = {e.key: e.value for e in tensor.external_data}
-        try:
-            offset = int(info.get("offset", 0))
-            length = int(info.get("length", expected if expected is not None else _expected_bytes(tensor)))
-        except ValueError:
-            raise InputModelError(
-                f"{p}: tensor '{tensor.name}' has a malformed external data offset or length"
-            ) from None
-        if offset < 0 or length < 0 or (expected is not None and length != expected):
-            raise InputModelError(
-                f"{p}: tensor '{tensor.name}' declares {length} bytes of external data at offset {offset}, "
-                f"but its shape {list(tensor.dims)} needs {expected}"
-            )
-        location = info.get("location", "")
-        if not location:
-            raise InputModelError(f"{p}: tensor '{tensor.name}' has external data with no location")
-        if "\x00" in location:
-            raise InputModelError(
-                f"{p}: tensor '{tensor.name}' has an external data location with a NUL character "
-                f"({location!r}); corrupt file?"
-            )
-        try:
-            target = (base / location).resolve()
-            if os.path.isabs(location) or (base != target and base not in target.parents):
-                link = None if os.path.isabs(location) else _link_leaving(base, location)
-                if link is not None:
-                    # e.g. a Hugging Face cache snapshot: snapshots/<hash>/model.onnx.data -> ../../blobs/<sha>
-                    what = (f"external data file '{location}' is a symlink" if link == os.path.normpath(location)
-                            else f"external data file '{location}' goes through the symlink '{link}',")
-                    raise InputModelError(
-                        f"{p}: {what} pointing outside the model's folder (to {target}), which ONNX loaders "
-                        f"refuse; copy the folder with links resolved (cp -rL {p.parent} DST) and optimize the copy"
-                    )
-                raise InputModelError(
-                    f"{p}: tensor '{tensor.name}' points outside the model's folder ({location}); refusing"
-                )
-            if target not in file_sizes:
-                try:
-                    mode = target.stat().st_mode
-                except FileNotFoundError:
-                    raise InputModelError(f"{p}: external data file '{location}' is missing") from None
-                if stat.S_ISDIR(mode):
-                    raise InputModelError(f"{p}: external data location '{location}' is a directory, "
-                                          "not a regular file")
-                if not stat.S_ISREG(mode):
-                    raise InputModelError(f"{p}: external data location '{location}' is {file_kind(mode)}, "
-                                          "not a regular file")
-                file_sizes[target] = target.stat().st_size
-        except (OSError, ValueError) as e:  # a name too long, a loop of links...
-            raise InputModelError(
-                f"{p}: tensor '{tensor.name}' has an unusable external data location {location[:100]!r} ({first_line(e)})"
-            ) from None
-        if offset + length > file_sizes[target]:
-            raise InputModelError(
-                f"{p}: external data file '{location}' is shorter than declared "
-                f"(tensor '{tensor.name}' needs bytes {offset}..{offset + length}, file has {file_sizes[target]})"
-            )
+        target, length = _check_external_tensor(p, tensor, expected, base, file_sizes)
         tensor_bytes += length
         data_files.add(target)
-    return InputInfo(path=p, data_files=data_files, proto_bytes=size, tensor_bytes=tensor_bytes, proto=proto,
-                     dropped=dropped)
+    return data_files, tensor_bytes
+
+
+def _check_inline_tensor(p: Path, tensor: onnx.TensorProto, expected: int | None) -> int:
+    """A tensor stored in the model file holds the data its shape needs: its bytes."""
+    if _element_count(tensor) > 0 and not _holds_data(tensor):
+        raise InputModelError(
+            f"{p}: tensor '{tensor.name}' declares shape {list(tensor.dims)} but holds no data"
+        )
+    if expected is not None and tensor.HasField("raw_data") and len(tensor.raw_data) != expected:
+        raise InputModelError(
+            f"{p}: tensor '{tensor.name}' holds {len(tensor.raw_data)} bytes but its shape "
+            f"{list(tensor.dims)} needs {expected} (corrupt or truncated file?)"
+        )
+    return len(tensor.raw_data) or _typed_bytes(tensor)
+
+
+def _check_external_tensor(p: Path, tensor: onnx.TensorProto, expected: int | None, base: Path,
+                           file_sizes: dict[Path, int]) -> tuple[Path, int]:
+    """A tensor in external data: its range fits its shape, its location is a regular file in
+    the model's folder, and the file holds the range. The file (resolved) and the range's bytes;
+    ``file_sizes`` caches the sizes of the files seen."""
+    info = {e.key: e.value for e in tensor.external_data}
+    offset, length = _external_range(p, tensor, info, expected)
+    location = _external_location(p, tensor, info)
+    target = _external_file(p, tensor, location, base, file_sizes)
+    if offset + length > file_sizes[target]:
+        raise InputModelError(
+            f"{p}: external data file '{location}' is shorter than declared "
+            f"(tensor '{tensor.name}' needs bytes {offset}..{offset + length}, file has {file_sizes[target]})"
+        )
+    return target, length
+
+
+def _external_range(p: Path, tensor: onnx.TensorProto, info: dict[str, str], expected: int | None) -> tuple[int, int]:
+    """The external data's offset and length, which must be the bytes the shape needs."""
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info.get("length", expected if expected is not None else _expected_bytes(tensor)))
+    except ValueError:
+        raise InputModelError(
+            f"{p}: tensor '{tensor.name}' has a malformed external data offset or length"
+        ) from None
+    if offset < 0 or length < 0 or (expected is not None and length != expected):
+        raise InputModelError(
+            f"{p}: tensor '{tensor.name}' declares {length} bytes of external data at offset {offset}, "
+            f"but its shape {list(tensor.dims)} needs {expected}"
+        )
+    return offset, length
+
+
+def _external_location(p: Path, tensor: onnx.TensorProto, info: dict[str, str]) -> str:
+    """The external data's location: present, and without a NUL character."""
+    location = info.get("location", "")
+    if not location:
+        raise InputModelError(f"{p}: tensor '{tensor.name}' has external data with no location")
+    if "\x00" in location:
+        raise InputModelError(
+            f"{p}: tensor '{tensor.name}' has an external data location with a NUL character "
+            f"({location!r}); corrupt file?"
+        )
+    return location
+
+
+def _external_file(p: Path, tensor: onnx.TensorProto, location: str, base: Path,
+                   file_sizes: dict[Path, int]) -> Path:
+    """The external data file ``location`` names (resolved): inside the model's folder and a
+    regular file; its size goes into ``file_sizes``. A path the system cannot use is refused."""
+    try:
+        target = (base / location).resolve()
+        if os.path.isabs(location) or (base != target and base not in target.parents):
+            _refuse_outside(p, tensor, location, base, target)
+        if target not in file_sizes:
+            file_sizes[target] = _data_file_size(p, location, target)
+    except (OSError, ValueError) as e:  # a name too long, a loop of links...
+        raise InputModelError(
+            f"{p}: tensor '{tensor.name}' has an unusable external data location {location[:100]!r} ({first_line(e)})"
+        ) from None
+    return target
+
+
+def _refuse_outside(p: Path, tensor: onnx.TensorProto, location: str, base: Path, target: Path) -> NoReturn:
+    """Refuse an external data location outside the model's folder, naming the symlink that
+    leads out when there is one."""
+    link = None if os.path.isabs(location) else _link_leaving(base, location)
+    if link is not None:
+        # e.g. a Hugging Face cache snapshot: snapshots/<hash>/model.onnx.data -> ../../blobs/<sha>
+        what = (f"external data file '{location}' is a symlink" if link == os.path.normpath(location)
+                else f"external data file '{location}' goes through the symlink '{link}',")
+        raise InputModelError(
+            f"{p}: {what} pointing outside the model's folder (to {target}), which ONNX loaders "
+            f"refuse; copy the folder with links resolved (cp -rL {p.parent} DST) and optimize the copy"
+        )
+    raise InputModelError(
+        f"{p}: tensor '{tensor.name}' points outside the model's folder ({location}); refusing"
+    )
+
+
+def _data_file_size(p: Path, location: str, target: Path) -> int:
+    """The size of the external data file ``target``, which must exist and be a regular file."""
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        raise InputModelError(f"{p}: external data file '{location}' is missing") from None
+    if stat.S_ISDIR(mode):
+        raise InputModelError(f"{p}: external data location '{location}' is a directory, "
+                              "not a regular file")
+    if not stat.S_ISREG(mode):
+        raise InputModelError(f"{p}: external data location '{location}' is {file_kind(mode)}, "
+                              "not a regular file")
+    return target.stat().st_size
 
 
 def check_dims(dims: dict[str, int] | None) -> None:
@@ -459,70 +534,96 @@ def _first_graph_problem(proto: onnx.ModelProto) -> str | None:
     """A value written twice (by two nodes, or by a node and a graph input or initializer), or a
     cycle among the nodes, in the main graph, a subgraph or a model-local function. Names only:
     no tensor data is read."""
-    def check(node_list, inputs, initializers, where):
-        producer: dict[str, int] = {}
-        for name in inputs:
-            producer.setdefault(name, -1)
-        for name in initializers:
-            producer.setdefault(name, -2)
-        for i, node in enumerate(node_list):
-            for out in node.output:
-                if not out:
-                    continue
-                k = producer.get(out)
-                if k is None:
-                    producer[out] = i
-                elif k >= 0:
-                    return (f"not a valid ONNX model: value '{out}'{where} is written by two nodes "
-                            f"({_node_label(node_list[k])} and {_node_label(node)})")
-                else:
-                    what = "a graph input" if k == -1 else "an initializer"
-                    return (f"not a valid ONNX model: {_node_label(node)}{where} writes '{out}', which is "
-                            f"also {what}")
-        # edges: a node reads another's output, directly or from inside one of its subgraphs
-        readers: list[set[int]] = [set() for _ in node_list]
-        preds: list[set[int]] = [set() for _ in node_list]
-        for j, node in enumerate(node_list):
-            names = set(node.input) | _outer_reads(node)
-            for name in names:
-                i = producer.get(name, -1) if name else -1
-                if i >= 0:
-                    readers[i].add(j)
-                    preds[j].add(i)
-        indegree = [len(p) for p in preds]
-        ready = [j for j, d in enumerate(indegree) if d == 0]
-        done = 0
-        while ready:
-            i = ready.pop()
-            done += 1
-            for j in readers[i]:
-                indegree[j] -= 1
-                if indegree[j] == 0:
-                    ready.append(j)
-        if done < len(node_list):
-            # follow unresolved predecessors back until one repeats: that node is on a cycle
-            j = next(k for k, d in enumerate(indegree) if d > 0)
-            seen: list[int] = []
-            while j not in seen:
-                seen.append(j)
-                j = next(i for i in preds[j] if indegree[i] > 0)
-            cycle = seen[seen.index(j):]
-            others = ", ".join(f"'{node_list[k].name or node_list[k].output[0]}'" for k in cycle[1:4])
-            return (f"not a valid ONNX model: the graph{where} has a cycle: {_node_label(node_list[j])} depends "
-                    f"on its own output" + (f" (through {others})" if others else ""))
-        for node in node_list:
-            for g in _sub_graphs(node):
-                found = check(g.node, [v.name for v in g.input], [t.name for t in g.initializer],
-                              f" in subgraph '{g.name}'" if g.name else " in a subgraph")
-                if found:
-                    return found
-        return None
-
-    found = check(proto.graph.node, [v.name for v in proto.graph.input],
-                  [t.name for t in proto.graph.initializer], "")
+    found = _first_problem_in(proto.graph.node, [v.name for v in proto.graph.input],
+                              [t.name for t in proto.graph.initializer], "")
     for function in proto.functions:
-        found = found or check(function.node, list(function.input), [], f" of function '{function.name}'")
+        found = found or _first_problem_in(function.node, list(function.input), [], f" of function '{function.name}'")
     return found
+
+
+def _first_problem_in(node_list, inputs, initializers, where: str) -> str | None:
+    """:func:`_first_graph_problem` for one graph's nodes (``where`` names the graph in the
+    message), then for their subgraphs."""
+    producer, problem = _producers(node_list, inputs, initializers, where)
+    if problem is not None:
+        return problem
+    readers, preds = _edges(node_list, producer)
+    problem = _first_cycle(node_list, readers, preds, where)
+    if problem is not None:
+        return problem
+    for node in node_list:
+        for g in _sub_graphs(node):
+            found = _first_problem_in(g.node, [v.name for v in g.input], [t.name for t in g.initializer],
+                                      f" in subgraph '{g.name}'" if g.name else " in a subgraph")
+            if found:
+                return found
+    return None
+
+
+def _producers(node_list, inputs, initializers, where: str) -> tuple[dict[str, int], str | None]:
+    """Who writes each value: the node's index, -1 for a graph input, -2 for an initializer; and
+    the first value written twice, as a message (None when there is none)."""
+    producer: dict[str, int] = {}
+    for name in inputs:
+        producer.setdefault(name, -1)
+    for name in initializers:
+        producer.setdefault(name, -2)
+    for i, node in enumerate(node_list):
+        for out in node.output:
+            if not out:
+                continue
+            k = producer.get(out)
+            if k is None:
+                producer[out] = i
+            elif k >= 0:
+                return producer, (f"not a valid ONNX model: value '{out}'{where} is written by two nodes "
+                                  f"({_node_label(node_list[k])} and {_node_label(node)})")
+            else:
+                what = "a graph input" if k == -1 else "an initializer"
+                return producer, (f"not a valid ONNX model: {_node_label(node)}{where} writes '{out}', which is "
+                                  f"also {what}")
+    return producer, None
+
+
+def _edges(node_list, producer: dict[str, int]) -> tuple[list[set[int]], list[set[int]]]:
+    """The nodes' dependencies, by index: each node's readers and its predecessors (a node reads
+    another's output directly or from inside one of its subgraphs)."""
+    readers: list[set[int]] = [set() for _ in node_list]
+    preds: list[set[int]] = [set() for _ in node_list]
+    for j, node in enumerate(node_list):
+        names = set(node.input) | _outer_reads(node)
+        for name in names:
+            i = producer.get(name, -1) if name else -1
+            if i >= 0:
+                readers[i].add(j)
+                preds[j].add(i)
+    return readers, preds
+
+
+def _first_cycle(node_list, readers: list[set[int]], preds: list[set[int]], where: str) -> str | None:
+    """A cycle among the nodes, as a message naming a node on it (None when they sort)."""
+    indegree = [len(p) for p in preds]
+    ready = [j for j, d in enumerate(indegree) if d == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for j in readers[i]:
+            indegree[j] -= 1
+            if indegree[j] == 0:
+                ready.append(j)
+    if done == len(node_list):
+        return None
+    # follow unresolved predecessors back until one repeats: that node is on a cycle
+    j = next(k for k, d in enumerate(indegree) if d > 0)
+    seen: list[int] = []
+    while j not in seen:
+        seen.append(j)
+        j = next(i for i in preds[j] if indegree[i] > 0)
+    cycle = seen[seen.index(j):]
+    others = ", ".join(f"'{node_list[k].name or node_list[k].output[0]}'" for k in cycle[1:4])
+    return (f"not a valid ONNX model: the graph{where} has a cycle: {_node_label(node_list[j])} depends "
+            f"on its own output" + (f" (through {others})" if others else ""))
 
 
 def _outer_reads(node: onnx.NodeProto) -> set[str]:

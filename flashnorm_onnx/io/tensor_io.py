@@ -14,6 +14,7 @@ would leave them pointing at the input's file, which is not beside the output.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import sys
@@ -301,9 +302,32 @@ def save_with_external_data(
     ``copied``: a dict that receives, for each tensor copied unchanged from an external data file,
     ``name -> (source path, source offset, bytes, data file written, offset in it)``: what the plan-diff check
     (``verify_plan``) compares with the input's own locations instead of reading both back."""
-    from flashnorm_onnx.passes.fold_math import FoldedTensor
-
     path = Path(path)
+    layout = _plan_data_file(model)
+    data_path = path.parent / data_name
+    _write_data_file(layout, data_path, read_back, progress, keep_samples, copied, sample_window)
+    _write_model_file(model, path, data_name, layout)
+
+
+@dataclasses.dataclass
+class _DataLayout:
+    """Where each tensor goes in the data file, as ``onnx_ir.save`` lays it out (see :func:`_plan_data_file`)."""
+
+    values: list[ir.Value]
+    """Every initializer with a value (the model file's references replace theirs)."""
+    small_external: list[ir.Value]
+    """Initializers of at most :data:`SIZE_THRESHOLD` bytes kept in an external file: inlined."""
+    attributes: list[_AttributeSlot]
+    """Attribute tensors in external data: written after the initializers."""
+    entries: list[tuple[ir.Value | _AttributeSlot, int, int]]
+    """``(value, offset in the data file, bytes)`` in file order."""
+    total: int
+    """The data file's size."""
+
+
+def _plan_data_file(model: ir.Model) -> _DataLayout:
+    """The data file's layout: the initializers of over :data:`SIZE_THRESHOLD` bytes in declaration
+    order, then the external attribute tensors, packed densely."""
     values = _initializers(model)
     big = [v for v in values if v.const_value.nbytes > SIZE_THRESHOLD]
     small_external = [v for v in values if v.const_value.nbytes <= SIZE_THRESHOLD
@@ -316,26 +340,110 @@ def save_with_external_data(
     for v in [*big, *attributes]:
         plan.append((v, offset, v.const_value.nbytes))
         offset += v.const_value.nbytes
-    total = offset
-    data_path = path.parent / data_name
-    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-    writer = _Writer(fd, data_path if _use_direct(total, read_back) else None)
-    done = 0
-    reported = 0
-    pending: list | None = None  # a kernel copy being extended: [path, src_offset, nbytes, dst_offset]
+    return _DataLayout(values, small_external, attributes, plan, offset)
 
-    def flush_copy() -> None:
-        nonlocal pending
-        if pending is None:
+
+def _write_data_file(
+    layout: _DataLayout,
+    data_path: Path,
+    read_back: bool,
+    progress: Callable[[int, int], None] | None,
+    keep_samples: dict | None,
+    copied: dict | None,
+    sample_window: Callable | None,
+) -> None:
+    """Create ``data_path`` and stream the layout's tensors into it through a writer thread
+    (:class:`_DataStream`); the file is closed, and the writer stopped, whatever happens."""
+    fd = os.open(data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    writer = _Writer(fd, data_path if _use_direct(layout.total, read_back) else None)
+    try:
+        stream = _DataStream(writer, data_path, layout.total, progress, keep_samples, copied, sample_window)
+        stream.write_all(layout.entries)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        os.close(fd)
+        raise
+    os.close(fd)
+
+
+class _DataStream:
+    """Feeds the data file's writer, tensor by tensor in file order, and reports progress.
+
+    Tensors copied unchanged from an external data file are coalesced into one kernel copy while
+    they are adjacent in both files (``pending``); a folded tensor is folded block by block into
+    the writer's buffers; any other tensor is written from its bytes in memory."""
+
+    def __init__(self, writer: _Writer, data_path: Path, total: int,
+                 progress: Callable[[int, int], None] | None, keep_samples: dict | None,
+                 copied: dict | None, sample_window: Callable | None):
+        """The state of one data file's stream (the arguments: see :func:`save_with_external_data`)."""
+        self.writer = writer
+        self.data_path = data_path
+        self.total = total
+        self.progress = progress
+        self.keep_samples = keep_samples
+        self.copied = copied
+        self.sample_window = sample_window
+        self.done = 0
+        self.reported = 0
+        self.pending: list | None = None  # a kernel copy being extended: [path, src_offset, nbytes, dst_offset]
+
+    def write_all(self, entries: list[tuple[ir.Value | _AttributeSlot, int, int]]) -> None:
+        """Hand every ``(value, offset, bytes)`` of the layout to the writer, the way its tensor needs."""
+        from flashnorm_onnx.passes.fold_math import FoldedTensor
+
+        for value, dst_offset, nbytes in entries:
+            tensor = value.const_value
+            source = external_source(tensor) if not isinstance(tensor, FoldedTensor) else None
+            if source is not None:
+                self.copy_unchanged(value, source, dst_offset, nbytes)
+                continue
+            self.flush_copy()
+            if isinstance(tensor, FoldedTensor) and tensor.streamable():
+                self.write_folded(value, tensor, dst_offset)
+            else:
+                self.write_in_memory(tensor, dst_offset, nbytes)
+        self.flush_copy()
+
+    def copy_unchanged(self, value, source: tuple, dst_offset: int, nbytes: int) -> None:
+        """A tensor copied unchanged from ``source`` (path, offset, ...): recorded in ``copied``,
+        and added to the pending kernel copy when it continues it in both files."""
+        src_path, src_offset, _ = source
+        if self.copied is not None and not isinstance(value, _AttributeSlot):
+            self.copied[value.name] = (str(src_path), int(src_offset), int(nbytes), str(self.data_path),
+                                       int(dst_offset))
+        pending = self.pending
+        if (pending is not None and pending[0] == src_path and pending[1] + pending[2] == src_offset
+                and pending[3] + pending[2] == dst_offset):
+            pending[2] += nbytes
+        else:
+            self.flush_copy()
+            self.pending = [src_path, src_offset, nbytes, dst_offset]
+        if self.writer.direct is None:
+            self.advance(nbytes)
+
+    def flush_copy(self) -> None:
+        """Hand the pending copy, if any, to the writer."""
+        if self.pending is None:
             return
-        source, src_offset, nbytes, dst_offset = pending
-        pending = None
-        if writer.direct is None:
-            # the kernel copies through the page cache: fastest while the dirty pages stay under
-            # the kernel's writeback threshold, which is when direct writes are not used
-            for k in range(0, nbytes, COPY_CHUNK):
-                writer.copy(source, src_offset + k, min(COPY_CHUNK, nbytes - k), dst_offset + k)
+        source, src_offset, nbytes, dst_offset = self.pending
+        self.pending = None
+        if self.writer.direct is None:
+            self.copy_by_kernel(source, src_offset, nbytes, dst_offset)
             return
+        self.copy_as_blocks(source, src_offset, nbytes, dst_offset)
+
+    def copy_by_kernel(self, source: str, src_offset: int, nbytes: int, dst_offset: int) -> None:
+        """The copy as kernel copies of at most :data:`COPY_CHUNK` bytes (progress was counted
+        when the tensors were queued)."""
+        # the kernel copies through the page cache: fastest while the dirty pages stay under
+        # the kernel's writeback threshold, which is when direct writes are not used
+        for k in range(0, nbytes, COPY_CHUNK):
+            self.writer.copy(source, src_offset + k, min(COPY_CHUNK, nbytes - k), dst_offset + k)
+
+    def copy_as_blocks(self, source: str, src_offset: int, nbytes: int, dst_offset: int) -> None:
+        """The copy read into the writer's buffers and written as folded blocks are (direct writes)."""
         # direct writes: a large copy through the page cache would be throttled to the disk's
         # writeback speed behind them; read the range in blocks and write it as folded blocks are
         src = os.open(source, os.O_RDONLY)
@@ -344,83 +452,65 @@ def save_with_external_data(
                 n = min(BLOCK_BYTES, nbytes - k)
                 at = dst_offset + k
                 pad = at % ALIGN
-                buf = writer.buffer(pad + n)
+                buf = self.writer.buffer(pad + n)
                 t = time.perf_counter()
                 read_exactly(src, memoryview(buf)[pad: pad + n], src_offset + k)
                 STATS["read"] += time.perf_counter() - t
-                writer.write(buf, pad, n, at)
-                advance(n)
+                self.writer.write(buf, pad, n, at)
+                self.advance(n)
         finally:
             os.close(src)
 
-    def advance(nbytes: int) -> None:
-        nonlocal done, reported
-        done += nbytes
-        if progress is not None and (done - reported >= 64 << 20 or done == total):
-            reported = done
-            progress(done, total)
+    def write_folded(self, value, tensor, dst_offset: int) -> None:
+        """A folded tensor, block by block into the writer's buffers; the sampled columns the
+        subgraph check runs on are kept in ``keep_samples`` as they pass."""
+        sample = _sample_for(tensor, self.sample_window) if self.keep_samples is not None else None
+        for start, block_bytes, fill in tensor.blocks(BLOCK_BYTES):
+            at = dst_offset + start
+            pad = at % ALIGN  # the buffer's pages line up with the file's
+            buf = self.writer.buffer(pad + block_bytes)
+            t = time.perf_counter()
+            fill(buf[pad: pad + block_bytes])
+            if sample is not None:  # the sampled columns, from the bytes about to be written
+                cols, kept = sample
+                block = buf[pad: pad + block_bytes].view(kept.dtype).reshape(-1, int(tensor.shape[1]))
+                r0 = start // (block.shape[1] * kept.dtype.itemsize)
+                kept[r0: r0 + block.shape[0]] = block[:, cols]
+            STATS["fold"] += time.perf_counter() - t
+            self.writer.write(buf, pad, block_bytes, at)
+            self.advance(block_bytes)
+        if sample is not None:
+            self.keep_samples[value.name] = sample
 
-    try:
-        for value, dst_offset, nbytes in plan:
-            tensor = value.const_value
-            source = external_source(tensor) if not isinstance(tensor, FoldedTensor) else None
-            if source is not None:
-                src_path, src_offset, _ = source
-                if copied is not None and not isinstance(value, _AttributeSlot):
-                    copied[value.name] = (str(src_path), int(src_offset), int(nbytes), str(data_path), int(dst_offset))
-                if (pending is not None and pending[0] == src_path and pending[1] + pending[2] == src_offset
-                        and pending[3] + pending[2] == dst_offset):
-                    pending[2] += nbytes
-                else:
-                    flush_copy()
-                    pending = [src_path, src_offset, nbytes, dst_offset]
-                if writer.direct is None:
-                    advance(nbytes)
-                continue
-            flush_copy()
-            if isinstance(tensor, FoldedTensor) and tensor.streamable():
-                sample = _sample_for(tensor, sample_window) if keep_samples is not None else None
-                for start, block_bytes, fill in tensor.blocks(BLOCK_BYTES):
-                    at = dst_offset + start
-                    pad = at % ALIGN  # the buffer's pages line up with the file's
-                    buf = writer.buffer(pad + block_bytes)
-                    t = time.perf_counter()
-                    fill(buf[pad: pad + block_bytes])
-                    if sample is not None:  # the sampled columns, from the bytes about to be written
-                        cols, kept = sample
-                        block = buf[pad: pad + block_bytes].view(kept.dtype).reshape(-1, int(tensor.shape[1]))
-                        r0 = start // (block.shape[1] * kept.dtype.itemsize)
-                        kept[r0: r0 + block.shape[0]] = block[:, cols]
-                    STATS["fold"] += time.perf_counter() - t
-                    writer.write(buf, pad, block_bytes, at)
-                    advance(block_bytes)
-                if sample is not None:
-                    keep_samples[value.name] = sample
-            else:
-                data = tensor.tobytes()
-                if len(data) != nbytes:
-                    raise ValueError(f"tensor '{tensor.name}' holds {len(data)} bytes, its shape needs {nbytes}")
-                buf = np.frombuffer(data, dtype=np.uint8)
-                writer.write(buf, 0, nbytes, dst_offset)
-                advance(nbytes)
-        flush_copy()
-        writer.close()
-    except BaseException:
-        writer.abort()
-        os.close(fd)
-        raise
-    os.close(fd)
+    def write_in_memory(self, tensor, dst_offset: int, nbytes: int) -> None:
+        """A tensor written from its bytes in memory, which must be the ``nbytes`` its shape needs."""
+        data = tensor.tobytes()
+        if len(data) != nbytes:
+            raise ValueError(f"tensor '{tensor.name}' holds {len(data)} bytes, its shape needs {nbytes}")
+        buf = np.frombuffer(data, dtype=np.uint8)
+        self.writer.write(buf, 0, nbytes, dst_offset)
+        self.advance(nbytes)
 
-    # the model file: each written tensor becomes a reference into the data file, as ir.save does
-    saved = [(v, v.const_value) for v in [*values, *attributes]]
+    def advance(self, nbytes: int) -> None:
+        """Count ``nbytes`` done; report progress every 64 MiB and at the end."""
+        self.done += nbytes
+        if self.progress is not None and (self.done - self.reported >= 64 << 20 or self.done == self.total):
+            self.reported = self.done
+            self.progress(self.done, self.total)
+
+
+def _write_model_file(model: ir.Model, path: Path, data_name: str, layout: _DataLayout) -> None:
+    """The model file: each written tensor becomes a reference into the data file, as ir.save does
+    (small external initializers are inlined); the model's tensors are restored afterwards."""
+    saved = [(v, v.const_value) for v in [*layout.values, *layout.attributes]]
     try:
-        for value, dst_offset, nbytes in plan:
+        for value, dst_offset, nbytes in layout.entries:
             t = value.const_value
             value.const_value = ir.ExternalTensor(
                 os.path.normpath(data_name), dst_offset, nbytes, t.dtype, shape=t.shape, name=t.name,
                 base_dir=os.path.normpath(str(path.parent)),
             )
-        for value in small_external:
+        for value in layout.small_external:
             t = value.const_value
             value.const_value = ir.Tensor(t.numpy().copy(), name=t.name, dtype=t.dtype)
         proto = ir.serde.serialize_model(model)
