@@ -153,8 +153,6 @@ def export(
     verify: bool = True,
     status: Callable[[str], None] | None = None,
 ) -> FoldReport | FolderReport:
-    from flashnorm_onnx.pipeline.api import optimize
-
     say = status or (lambda msg: logger.info(msg))
     if task not in TASKS:
         raise ExportFailed(f"unknown task '{task}' (choose from {', '.join(TASKS)})")
@@ -173,35 +171,47 @@ def export(
     with _staging_folder(outdir, beside=seq2seq) as tmp:
         staging = Path(tmp)
         say(f"exporting {src} with {exporter} ({task}, {dtype}) ...")
-        try:
-            if exporter == "optimum":
-                exported = _export_optimum(src, staging, task, dtype, opset)
-            elif exporter == "dynamo":
-                exported = _export_dynamo(src, staging, task, dtype, opset)
-            else:
-                raise ExportFailed(f"unknown exporter '{exporter}' (optimum or dynamo)")
-        except FlashNormError:
-            raise
-        except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportFailed(f"{exporter} export of {src} failed: {first[:300]}") from e
+        exported = _run_exporter(exporter, src, staging, task, dtype, opset)
         say("folding and verifying ...")
-        if seq2seq:
-            # folder mode: every model of the export folded and verified, the companions copied
-            report = optimize(exported, outdir, untie=untie, verify=verify,
-                              report_path=outdir / "flashnorm_report.json")
-            report.model = str(src)  # the folder's heading names the checkpoint, not the staging folder
-            missing = [name for name in RUNTIME_FILES if (src / name).exists() and not (outdir / name).exists()]
-            for name in missing:  # what optimum did not save beside the models
-                shutil.copy2(src / name, outdir / name)
-        else:
-            report = optimize(exported, outdir / "model.onnx", untie=untie, verify=verify,
-                              report_path=outdir / "flashnorm_report.json", force_write=True)
-            for name in RUNTIME_FILES:
-                for candidate in (staging / name, src / name):
-                    if candidate.exists():
-                        shutil.copy2(candidate, outdir / name)
-                        break
+        report = _fold_export(exported, src, staging, outdir, seq2seq, untie, verify)
     report.notes.append(f"exported with {exporter} ({task}, {dtype}) from {src}")
     report.write_json(outdir / "flashnorm_report.json")
+    return report
+
+
+def _run_exporter(exporter: str, src: Path, staging: Path, task: str, dtype: str, opset: int | None) -> Path:
+    """The checkpoint exported into ``staging``; an exporter's failure is one line (exit 8)."""
+    try:
+        if exporter == "optimum":
+            return _export_optimum(src, staging, task, dtype, opset)
+        if exporter == "dynamo":
+            return _export_dynamo(src, staging, task, dtype, opset)
+        raise ExportFailed(f"unknown exporter '{exporter}' (optimum or dynamo)")
+    except FlashNormError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportFailed(f"{exporter} export of {src} failed: {first[:300]}") from e
+
+
+def _fold_export(exported: Path, src: Path, staging: Path, outdir: Path, seq2seq: bool, untie: bool,
+                 verify: bool):
+    """The export folded and verified into ``outdir``, with the files its runtime reads beside it."""
+    from flashnorm_onnx.pipeline.api import optimize
+
+    if seq2seq:
+        # folder mode: every model of the export folded and verified, the companions copied
+        report = optimize(exported, outdir, untie=untie, verify=verify, report_path=outdir / "flashnorm_report.json")
+        report.model = str(src)  # the folder's heading names the checkpoint, not the staging folder
+        missing = [name for name in RUNTIME_FILES if (src / name).exists() and not (outdir / name).exists()]
+        for name in missing:  # what optimum did not save beside the models
+            shutil.copy2(src / name, outdir / name)
+        return report
+    report = optimize(exported, outdir / "model.onnx", untie=untie, verify=verify,
+                      report_path=outdir / "flashnorm_report.json", force_write=True)
+    for name in RUNTIME_FILES:
+        for candidate in (staging / name, src / name):
+            if candidate.exists():
+                shutil.copy2(candidate, outdir / name)
+                break
     return report

@@ -333,14 +333,7 @@ class _Companions:
 def _plan_companions(folder: Path, root: Path, out_dir: Path, plan: _Plan, infos: dict[str, model_io.InputInfo],
                      targets: dict[str, Path], notes: list[str]) -> _Companions:
     """Decide, before any work, what is copied into the output folder (and note what is not)."""
-    # the input's external data: by the name models give it, and by the file it resolves to
-    data_rels: set[str] = set()
-    data_files: set[Path] = set()
-    for rel, info in infos.items():
-        base = os.path.dirname(rel)
-        data_files |= info.data_files
-        data_rels |= {os.path.normpath(os.path.join(base, loc))
-                      for loc in publish.external_locations(folder / rel)}
+    data_rels, data_files = _input_data(folder, infos)
 
     def writes(rel: str) -> bool:
         """The run writes out_dir/rel itself: a model, a model's data file, a staging folder."""
@@ -354,6 +347,32 @@ def _plan_companions(folder: Path, root: Path, out_dir: Path, plan: _Plan, infos
                 return True
         return False
 
+    files = _companion_files(folder, plan, data_rels, data_files, writes, notes)
+    for rel, kind in plan.specials:
+        notes.append(f"not copied: {rel} is {kind}, not a regular file")
+    present = {"."} | set(plan.dirs) | set(files) | set(plan.models)
+    links = _companion_links(folder, root, plan, present, data_rels, data_files, writes, notes)
+    companions = _Companions(dirs=list(plan.dirs), files=files, links=links)
+    _check_destinations(out_dir, companions)
+    return companions
+
+
+def _input_data(folder: Path, infos: dict[str, model_io.InputInfo]) -> tuple[set[str], set[Path]]:
+    """The input's external data: by the name models give it, and by the file it resolves to."""
+    data_rels: set[str] = set()
+    data_files: set[Path] = set()
+    for rel, info in infos.items():
+        base = os.path.dirname(rel)
+        data_files |= info.data_files
+        data_rels |= {os.path.normpath(os.path.join(base, loc))
+                      for loc in publish.external_locations(folder / rel)}
+    return data_rels, data_files
+
+
+def _companion_files(folder: Path, plan: _Plan, data_rels: set[str], data_files: set[Path], writes,
+                     notes: list[str]) -> list[str]:
+    """The regular files copied: not the input's data, nothing that looks like stale data, nothing
+    the run writes itself."""
     files: list[str] = []
     for rel in plan.files:
         path = folder / rel
@@ -368,10 +387,13 @@ def _plan_companions(folder: Path, root: Path, out_dir: Path, plan: _Plan, infos
         if not os.access(path, os.R_OK):
             raise InputModelError(f"{path}: cannot read this file of the model folder (permission denied)")
         files.append(rel)
-    for rel, kind in plan.specials:
-        notes.append(f"not copied: {rel} is {kind}, not a regular file")
+    return files
 
-    present = {"."} | set(plan.dirs) | set(files) | set(plan.models)
+
+def _companion_links(folder: Path, root: Path, plan: _Plan, present: set[str], data_rels: set[str],
+                     data_files: set[Path], writes, notes: list[str]) -> dict[str, str]:
+    """The links recreated (relative, inside the folder) and the text of each: never followed out
+    of the folder, never to a model's data or to something not copied."""
     links: dict[str, str] = {}
     for rel in plan.links:
         path = folder / rel
@@ -401,9 +423,7 @@ def _plan_companions(folder: Path, root: Path, out_dir: Path, plan: _Plan, infos
         if os.path.isabs(text) or os.path.normpath(os.path.join(parent, text)) != target_rel:
             text = os.path.relpath(target_rel, parent)  # the same target, by a path inside the folder
         links[rel] = text
-    companions = _Companions(dirs=list(plan.dirs), files=files, links=links)
-    _check_destinations(out_dir, companions)
-    return companions
+    return links
 
 
 def _check_destinations(out_dir: Path, companions: _Companions) -> None:
