@@ -52,7 +52,7 @@ fixtures: $(STAMP) $(GENAI_STAMP)
 	$(PY) -m models.fixtures build --all
 
 test: $(STAMP) $(GENAI_STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not genai"

@@ -33,7 +33,10 @@ optimum and genai recipes are saved under ``<root>/_hf/<family>_<variant>/`` and
 Caching: a fixture is rebuilt only when its stamp (a hash of the recipe's parameters,
 RECIPE_VERSION, the versions of the libraries that produce it, and of any fixture it is built
 from) changes. Builds go to a temporary folder beside the target and are renamed into place, so
-an interrupted build never leaves a half-written fixture behind.
+an interrupted build never leaves a half-written fixture behind. Each fixture (and each ``_hf``
+folder) is built under a file lock (in the system's temporary folder, named after ``<root>`` and the
+fixture), so that concurrent processes (``pytest -n 2`` workers) build it once: the second one
+waits, then finds it fresh.
 """
 
 from __future__ import annotations
@@ -477,6 +480,28 @@ def _atomic_folder(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _build_lock(root: Path, name: str) -> Iterator[None]:
+    """An exclusive lock (fcntl.flock; none where there is no fcntl) on a file named after ``root``
+    and ``name`` in the system's temporary folder, not in ``root``, which stays the fixtures alone.
+    Locks are taken in the order fixtures are built from one another (a fixture's source before the
+    fixture, a fixture before its _hf folder), so two processes cannot wait on each other."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    locks = Path(tempfile.gettempdir()) / f"flashnorm-fixture-locks-{os.getuid()}"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    with open(locks / f"{key}-{name}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def build(name: str, root: Path | str | None = None, *, force: bool = False) -> Path:
     """Build fixture ``name`` (if not cached) and return the path of its ``model.onnx``."""
     if name not in FIXTURES:
@@ -495,14 +520,18 @@ def build(name: str, root: Path | str | None = None, *, force: bool = False) -> 
         return target / "model.onnx"
     if recipe.source:
         build(recipe.source, root)
-    t0 = time.perf_counter()
-    with _atomic_folder(target, stamp, replace=force) as tmp:
-        _BUILDERS[recipe.exporter](recipe, tmp, root)
-        model_path = tmp / "model.onnx"
-        _cap_ir_version(model_path)
-        info = describe(recipe, model_path)
-        info["build_seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
+    with _build_lock(root, name):
+        if not force and _is_fresh(target, stamp):  # another process built it while we waited
+            _refresh_info(recipe, target)
+            return target / "model.onnx"
+        t0 = time.perf_counter()
+        with _atomic_folder(target, stamp, replace=force) as tmp:
+            _BUILDERS[recipe.exporter](recipe, tmp, root)
+            model_path = tmp / "model.onnx"
+            _cap_ir_version(model_path)
+            info = describe(recipe, model_path)
+            info["build_seconds"] = round(time.perf_counter() - t0, 2)
+            (tmp / "fixture.json").write_text(json.dumps(info, indent=2) + "\n")
     return target / "model.onnx"
 
 
@@ -894,13 +923,16 @@ def _hf_folder(recipe: Recipe, root: Path) -> Path:
     stamp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     if _is_fresh(folder, stamp, main_file="config.json"):
         return folder
-    with _atomic_folder(folder, stamp, main_file="config.json") as tmp:
-        model = make_model(recipe.family, recipe.tied, recipe.dtype, recipe.head)
-        model.save_pretrained(tmp)
-        if recipe.family == "vit":
-            _tiny_image_processor().save_pretrained(tmp)
-        else:
-            _tiny_tokenizer().save_pretrained(tmp)
+    with _build_lock(root, f"_hf-{folder.name}"):
+        if _is_fresh(folder, stamp, main_file="config.json"):  # built by another process meanwhile
+            return folder
+        with _atomic_folder(folder, stamp, main_file="config.json") as tmp:
+            model = make_model(recipe.family, recipe.tied, recipe.dtype, recipe.head)
+            model.save_pretrained(tmp)
+            if recipe.family == "vit":
+                _tiny_image_processor().save_pretrained(tmp)
+            else:
+                _tiny_tokenizer().save_pretrained(tmp)
     return folder
 
 

@@ -128,21 +128,52 @@ def _build_hf_folder() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = gguf_path()
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(loaded.state_dict(), strict=False)
-    model.tie_weights()
-    model.eval()
-    with _atomic_folder(HF_DIR) as tmp:
+    with _gguf_read_once(), _atomic_folder(HF_DIR) as tmp:
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = LlamaForCausalLM(config)
+        model.load_state_dict(loaded.state_dict(), strict=False)
+        model.tie_weights()
+        model.eval()
         model.save_pretrained(str(tmp))
         try:
             tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             tok.save_pretrained(str(tmp))
         except Exception:  # the tokenizer is not needed for exports
             pass
+
+
+@contextlib.contextmanager
+def _gguf_read_once() -> Iterator[None]:
+    """transformers reads the GGUF file anew for the config (twice), the weights and the tokenizer,
+    each time parsing its metadata (a 49152-token vocabulary) in Python, and builds gguf's tensor
+    name map once per submodule (~400 times): about half of hf_folder's time. Within this block,
+    one reader per file and one name map per (architecture, layers), shared; transformers only reads
+    them (the reader maps the file read-only), so the saved folder is the same."""
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+    maps: dict = {}
+
+    def reader(path, mode="r"):
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in maps:
+            maps[arch, n_blocks] = name_map(arch, n_blocks)
+        return maps[arch, n_blocks]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, tensor_name_map
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
 def hf_folder_layers(layers: int) -> Path:
@@ -218,9 +249,12 @@ def _torch_export(target: Path, dynamo: bool, opset: int | None) -> None:
 
 
 def _optimum_export(out_dir: Path) -> None:
-    cmd = [sys.executable, "-m", "optimum.exporters.onnx", "--model", str(hf_folder()),
-           "--task", "text-generation-with-past", str(out_dir)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    """``optimum-cli export onnx --task text-generation-with-past``, in this process and without
+    optimum's own validation run (it compares the export with torch; the folder is byte-identical)."""
+    from optimum.exporters.onnx import main_export
+
+    main_export(model_name_or_path=str(hf_folder()), output=str(out_dir), task="text-generation-with-past",
+                do_validation=False)
 
 
 def _ort_opt(source: Path, target: Path) -> None:
