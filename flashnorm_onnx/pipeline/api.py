@@ -18,11 +18,10 @@ from pathlib import Path
 
 from flashnorm_onnx.io import model_io
 from flashnorm_onnx.passes import FlashNormFoldPass
-from flashnorm_onnx.pipeline.options import DEFAULT_QUANTIZE_ORDER, QUANTIZE_ORDERS, FoldOptions  # noqa: F401
+from flashnorm_onnx.pipeline.options import FoldOptions
 from flashnorm_onnx.pipeline.report import FoldReport
 from flashnorm_onnx.pipeline.model import optimize_file
 from flashnorm_onnx.pipeline.stages import infer_shapes
-from flashnorm_onnx.verify.policy import VERIFY_MODES  # noqa: F401
 
 
 def optimize(model: str | os.PathLike, output: str | os.PathLike | None = None, options: FoldOptions | None = None,

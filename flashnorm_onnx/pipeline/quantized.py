@@ -10,7 +10,7 @@ from flashnorm_onnx.io import model_io
 from flashnorm_onnx.pipeline.options import FoldOptions
 from flashnorm_onnx.pipeline.report import FoldReport
 from flashnorm_onnx.pipeline.stages import (
-    _check_int4_weights,
+    check_int4_weights,
     fold_file,
     publish_report,
     verify_quantized,
@@ -32,7 +32,7 @@ def quantize_file(info: model_io.InputInfo, target: Path, options: FoldOptions, 
     report, staged, stats, vocab = _fold_and_quantize(info, target, spec, order, fold_options)
     try:
         _describe(report, stats, spec, order)
-        _check_int4_weights(report, stats, report_path)
+        check_int4_weights(report, stats, report_path)
         if options.verify:
             report.quant_verification = verify_quantized(info, staged.model_path, options, vocab)
             if not report.quant_verification.passed:

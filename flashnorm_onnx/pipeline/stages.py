@@ -101,7 +101,7 @@ def fold_file(info: model_io.InputInfo, target: Path, options: FoldOptions, *,
     del folded  # the staged file is what gets verified and published
     try:
         if report.requantize_stats is not None:
-            _check_int4_weights(report, report.requantize_stats, report_path)
+            check_int4_weights(report, report.requantize_stats, report_path)
         report.verification = verify(info, written, result, report, options, vocab, rtol)
         check_onnx(report, info, written.staged.model_path)
         fail_unless_passed(report, report_path)
@@ -390,7 +390,7 @@ def verify_quantized(info: model_io.InputInfo, output: Path, options: FoldOption
     return compare_models(info.path, output, dims=dims, vocab=vocab, timeout=options.verify_timeout, quantized=True)
 
 
-def _check_int4_weights(report: FoldReport, stats, report_path) -> None:
+def check_int4_weights(report: FoldReport, stats, report_path) -> None:
     """Every int4 weight written must be a round-to-nearest of the float weight it stands for,
     within one step of its block (:func:`~flashnorm_onnx.quantize.int4.step_ratio`), measured while
     it was written. This, not the whole-model run, is what proves the quantization: an int4

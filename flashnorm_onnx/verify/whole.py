@@ -589,7 +589,7 @@ def _conclude(result: VerificationResult, quantized: bool) -> VerificationResult
 #: A floor, not a proof: an int4 model's outputs differ from the float model's by design, and on
 #: the generated (random-token) inputs SmolLM2-135M's correct int4 logits had a cosine similarity
 #: as low as 0.78 to fp32's (tiny random-weight models: 0.99). Below this floor the model computes
-#: garbage. What proves the quantization is the per-weight check (api._check_int4_weights).
+#: garbage. What proves the quantization is the per-weight check (pipeline.stages.check_int4_weights).
 QUANT_MIN_COSINE = 0.5
 
 
