@@ -371,7 +371,7 @@ def test_a_tied_weight_folded_in_place_is_caught_on_a_large_model(big_model, tmp
     from flashnorm_onnx.verify import policy
 
     monkeypatch.setattr(policy, "VERIFY_MEMORY_FRACTION", 1e-12)  # "too large to run whole"
-    monkeypatch.setattr(flashnorm_fold, "_outside_readers", lambda source, group, ours: [])
+    monkeypatch.setattr(flashnorm_fold, "_outside_readers", lambda source, ours: [])
     out = tmp_path / "out" / "model.onnx"
     code = cli.main(["optimize", str(big_model[0]), "-o", str(out)])
     text = capsys.readouterr()

@@ -44,7 +44,7 @@ def _wrong_axis(monkeypatch):
 
 
 def _tied_in_place(monkeypatch):
-    monkeypatch.setattr(flashnorm_fold, "_outside_readers", lambda source, group, ours: [])
+    monkeypatch.setattr(flashnorm_fold, "_outside_readers", lambda source, ours: [])
 
 
 def _after_apply(monkeypatch, edit):

@@ -107,7 +107,10 @@ def test_a_tensor_read_inside_a_subgraph_is_named(tmp_path):
     _edit(out, edit)
     result = verify_plan.check_plan(src, out, declared)
     assert not result.passed
-    assert any("subgraph of If 'branch'" in o["reason"] for o in result.outputs), result.message
+    reasons = [o["reason"] for o in result.outputs]
+    # what reads it is named with its scope: each branch's Identity passes it to the branch's output
+    for branch in ("then_branch", "else_branch"):
+        assert any(f"which the fold wrote, is a graph output ('{branch}@w_any/w_out')" in r for r in reasons), reasons
 
 
 def _external_model(tmp_path: Path) -> Path:

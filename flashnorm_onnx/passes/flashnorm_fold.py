@@ -47,10 +47,20 @@ from flashnorm_onnx.passes import fold_math, provenance
 from flashnorm_onnx.passes.graph_utils import const_tensor, copy_type, node_label, opset_version, release_tensor
 from flashnorm_onnx.passes.linear_consumers import LinearUse, find_linear_uses, is_linear_reader, output_scale
 from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms, strip_casts
+from flashnorm_onnx.passes.scopes import Scopes
 from flashnorm_onnx.passes.weightless_norm import ConstantPool, make_weightless
 from flashnorm_onnx.passes.decisions import ConsumerRecord, FoldDecisions, NormDecision
 
 logger = logging.getLogger(__name__)
+
+#: Why a norm found in a model-local function is not folded.
+_IN_FUNCTION = ("inside model-local function '{name}': the fold does not rewrite function bodies "
+                "(their weights come from each call; inline the functions first, e.g. with "
+                "onnx_ir.passes.common.InlinePass)")
+
+
+def _function_name(function: ir.Function) -> str:
+    return f"{function.domain}::{function.name}" if function.domain else function.name
 
 
 @dataclasses.dataclass
@@ -82,6 +92,8 @@ class ReaderSite:
     linear_after: str = ""
     """Name, in the input and in the rewritten model, of the linear node's own output (before any
     bias Add): a new bias Add on a graph output takes the output's name, and the linear's is renamed."""
+    result_after_name: str = ""
+    """``result_after``'s qualified name, taken when it was written."""
 
 
 @dataclasses.dataclass
@@ -102,6 +114,11 @@ class RewriteSite:
     readers: list[ReaderSite]
     extra_outputs: list[str] = dataclasses.field(default_factory=list)
     """Other outputs of a fused norm (a Skip* norm's residual sum): unchanged by the fold."""
+    scope: str = ""
+    """The graph the norm is in, as a prefix (:mod:`~flashnorm_onnx.passes.scopes`); every name
+    here is qualified the same way (values of an outer graph by the outer graph's prefix)."""
+    output_after_name: str = ""
+    """``output_after``'s qualified name, taken when it was written."""
 
 
 @dataclasses.dataclass
@@ -122,6 +139,8 @@ class _Applied:
     folds: list[FoldRecord] = dataclasses.field(default_factory=list)
     sites: list[RewriteSite] = dataclasses.field(default_factory=list)
     written: dict[str, str] = dataclasses.field(default_factory=dict)
+    done: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
+    """Tensors already written, by their share key: a later write of the same key reads them."""
 
 
 @dataclasses.dataclass
@@ -132,14 +151,33 @@ class _WeightWrite:
     source: ir.Value
     k_axis: int
     in_place: bool
+    g_key: bytes = b""
     #: the overflow check is left to the write, which reads the weight anyway (``defer_overflow``)
     deferred_check: bool = False
+    first: bool = True
+    """The first write of its tensor (in the whole plan); the others read what it wrote."""
+
+    @property
+    def key(self) -> tuple:
+        """Writes of one key produce one tensor: the weight in place, or one copy per scale."""
+        return ("in place", id(self.source)) if self.in_place else ("copy", id(self.source), self.k_axis, self.g_key)
 
 
 @dataclasses.dataclass
 class _BiasWrite:
     use: LinearUse
     delta: np.ndarray  # beta @ B, float64, shape [N]
+    in_place: bool = False
+    first: bool = True
+
+    @property
+    def key(self) -> tuple:
+        """Writes of one key produce one tensor: a bias moved into the same constant by the same
+        amount, or a new bias of the same values beside the same weight."""
+        use = self.use
+        if use.bias_source is not None and (use.bias_add is not None or use.node.op_type == "Gemm"):
+            return ("bias", id(use.bias_source), self.delta.tobytes())
+        return ("new bias", id(use.weight.source), _new_bias_dtype(use).name, self.delta.tobytes())
 
 
 @dataclasses.dataclass
@@ -150,7 +188,11 @@ class NormPlan:
 
     match: NormMatch
     decision: NormDecision
+    prefix: str = ""
+    """The scope of the norm (see :mod:`~flashnorm_onnx.passes.scopes`): "" in the main graph."""
+    candidate: bool = False
     g: np.ndarray | None = None
+    beta: np.ndarray | None = None
     uses: list[LinearUse] = dataclasses.field(default_factory=list)
     writes: list[_WeightWrite] = dataclasses.field(default_factory=list)
     biases: list[_BiasWrite] = dataclasses.field(default_factory=list)
@@ -195,14 +237,26 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         return self.apply(model, plans)
 
     def analyse(self, model: ir.Model) -> list[NormPlan]:
-        """One plan per normalization of the main graph; reads the model, writes nothing. (The
-        part that reads weights, the overflow check, is here: progress is reported per norm.)"""
-        norms = find_norms(model.graph)
-        plans = []
-        for index, match in enumerate(norms):
-            plans.append(self._decide(index, match))
-            if self.progress:
-                self.progress(index + 1, len(norms))
+        """One plan per normalization, wherever it is: the main graph, every subgraph (If branches,
+        Loop/Scan bodies, nested) and model-local functions; reads the model, writes nothing.
+
+        Each norm is first screened alone; then the weights are planned together (:meth:`_plan_jointly`),
+        because a weight read by several norms' linears (the two branches of a merged decoder) is
+        written once when their scales are equal. (The part that reads weights, the overflow check,
+        is here: progress is reported per norm.)"""
+        scopes = Scopes(model.graph)
+        found: list[tuple[NormMatch, str]] = []
+        for prefix, graph in scopes.graphs:
+            found += [(m, prefix) for m in find_norms(graph)]
+        for function in model.functions.values():
+            for m in find_norms(function):
+                m.problem = m.problem or _IN_FUNCTION.format(name=_function_name(function))
+                found.append((m, f"{_function_name(function)}/"))
+        plans = [self._screen(index, match, prefix) for index, (match, prefix) in enumerate(found)]
+        self._plan_jointly(plans, scopes)
+        if self.progress:
+            for index in range(len(plans)):
+                self.progress(index + 1, len(plans))
         return plans
 
     @staticmethod
@@ -215,11 +269,12 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         graph = model.graph
         opset = opset_version(model)
         pool = ConstantPool(graph, set())
+        scopes = Scopes(graph)
         report = FoldDecisions()
         applied = _Applied()
         for plan in plans:
             if plan.folds:
-                self._apply(plan, graph, pool, opset, applied)
+                self._apply(plan, scopes, pool, opset, applied)
             logger.info("%s", plan.decision.line().replace("\n", " |"))
             report.decisions.append(plan.decision)
         modified = report.folded > 0
@@ -232,9 +287,12 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
 
     # -- one norm ------------------------------------------------------------------------------
 
-    def _decide(self, index: int, match: NormMatch) -> NormPlan:
-        decision = NormDecision(index=index, name=match.name, kind=match.kind, form=match.form, status="skipped")
-        plan = NormPlan(match, decision)
+    def _screen(self, index: int, match: NormMatch, prefix: str = "") -> NormPlan:
+        """What can be decided for one norm alone: it is skipped (with the reason), already
+        weightless, or a candidate whose readers are all linears of the right width."""
+        decision = NormDecision(index=index, name=prefix + match.name, kind=match.kind, form=match.form,
+                                status="skipped")
+        plan = NormPlan(match, decision, prefix=prefix)
         if match.problem:
             decision.reason = match.problem
             return plan
@@ -254,56 +312,85 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         if not analysis.uses:
             decision.reason = "its output has no reader to fold into"
             return plan
-
         refusal = self._check_channels(g, beta, analysis.uses)
         if refusal:
             decision.reason = refusal
             return plan
-        writes, refusal = self._plan_writes(analysis.uses)
-        if refusal:
-            decision.reason = refusal
+        if (index, decision.name) in self.refused:  # found by the write of an earlier run (defer_overflow)
+            decision.reason = self.refused[(index, decision.name)]
             return plan
-        biases, refusal = self._plan_biases(beta, analysis.uses)
-        if refusal:
-            decision.reason = refusal
-            return plan
-        if (index, match.name) in self.refused:  # found by the write of an earlier run (defer_overflow)
-            decision.reason = self.refused[(index, match.name)]
-            return plan
-        refusal = self._check_overflow(writes, g)
-        if refusal:
-            decision.reason = refusal
-            return plan
-
-        decision.status = "folded"
-        plan.g, plan.uses, plan.writes, plan.biases = g, analysis.uses, writes, biases
-        plan.site = _site_before(match, g, beta, analysis.uses)
-        self._record_writes(decision, writes, biases)
+        plan.candidate = True
+        plan.g, plan.beta, plan.uses = g, beta, analysis.uses
         return plan
 
-    def _check_overflow(self, writes: list[_WeightWrite], g: np.ndarray) -> str | None:
+    def _plan_jointly(self, plans: list[NormPlan], scopes: Scopes) -> None:
+        """Plan the writes of every candidate together, until no candidate is refused.
+
+        A weight is written in place when each of its readers is a linear of a candidate whose
+        scale equals this norm's by value (read along the same axis): the two branches of a merged
+        decoder read one weight, and folding it once serves both. Otherwise each distinct scale
+        gets one untied copy, shared by the readers of that scale. A candidate refused here
+        (--no-untie, a bias, an overflow) is no longer a partner, so the rest are planned again."""
+        overflow: dict[tuple, str | None] = {}
+        while True:
+            candidates = [p for p in plans if p.candidate]
+            partners = _partners(candidates)
+            refused = False
+            for plan in candidates:
+                refusal = self._finish(plan, partners, overflow, scopes)
+                if refusal:
+                    plan.candidate, plan.decision.reason = False, refusal
+                    refused = True
+            if not refused:
+                break
+        _share_writes([p for p in plans if p.candidate])
+        for plan in plans:
+            if plan.candidate:
+                plan.decision.status = "folded"
+                plan.site = _site_before(plan.match, plan.g, plan.beta, plan.uses, scopes)
+                self._record_writes(plan.decision, plan.writes, plan.biases)
+
+    def _finish(self, plan: NormPlan, partners: dict, overflow: dict, scopes: Scopes) -> str | None:
+        """The writes and biases of one candidate, or why it cannot fold."""
+        writes, refusal = self._plan_writes(plan, partners)
+        if refusal:
+            return refusal
+        biases, refusal = self._plan_biases(plan.beta, plan.uses)
+        if refusal:
+            return refusal
+        for write in writes:  # each (weight, axis, scale) read once, however many readers share it
+            key = (id(write.source), write.k_axis, write.g_key)
+            if key not in overflow:
+                overflow[key] = (self._check_overflow(write, plan.g), write.deferred_check)
+            refusal, write.deferred_check = overflow[key]
+            if refusal:
+                return refusal
+        plan.writes, plan.biases = writes, biases
+        return None
+
+    def _check_overflow(self, write: _WeightWrite, g: np.ndarray) -> str | None:
         """Every g*w representable in the weight's dtype? Weights in external data are left to the
         streamed write, which reads them anyway (``defer_overflow``); the others are read block by
         block here, nothing mapped whole."""
-        for write in writes:
-            tensor = const_tensor(write.source)
-            if self.defer_overflow and _deferrable(tensor):
-                write.deferred_check = True  # checked on the blocks the write reads
-                continue
-            try:
-                fold_math.check_tensor(tensor, g, write.k_axis)
-            except fold_math.FoldRefused as e:
-                return f"folding into '{write.source.name}' is not representable: {e}"
-            finally:
-                release_tensor(tensor)
+        tensor = const_tensor(write.source)
+        if self.defer_overflow and _deferrable(tensor):
+            write.deferred_check = True  # checked on the blocks the write reads
+            return None
+        try:
+            fold_math.check_tensor(tensor, g, write.k_axis)
+        except fold_math.FoldRefused as e:
+            return f"folding into '{write.source.name}' is not representable: {e}"
+        finally:
+            release_tensor(tensor)
         return None
 
     def _record_writes(self, decision: NormDecision, writes: list[_WeightWrite], biases: list[_BiasWrite]) -> None:
-        """What the decision reports the fold will write: each reader's action, tensors and bytes."""
+        """What the decision reports the fold will write: each reader's action, tensors and bytes
+        (a tensor another reader, of this norm or of another, writes first is counted there)."""
         for write in writes:
             nbytes = _nbytes(const_tensor(write.source))
-            if write.in_place and any(w.in_place and w.source is write.source for w in writes[:writes.index(write)]):
-                action = "shared in place"
+            if not write.first:
+                action = "shared in place" if write.in_place else "shared copy"
             else:
                 action = "in place" if write.in_place else "untied copy"
             decision.consumers.append(ConsumerRecord(op=write.use.node.op_type, node=write.use.node.name or "",
@@ -315,28 +402,31 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 decision.bytes_rewritten += nbytes
                 decision.tensors_written += 1
         for bias in biases:
+            if not bias.first:
+                continue
             added, rewritten = self._bias_bytes(bias)
             decision.bytes_added += added
             decision.bytes_rewritten += rewritten
             decision.tensors_written += 1
 
-    def _apply(self, plan: NormPlan, graph: ir.Graph, pool: ConstantPool, opset: int, applied: "_Applied") -> None:
-        """Write one folding plan: the weights, the biases, the weightless norm."""
+    def _apply(self, plan: NormPlan, scopes: Scopes, pool: ConstantPool, opset: int, applied: "_Applied") -> None:
+        """Write one folding plan: the weights, the biases, the weightless norm (in its own graph)."""
         match, decision, g = plan.match, plan.decision, plan.g
-        done_in_place: set[int] = set()
         for write in plan.writes:
-            self._apply_weight(write, g, graph, pool, done_in_place, (decision.index, decision.name), applied)
+            self._apply_weight(write, g, pool, (decision.index, decision.name), applied, scopes)
         for bias in plan.biases:
-            self._apply_bias(bias, graph, pool, applied)
+            self._apply_bias(bias, pool, applied, scopes)
         readers_of_output = [(u.node, u.idx) for u in match.output.uses()]
-        decision.rewritten_as = make_weightless(match, graph, pool, opset, self.keep_structure)
+        decision.rewritten_as = make_weightless(match, match.anchor.graph, pool, opset, self.keep_structure)
         site = plan.site
         if site is not None:
             node, idx = readers_of_output[0]
             site.output_after = node.inputs[idx]
+            site.output_after_name = scopes.name(site.output_after)
             for reader, use in zip(site.readers, plan.uses):
                 reader.result_after = _linear_result(use)
-                reader.linear_after = use.node.outputs[0].name or ""
+                reader.result_after_name = scopes.name(reader.result_after)
+                reader.linear_after = scopes.name(use.node.outputs[0])
             applied.sites.append(site)
 
     @staticmethod
@@ -353,20 +443,25 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 )
         return None
 
-    def _plan_writes(self, uses: list[LinearUse]) -> tuple[list[_WeightWrite], str | None]:
-        """Decide, for every weight, whether it can be written in place."""
-        ours: set[int] = set()
-        for use in uses:
-            ours.add(id(use.node))
-            ours.update(id(n) for n in use.weight.nodes)
+    def _plan_writes(self, plan: NormPlan, partners: dict[int, list[tuple[NormPlan, LinearUse]]]
+                     ) -> tuple[list[_WeightWrite], str | None]:
+        """Decide, for every weight, whether it can be written in place: when all its readers are
+        linears of candidates with this norm's scale (``partners``: every candidate's linears, by
+        weight), reading it along one axis."""
+        g_key = _key_of(plan.g)
         by_source: dict[int, list[LinearUse]] = {}
-        for use in uses:
+        for use in plan.uses:
             by_source.setdefault(id(use.weight.source), []).append(use)
         writes: list[_WeightWrite] = []
         for group in by_source.values():
             source = group[0].weight.source
-            outside = _outside_readers(source, group, ours)
-            same_axis = len({u.weight.k_axis for u in group}) == 1
+            same = [u for q, u in partners.get(id(source), []) if _key_of(q.g) == g_key]
+            ours: set[int] = set()
+            for use in same:
+                ours.add(id(use.node))
+                ours.update(id(n) for n in use.weight.nodes)
+            outside = _outside_readers(source, ours)
+            same_axis = len({u.weight.k_axis for u in same}) == 1
             exclusive = not outside and same_axis and not source.is_graph_output()
             if not exclusive and not self.untie:
                 who = ", ".join(outside) if outside else "readers that index it differently"
@@ -375,7 +470,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                     "is disabled by --no-untie"
                 )
             for use in group:
-                writes.append(_WeightWrite(use, source, use.weight.k_axis, in_place=exclusive))
+                writes.append(_WeightWrite(use, source, use.weight.k_axis, in_place=exclusive, g_key=g_key))
         return writes, None
 
     def _plan_biases(self, beta: np.ndarray | None, uses: list[LinearUse]) -> tuple[list[_BiasWrite], str | None]:
@@ -397,42 +492,31 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _apply_weight(
-        self, write: _WeightWrite, g: np.ndarray, graph: ir.Graph, pool: ConstantPool, done: set[int],
-        key: tuple[int, str], applied: "_Applied",
-    ) -> ConsumerRecord:
+    def _apply_weight(self, write: _WeightWrite, g: np.ndarray, pool: ConstantPool, key: tuple[int, str],
+                      applied: "_Applied", scopes: Scopes) -> None:
         source = write.source
-        original = const_tensor(source)
-        folded = fold_math.FoldedTensor(original, g, write.k_axis, name=source.name,
-                                        check_for=(key, source.name or "") if write.deferred_check else None)
-        if not (write.in_place and id(source) in done):
+        done = applied.done.get(write.key)
+        if done is None:
+            original = const_tensor(source)
+            folded = fold_math.FoldedTensor(original, g, write.k_axis, name=source.name,
+                                            check_for=(key, source.name or "") if write.deferred_check else None)
             applied.folds.append(FoldRecord(source.name or "", original, folded, np.array(g), write.k_axis))
-        record = ConsumerRecord(
-            op=write.use.node.op_type,
-            node=write.use.node.name or "",
-            weight=source.name or "",
-            action="in place",
-        )
-        if write.in_place:
-            if id(source) in done:
-                record.action = "shared in place"
-                return record
-            done.add(id(source))
-            if source.is_initializer():
+            if write.in_place and source.is_initializer():
                 source.const_value = folded
-                applied.written[source.name or ""] = source.name or ""
-            else:  # output of a Constant node: replace it by an initializer
-                new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
-                source.replace_all_uses_with(new)
-                applied.written[new.name or ""] = source.name or ""
-            return record
-        # Untie: a new tensor, and a private copy of the Transpose/Cast path to this reader.
-        record.action = "untied copy"
-        new = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
-        applied.written[new.name or ""] = source.name or ""
-        value = _clone_path(write.use.weight.nodes, new, graph, write.use.node, pool)
-        write.use.node.replace_input_with(1, value)
-        return record
+                done = source
+                applied.written[scopes.name(source)] = scopes.name(source)
+            else:  # a new initializer: an untied copy, or in place of a Constant node's output
+                done = _new_initializer(pool, f"{source.name or 'weight'}.flashnorm", folded, source)
+                applied.written[scopes.name(done)] = scopes.name(source)
+                if write.in_place:
+                    source.replace_all_uses_with(done)
+            applied.done[write.key] = done
+        if write.in_place:
+            return  # every reader reads the rewritten tensor
+        # Untie: a private copy of the Transpose/Cast path to this reader, from the new tensor.
+        node = write.use.node
+        value = _clone_path(write.use.weight.nodes, done, node.graph, node, pool)
+        node.replace_input_with(1, value)
 
     @staticmethod
     def _bias_bytes(bias: _BiasWrite) -> tuple[int, int]:
@@ -442,50 +526,58 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             original = const_tensor(use.bias_source)
             shape = np.broadcast_shapes(tuple(original.shape.numpy()), bias.delta.shape)
             nbytes = int(np.prod(shape, dtype=np.int64)) * original.dtype.itemsize
-            if _bias_exclusive(use) and use.bias_source.is_initializer() and shape == tuple(original.shape.numpy()):
+            if bias.in_place and shape == tuple(original.shape.numpy()):
                 return 0, nbytes
             return nbytes, 0
         return int(bias.delta.size) * _new_bias_dtype(use).itemsize, 0
 
-    def _apply_bias(self, bias: _BiasWrite, graph: ir.Graph, pool: ConstantPool, applied: "_Applied") -> tuple[int, int]:
-        """Add beta @ B to the linear's bias. Returns (bytes added, bytes rewritten)."""
+    def _apply_bias(self, bias: _BiasWrite, pool: ConstantPool, applied: "_Applied", scopes: Scopes) -> None:
+        """Add beta @ B to the linear's bias (one tensor per share key, see :func:`_share_writes`)."""
         use = bias.use
         node = use.node
+        graph = node.graph
         if use.bias_source is not None and (use.bias_add is not None or node.op_type == "Gemm"):
             source = use.bias_source
-            original = const_tensor(source)
             reader = use.bias_add if node.op_type != "Gemm" else node
-            exclusive = _bias_exclusive(use)
-            beta_attr = 1.0
-            if node.op_type == "Gemm":
-                beta_attr = float(node.attributes["beta"].value) if "beta" in node.attributes else 1.0
-            array = original.numpy()
-            work = np.broadcast_to(array.astype(np.float64), np.broadcast_shapes(array.shape, bias.delta.shape))
-            new_array = (work + bias.delta / beta_attr).astype(array.dtype)
-            tensor = ir.Tensor(new_array, name=source.name)
-            if exclusive and source.is_initializer() and new_array.shape == array.shape:
-                source.const_value = tensor
-                applied.written[source.name or ""] = source.name or ""
-                return 0, tensor.nbytes
-            new = _new_initializer(pool, f"{source.name or 'bias'}.flashnorm", tensor, None)
-            applied.written[new.name or ""] = source.name or ""
+            new = applied.done.get(bias.key)
+            if new is None:
+                original = const_tensor(source)
+                beta_attr = 1.0
+                if node.op_type == "Gemm":
+                    beta_attr = float(node.attributes["beta"].value) if "beta" in node.attributes else 1.0
+                array = original.numpy()
+                work = np.broadcast_to(array.astype(np.float64), np.broadcast_shapes(array.shape, bias.delta.shape))
+                new_array = (work + bias.delta / beta_attr).astype(array.dtype)
+                tensor = ir.Tensor(new_array, name=source.name)
+                if bias.in_place and new_array.shape == array.shape:
+                    source.const_value = tensor
+                    new = source
+                    applied.written[scopes.name(source)] = scopes.name(source)
+                else:
+                    new = _new_initializer(pool, f"{source.name or 'bias'}.flashnorm", tensor, None)
+                    applied.written[scopes.name(new)] = scopes.name(source)
+                applied.done[bias.key] = new
+            if new is source:
+                return
             # a bias behind a Cast: the new constant keeps the stored dtype and gets its own Cast
-            new = _clone_path(use.bias_path, new, graph, reader, pool)
+            value = _clone_path(use.bias_path, new, graph, reader, pool)
             index = 2 if node.op_type == "Gemm" else list(reader.inputs).index(
                 use.bias_path[-1].outputs[0] if use.bias_path else source
             )
-            reader.replace_input_with(index, new)
-            return tensor.nbytes, 0
+            reader.replace_input_with(index, value)
+            return
         # No bias yet: MatMul -> Add(new bias), or Gemm gets C.
-        array = bias.delta.astype(_new_bias_dtype(use).numpy())
-        tensor = ir.Tensor(array)
-        new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
-        applied.written[new.name or ""] = ""
+        new = applied.done.get(bias.key)
+        if new is None:
+            tensor = ir.Tensor(bias.delta.astype(_new_bias_dtype(use).numpy()))
+            new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
+            applied.written[scopes.name(new)] = ""
+            applied.done[bias.key] = new
         if node.op_type == "Gemm":
             node.resize_inputs(3)
             node.replace_input_with(2, new)
             node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-            return tensor.nbytes, 0
+            return
         out = node.outputs[0]
         add = ir.Node("", "Add", [out, new], num_outputs=1, name=pool.unique(f"{node.name or 'MatMul'}/flashnorm_bias"))
         add.outputs[0].name = pool.unique(f"{out.name or 'linear'}.biased")
@@ -500,13 +592,56 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             old_name = out.name
             out.name = pool.unique(f"{old_name}.unbiased")
             add.outputs[0].name = old_name
-        return tensor.nbytes, 0
 
 
-def _bias_exclusive(use: LinearUse) -> bool:
-    """Whether the linear's bias constant is read by this linear only (it can be rewritten)."""
-    source = use.bias_source
-    return len(list(source.uses())) == 1 and not source.is_graph_output() and not use.bias_path
+def _key_of(g: np.ndarray | None) -> bytes:
+    """A scale by value: equal keys fold a weight into the same tensor."""
+    if g is None:
+        return b""
+    g = np.asarray(g, dtype=np.float64)
+    return repr(g.shape).encode() + g.tobytes()
+
+
+def _partners(candidates: list[NormPlan]) -> dict[int, list[tuple[NormPlan, LinearUse]]]:
+    """Every candidate's linear readers, by the weight constant they read."""
+    by_source: dict[int, list[tuple[NormPlan, LinearUse]]] = {}
+    for plan in candidates:
+        for use in plan.uses:
+            by_source.setdefault(id(use.weight.source), []).append((plan, use))
+    return by_source
+
+
+def _share_writes(plans: list[NormPlan]) -> None:
+    """Mark, across the whole plan, the first write of each tensor (the others read it), and which
+    biases are rewritten in place: those whose every reader is a linear moving the same beta @ B
+    into it (the two branches of a merged decoder share one bias)."""
+    seen: set[tuple] = set()
+    for plan in plans:
+        for write in plan.writes:
+            write.first = write.key not in seen
+            seen.add(write.key)
+    readers: dict[tuple, set[int]] = {}
+    keys_of_source: dict[int, set[tuple]] = {}
+    for plan in plans:
+        for bias in plan.biases:
+            use = bias.use
+            if use.bias_source is None:
+                continue
+            reader = use.bias_add if use.node.op_type != "Gemm" else use.node
+            if reader is None:
+                continue
+            readers.setdefault(bias.key, set()).add(id(reader))
+            keys_of_source.setdefault(id(use.bias_source), set()).add(bias.key)
+    seen = set()
+    for plan in plans:
+        for bias in plan.biases:
+            source = bias.use.bias_source
+            bias.first = bias.key not in seen
+            seen.add(bias.key)
+            if source is None or bias.use.bias_path or source.is_graph_output() or not source.is_initializer():
+                continue
+            bias.in_place = (len(keys_of_source.get(id(source), ())) == 1
+                             and all(id(u.node) in readers.get(bias.key, ()) for u in source.uses()))
 
 
 def _new_bias_dtype(use: LinearUse) -> ir.DataType:
@@ -528,8 +663,10 @@ def _linear_result(use: LinearUse) -> ir.Value:
     return use.node.outputs[0]
 
 
-def _site_before(match: NormMatch, g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse]) -> RewriteSite | None:
-    """Names, taken before any rewrite, of what verify_subgraph re-runs (None: values without names)."""
+def _site_before(match: NormMatch, g: np.ndarray, beta: np.ndarray | None, uses: list[LinearUse],
+                 scopes: Scopes) -> RewriteSite | None:
+    """Names, taken before any rewrite, of what verify_subgraph re-runs (None: values without
+    names). Qualified by their scope (:mod:`~flashnorm_onnx.passes.scopes`): "" in the main graph."""
     if match.scale_node is not None:
         inputs = [match.outer_input]
     else:  # a fused op: its activation inputs (x, skip), not its constants
@@ -537,16 +674,19 @@ def _site_before(match: NormMatch, g: np.ndarray, beta: np.ndarray | None, uses:
     readers = []
     for use in uses:
         result = _linear_result(use)
-        readers.append(ReaderSite(op=use.node.op_type, data=use.node.inputs[0].name, result_before=result.name,
-                                  result_after=result, weight=use.weight.source.name or "",
-                                  k_axis=use.weight.k_axis, linear_before=use.node.outputs[0].name or ""))
-    extra = [o.name for o in match.anchor.outputs[1:] if o.name and o.uses()] if match.scale_node is None else []
-    names = [v.name for v in inputs] + [match.output.name] + [r.data for r in readers] + [r.result_before for r in readers]
+        readers.append(ReaderSite(op=use.node.op_type, data=scopes.name(use.node.inputs[0]),
+                                  result_before=scopes.name(result), result_after=result,
+                                  weight=scopes.name(use.weight.source), k_axis=use.weight.k_axis,
+                                  linear_before=scopes.name(use.node.outputs[0])))
+    extra = [scopes.name(o) for o in match.anchor.outputs[1:] if o.name and o.uses()] if match.scale_node is None else []
+    names = [scopes.name(v) for v in inputs] + [match.output.name] + [r.data for r in readers] \
+        + [r.result_before for r in readers]
     if not all(names):
         return None
-    return RewriteSite(norm=match.name, inputs=[v.name for v in inputs], output_before=match.output.name,
-                       output_after=match.output, g=np.array(g), beta=None if beta is None else np.array(beta),
-                       readers=readers, extra_outputs=extra)
+    return RewriteSite(norm=scopes.prefix(match.anchor.graph) + match.name, inputs=[scopes.name(v) for v in inputs],
+                       output_before=scopes.name(match.output), output_after=match.output, g=np.array(g),
+                       beta=None if beta is None else np.array(beta), readers=readers, extra_outputs=extra,
+                       scope=scopes.prefix(match.anchor.graph))
 
 
 def _clone_path(
@@ -565,8 +705,9 @@ def _clone_path(
     return value
 
 
-def _outside_readers(source: ir.Value, group: list[LinearUse], ours: set[int]) -> list[str]:
-    """Readers of ``source`` (and of the Transpose/Cast path values) that are not this fold."""
+def _outside_readers(source: ir.Value, ours: set[int]) -> list[str]:
+    """Readers of ``source`` (and of the Transpose/Cast path values) that are not this fold
+    (``ours``: its linears and their weight paths), in any graph that can see it."""
     outside: list[str] = []
     frontier = [source]
     seen: set[int] = set()

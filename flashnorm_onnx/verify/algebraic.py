@@ -148,7 +148,7 @@ def check_structure(sites, reference, output) -> VerificationResult:
     from flashnorm_onnx.verify.subgraph import ModelFile
 
     ref, out = ModelFile.of(reference), ModelFile.of(output)
-    by_output = {m.output.name: m for m in find_norms(out.graph)}
+    by_output = {out.scopes.name(m.output): m for _, graph in out.scopes.graphs for m in find_norms(graph)}
     result = VerificationResult(method="structure", passed=True)
 
     def fail(message: str, name: str) -> None:
@@ -158,7 +158,7 @@ def check_structure(sites, reference, output) -> VerificationResult:
 
     biases = 0
     for site in sites:
-        after = site.output_after.name
+        after = site.output_after_name
         match = _norm_producing(out, after, by_output)
         if match is None:
             fail(f"norm '{site.norm}': its readers in the output do not read a normalization", after)
@@ -177,12 +177,12 @@ def check_structure(sites, reference, output) -> VerificationResult:
             b = weight.const_value.numpy().astype(np.float64)
             delta = np.asarray(site.beta, np.float64).reshape(-1) @ (b if r.k_axis == 0 else b.T)
             scale_in, c_in = _bias_of(ref, r.result_before)
-            scale_out, c_out = _bias_of(out, r.result_after.name)
+            scale_out, c_out = _bias_of(out, r.result_after_name)
             if c_out is None:
                 fail(f"norm '{site.norm}': the linear '{r.result_before}' lost its LayerNorm bias", r.result_before)
                 continue
             moved = c_out * scale_out - (0.0 if c_in is None else c_in * scale_in)
-            alpha = _gemm_alpha(out, r.result_after.name)
+            alpha = _gemm_alpha(out, r.result_after_name)
             biases += 1
             err = float(np.max(np.abs(moved - alpha * delta)))
             mag = float(np.max(np.abs(alpha * delta))) or 1.0
@@ -203,8 +203,8 @@ def _norm_producing(file, name: str, by_output: dict):
         return None
     _, casts = strip_casts(value)
     for v in [value, *(c.inputs[0] for c in casts)]:
-        if v.name in by_output:
-            return by_output[v.name]
+        if file.scopes.name(v) in by_output:
+            return by_output[file.scopes.name(v)]
     return None
 
 

@@ -49,6 +49,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto
 
+from flashnorm_onnx.passes.scopes import proto_scopes, step
 from flashnorm_onnx.verify.result import VerificationResult
 
 #: The metadata_props key the fold writes (passes/provenance.py); the one model entry allowed to change.
@@ -101,25 +102,52 @@ def declaration(result) -> Declaration:
     """The declaration of a ``FlashNormPassResult`` (its sites and the tensors it wrote)."""
     norms, linears = [], []
     for site in result.sites:
-        after = site.output_after.name or ""
-        norms.append(NormEdit(site.norm, list(site.inputs), site.output_before, after))
+        norms.append(NormEdit(site.norm, list(site.inputs), site.output_before, site.output_after_name))
         for r in site.readers:
             linears.append(LinearEdit(site.norm, r.data, r.linear_before, r.linear_after,
-                                      r.result_before, r.result_after.name or ""))
+                                      r.result_before, r.result_after_name))
     return Declaration(norms, linears, dict(result.written))
 
 
 class _Graph:
-    """One file's main graph: producers, readers (index -1: read inside a subgraph), constants."""
+    """One file's graphs, flattened: the main graph's nodes and those of every subgraph (If
+    branches, Loop/Scan bodies, nested), each value under its qualified name (the prefix of the
+    graph that defines it, :mod:`~flashnorm_onnx.passes.scopes`), so sibling branches that reuse
+    names stay apart and a branch reading an outer weight is one of that weight's readers. A node
+    that owns subgraphs keeps, in place of each, its signature (inputs with types, outputs); the
+    subgraph's nodes are checked as nodes."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.model = onnx.load(str(path), load_external_data=False)
-        g = self.model.graph
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.inputs = [v.name for v in g.input]
-        self.outputs = [v.name for v in g.output]
+        self.nodes: list[onnx.NodeProto] = []
+        self.scope_of: list[str] = []
+        self.inits: dict[str, TensorProto] = {}
+        self.inputs: list[str] = []
+        self.outputs: list[str] = []
+        """Qualified outputs of the main graph and of every subgraph."""
+        scopes = list(proto_scopes(self.model.graph))
+        self._defined: dict[str, set[str]] = {}
+        self._parents: dict[str, str | None] = {}
+        for prefix, g, parent in scopes:
+            self._parents[prefix] = parent
+            self._defined[prefix] = ({v.name for v in g.input} | {t.name for t in g.initializer}
+                                     | {t.values.name for t in g.sparse_initializer}
+                                     | {o for n in g.node for o in n.output if o})
+        for prefix, g, _ in scopes:
+            self.inits.update((prefix + t.name, t) for t in g.initializer)
+            self.inputs += [prefix + v.name for v in g.input]
+            self.outputs += [self.qualify(v.name, prefix) for v in g.output]
+            for node in g.node:
+                flat = onnx.NodeProto()
+                flat.CopyFrom(node)
+                flat.input[:] = [self.qualify(x, prefix) if x else "" for x in node.input]
+                flat.output[:] = [prefix + x if x else "" for x in node.output]
+                key = next((o for o in node.output if o), node.name or node.op_type)
+                for attribute in flat.attribute:
+                    self._signature(attribute, prefix, key)
+                self.nodes.append(flat)
+                self.scope_of.append(prefix)
         self.producer: dict[str, int] = {}
         self.readers: dict[str, list[tuple[int, int]]] = defaultdict(list)
         for k, node in enumerate(self.nodes):
@@ -129,12 +157,40 @@ class _Graph:
             for i, x in enumerate(node.input):
                 if x:
                     self.readers[x].append((k, i))
-            for x in _subgraph_refs(node):
-                self.readers[x].append((k, -1))
+
+    def qualify(self, name: str, prefix: str) -> str:
+        """The qualified name of ``name`` read in the graph of ``prefix`` (the innermost graph
+        that defines it; unchanged when none does, which the dangling check names)."""
+        scope: str | None = prefix
+        while scope is not None:
+            if name in self._defined[scope]:
+                return scope + name
+            scope = self._parents[scope]
+        return name
+
+    def _signature(self, attribute: AttributeProto, prefix: str, key: str) -> None:
+        """Replace a subgraph attribute by its signature (its nodes are flattened beside it)."""
+        if attribute.type == AttributeProto.GRAPH:
+            graphs = [(step(prefix, attribute.name, key), attribute.g)]
+        elif attribute.type == AttributeProto.GRAPHS:
+            graphs = [(step(prefix, f"{attribute.name}[{k}]", key), g) for k, g in enumerate(attribute.graphs)]
+        else:
+            return
+        parts = []
+        for sub, g in graphs:
+            ins = [f"{v.name}:{_type_key(v.type)}" for v in g.input]
+            outs = [self.qualify(v.name, sub) for v in g.output]
+            parts.append(f"subgraph {sub} inputs {ins} outputs {outs}")
+        name = attribute.name
+        attribute.Clear()
+        attribute.name = name
+        attribute.type = AttributeProto.STRING
+        attribute.s = "; ".join(parts).encode()
 
     def label(self, k: int) -> str:
         node = self.nodes[k]
-        return f"{node.op_type} '{node.name or node.output[0]}'"
+        name = self.scope_of[k] + node.name if node.name else node.output[0]  # outputs are qualified
+        return f"{node.op_type} '{name}'"
 
     def constant_source(self, name: str) -> str | None:
         """``name`` itself if it is an initializer or a Constant node's output, else None."""
@@ -156,23 +212,6 @@ class _Graph:
             path.append(k)
             name = self.nodes[k].input[0]
         return path, name
-
-
-def _subgraph_refs(node: onnx.NodeProto) -> set[str]:
-    """Names a node's subgraphs (If branches, Loop/Scan bodies, recursively) read from outside."""
-    refs: set[str] = set()
-    for a in node.attribute:
-        graphs = [a.g] if a.type == AttributeProto.GRAPH else list(a.graphs) if a.type == AttributeProto.GRAPHS else []
-        for g in graphs:
-            defined = {v.name for v in g.input} | {t.name for t in g.initializer}
-            defined |= {s.values.name for s in g.sparse_initializer}
-            for n in g.node:
-                defined.update(n.output)
-            for n in g.node:
-                refs.update(x for x in n.input if x and x not in defined)
-                refs.update(x for x in _subgraph_refs(n) if x not in defined)
-            refs.update(v.name for v in g.output if v.name not in defined)
-    return refs
 
 
 def _same_node(a: onnx.NodeProto, b: onnx.NodeProto, rename: dict[str, str], inputs: bool = True,
@@ -566,7 +605,6 @@ def _norm_region(b: _Graph, norm: NormEdit, region: dict[int, str], problems: _P
             return
         node = b.nodes[k]
         stack.extend(x for x in node.input if x)
-        stack.extend(_subgraph_refs(node))
 
 
 def _check_initializers(a: _Graph, b: _Graph, written: dict[str, str], copied: dict, region: dict[int, str],
@@ -617,9 +655,7 @@ def _check_readers(b: _Graph, declared: Declaration, linear_of: dict, bias_add_o
             for k, i in b.readers.get(value, []):
                 node = b.nodes[k]
                 count += 1
-                if i < 0:
-                    problems.add(value, f"{what} is read inside a subgraph of {b.label(k)}")
-                elif node.op_type in SHAPE_OPS:
+                if node.op_type in SHAPE_OPS:
                     continue
                 elif kind == "weight" and i >= 1 and k in linear_of:
                     continue  # the linear's weight/bias: _check_linear traced it to its declared source

@@ -48,6 +48,7 @@ from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, 
 from flashnorm_onnx.verify.result import VerificationResult
 from flashnorm_onnx.passes.graph_utils import release_tensor
 from flashnorm_onnx.passes.linear_consumers import is_linear_reader, trace_weight, weight_k_axis
+from flashnorm_onnx.passes.scopes import Scopes, proto_scopes
 from flashnorm_onnx.verify.result import failed_entry
 from flashnorm_onnx.verify.whole import Deadline, _compare
 
@@ -104,15 +105,18 @@ class ModelFile:
         self.kept = kept or {}
         self.model = ir.load(str(path))
         self.graph = self.model.graph
+        self.scopes = Scopes(self.graph)
         self.values: dict[str, ir.Value] = {}
-        for v in self.graph.inputs:
-            self.values[v.name] = v
-        for name, v in self.graph.initializers.items():
-            self.values[name] = v
-        for node in self.graph:
-            for o in node.outputs:
-                if o.name:
-                    self.values[o.name] = o
+        """Every value of every graph (main graph and subgraphs) by its qualified name."""
+        for prefix, graph in self.scopes.graphs:
+            for v in graph.inputs:
+                self.values[prefix + v.name] = v
+            for name, v in graph.initializers.items():
+                self.values[prefix + name] = v
+            for node in graph:
+                for o in node.outputs:
+                    if o.name:
+                        self.values[prefix + o.name] = o
         self._inferred: dict[str, ir.DataType] | None = None
         self.sampled = 0
         """Linear pieces that ran on a sample of their output columns."""
@@ -128,9 +132,10 @@ class ModelFile:
             try:
                 proto = onnx.load_model(str(self.path), load_external_data=False)
                 inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
-                for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-                    if vi.type.tensor_type.elem_type:
-                        self._inferred[vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
+                for prefix, g, _ in proto_scopes(inferred.graph):
+                    for vi in list(g.value_info) + list(g.output):
+                        if vi.type.tensor_type.elem_type:
+                            self._inferred[prefix + vi.name] = ir.DataType(vi.type.tensor_type.elem_type)
             except Exception as e:  # shape inference is a hint only
                 logger.debug("shape inference failed: %s", e)
         if name in self._inferred:
@@ -185,11 +190,12 @@ class ModelFile:
         consts: dict[str, ir.Value] = {}
         while frontier:
             v = frontier.pop()
-            if v.name in cut or v.const_value is not None or v.is_graph_input():
+            name = self.scopes.name(v)
+            if name in cut or v.const_value is not None or v.is_graph_input():
                 if v.const_value is not None:
-                    consts[v.name] = v
-                elif v.name not in cut:
-                    raise _NotIsolable(f"'{v.name}' depends on the graph input '{v.name}'")
+                    consts[name] = v
+                elif name not in cut:
+                    raise _NotIsolable(f"'{name}' depends on the graph input '{name}'")
                 continue
             node = v.producer()
             if node is None:
@@ -209,7 +215,7 @@ class ModelFile:
     def _sample(self, piece: _Piece, picked: list[ir.Node], consts: dict[str, ir.Value]) -> dict[str, np.ndarray]:
         """A linear piece's constants sliced to its sampled columns (:func:`_sampled`; {} when it
         runs whole), counted in :attr:`sampled` and :attr:`sampled_kept`."""
-        local = _sampled(piece, picked, consts, self.kept) if piece.linear else {}
+        local = _sampled(piece, picked, consts, self.kept, self.scopes.name) if piece.linear else {}
         self.sampled += bool(local)
         self.sampled_kept += any(a is self.kept.get(n, (None, None))[1] for n, a in local.items())
         return local
@@ -218,14 +224,15 @@ class ModelFile:
         """The picked nodes in graph order, as protos whose values (all but the shared
         initializers) are renamed into the piece's name space."""
         out = []
-        order = {id(n): k for k, n in enumerate(self.graph)}
+        order = {id(n): k for k, n in enumerate(self.graph.all_nodes())}
         for node in sorted(picked, key=lambda n: order.get(id(n), 0)):
             proto = ir.serde.serialize_node(node)
             del proto.input[len(_data_inputs(node)):]
-            for lst in (proto.input, proto.output):
-                for k, name in enumerate(lst):
-                    if name and (name in local or name not in initializers):
-                        lst[k] = prefix + name
+            for lst, values in ((proto.input, node.inputs), (proto.output, node.outputs)):
+                for k, value in enumerate(values[:len(lst)]):
+                    name = self.scopes.name(value)  # qualified: sibling branches reuse names
+                    if name:
+                        lst[k] = prefix + name if (name in local or name not in initializers) else name
             out.append(proto)
         return out
 
@@ -254,16 +261,18 @@ def _data_inputs(node: ir.Node) -> list:
     return list(node.inputs)
 
 
-def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], kept: dict) -> dict[str, np.ndarray]:
+def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], kept: dict,
+             qname) -> dict[str, np.ndarray]:
     """For a linear piece whose weight is over SAMPLE_BYTES: its weight, and every constant indexed
-    by its output columns (a bias), sliced to the columns of :func:`sample_window`. Else {}."""
+    by its output columns (a bias), sliced to the columns of :func:`sample_window`. Else {}.
+    ``qname``: a value's qualified name (the keys of ``consts``)."""
     cut = set(piece.inputs)
     reader = next((n for n in nodes if is_linear_reader(n) and n.inputs and n.inputs[0] is not None
-                   and n.inputs[0].name in cut), None)
+                   and qname(n.inputs[0]) in cut), None)
     if reader is None or len(reader.inputs) < 2 or reader.inputs[1] is None:
         return {}
     traced = trace_weight(reader.inputs[1], weight_k_axis(reader))
-    if isinstance(traced, str) or traced.source.name not in consts:
+    if isinstance(traced, str) or qname(traced.source) not in consts:
         return {}
     weight, k_axis, tensor = traced.source, traced.k_axis, traced.source.const_value
     shape = tuple(tensor.shape.numpy())
@@ -271,7 +280,7 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], k
     if cols is None:
         return {}
     n = shape[1 - k_axis]
-    keep = kept.get(weight.name)
+    keep = kept.get(qname(weight))
     if keep is not None and keep[0] == cols and keep[1].shape == (shape[0], cols.stop - cols.start) and k_axis == 0:
         sliced = keep[1]  # the bytes the writer wrote, kept as it wrote them
     else:
@@ -280,10 +289,10 @@ def _sampled(piece: _Piece, nodes: list[ir.Node], consts: dict[str, ir.Value], k
         array = tensor.numpy()
         sliced = np.ascontiguousarray(array[:, cols] if k_axis == 0 else array[cols, :])
         del array
-    out = {weight.name: sliced}
+    out = {qname(weight): sliced}
     release_tensor(tensor)
     for name, v in consts.items():
-        if name == weight.name:
+        if name == qname(weight):
             continue
         dims = tuple(v.const_value.shape.numpy())
         if dims and dims[-1] == n:  # a bias over the output columns
@@ -379,7 +388,7 @@ def _wiring(file: ModelFile, data: str, target: str) -> list[str] | None:
     for _ in range(_PATH_DEPTH):
         if v is None:
             return None
-        if v.name == target:
+        if file.scopes.name(v) == target:
             return ops
         node = v.producer()
         if node is None or not node.inputs:
@@ -410,7 +419,7 @@ def _check_site(site, ref: ModelFile, cand: ModelFile, rng, deadline: Deadline, 
                 result: VerificationResult) -> int:
     """One folded norm: its wiring, then its pieces built, fed and run in both files and compared,
     into ``result``. Returns how many pieces ran (0 when the output's failed to run)."""
-    after = site.output_after.name
+    after = site.output_after_name
     g, beta, channels = _site_scale(site, ref)
     # a linear reading the norm directly reads, in the output, the weightless norm's value
     data_after = [after if r.data == site.output_before else r.data for r in site.readers]
@@ -441,7 +450,7 @@ def _site_scale(site, ref: ModelFile) -> tuple[np.ndarray, np.ndarray | None, in
 def _check_wiring(site, ref: ModelFile, cand: ModelFile, data_after: list[str], result: VerificationResult) -> None:
     """Every reader reads the weightless norm through the ops it read the norm through in the
     input; each one that does not fails ``result``."""
-    after = site.output_after.name
+    after = site.output_after_name
     for r, d_after in zip(site.readers, data_after):
         want, got = _wiring(ref, r.data, site.output_before), _wiring(cand, d_after, after)
         if got is None or got != want:
@@ -455,11 +464,11 @@ def _build_site(site, ref: ModelFile, cand: ModelFile, data_after: list[str]) ->
     """The site's pieces (the norm, each linear reader) cut out of each file: (input's model, its
     input names, output's model, its input names); :class:`VerificationUnavailable` when they
     cannot be cut out."""
-    after = site.output_after.name
+    after = site.output_after_name
     norm_piece_ref = _Piece(site.inputs, [site.output_before, *site.extra_outputs])
     norm_piece_cand = _Piece(site.inputs, [after, *site.extra_outputs])
     reader_ref = [_Piece([r.data], [r.result_before], linear=True) for r in site.readers]
-    reader_cand = [_Piece([d], [r.result_after.name], linear=True) for r, d in zip(site.readers, data_after)]
+    reader_cand = [_Piece([d], [r.result_after_name], linear=True) for r, d in zip(site.readers, data_after)]
     try:
         ref_model, ref_in = ref.build([norm_piece_ref, *reader_ref])
         cand_model, cand_in = cand.build([norm_piece_cand, *reader_cand])
@@ -509,7 +518,7 @@ def _run_site(site, ref: ModelFile, cand: ModelFile, ref_model: bytes, cand_mode
     except Exception as e:
         result.passed = False
         result.message = f"norm '{site.norm}': the output's piece fails to run: {first_line(e)}"
-        result.outputs.append(failed_entry("subgraph", f"{site.output_after.name} ({site.norm})"))
+        result.outputs.append(failed_entry("subgraph", f"{site.output_after_name} ({site.norm})"))
         return None
     return got_ref, got_cand
 
