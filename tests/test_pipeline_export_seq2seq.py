@@ -30,6 +30,7 @@ from flashnorm_onnx import cli as cli
 from flashnorm_onnx.pipeline.export import SEQ2SEQ_TASKS, TASKS, _export_optimum, export
 
 ENCODER, DECODER, WITH_PAST = "encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"
+MERGED = "decoder_model_merged.onnx"
 
 
 def require(*dists: str) -> None:
@@ -130,7 +131,7 @@ def norms(report_json: dict, model: str, status: str) -> list[dict]:
 
 def assert_every_model_folded_and_verified(out: Path, report_json: dict, expected: set[str]) -> None:
     """Every .onnx in OUTDIR is one of the report's models, each changed by the fold and checked by
-    running it against the unfolded model in ONNX Runtime; no merged decoder; no staging left."""
+    running it against the unfolded model in ONNX Runtime; no staging left."""
     on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*.onnx")}
     assert on_disk == set(report_json["models"]) == expected, (on_disk, set(report_json["models"]))
     for rel, model in report_json["models"].items():
@@ -140,6 +141,30 @@ def assert_every_model_folded_and_verified(out: Path, report_json: dict, expecte
         assert verification["cases"], rel
     assert report_json["verification"]["passed"]
     assert not [p.name for p in out.parent.iterdir() if p.name.startswith(".")]  # the staging folder went
+
+
+def assert_merged_decoder_folded_once(report_json: dict, output_layer: str) -> None:
+    """The merged decoder folds every norm of both branches (7 each), and writes each weight once:
+    the two branches read one set of weights with equal scales, so the merged file adds what the
+    plain decoder adds (one untied copy of the tied output layer), not twice that."""
+    merged, plain = report_json["models"][MERGED], report_json["models"][DECODER]
+    assert merged["summary"]["folded"] == 14 and not norms(report_json, MERGED, "skipped"), merged["summary"]
+    branches = {n["name"].split("@", 1)[0] for n in merged["norms"]}
+    assert branches == {"then_branch", "else_branch"}, branches
+    finals = [n for n in merged["norms"] if output_layer in " ".join(n["feeds"])]
+    assert len(finals) == 2 and all(n["status"] == "folded" for n in finals), finals
+    assert merged["summary"]["bytes_added_by_untying"] == plain["summary"]["bytes_added_by_untying"] > 0, (merged["summary"], plain["summary"])
+    shared = [c for n in merged["norms"] for c in n["consumers"] if c["action"].startswith("shared")]
+    assert len(shared) == sum(len(n["consumers"]) for n in merged["norms"]) // 2, shared
+
+
+def assert_loaded_decoder(model, use_merged: bool | None) -> None:
+    """optimum loads the merged decoder by default, the two decoders with use_merged=False."""
+    if use_merged is False:
+        assert model.decoder_with_past is not None and not model.decoder.is_merged
+    else:
+        assert model.decoder_with_past is None and model.decoder.is_merged
+        assert Path(model.decoder.path).name == MERGED
 
 
 def ort_session(path: Path):
@@ -197,7 +222,7 @@ def test_a_task_the_model_does_not_have_is_the_exporter_error_and_leaves_no_stag
 @pytest.mark.parametrize("task", ["text2text-generation-with-past", "text2text-generation"])
 def test_t5_export_folds_and_verifies_every_model(task, exports):
     out, report, report_json = exports("t5", task)
-    expected = {ENCODER, DECODER} | ({WITH_PAST} if task.endswith("-with-past") else set())
+    expected = {ENCODER, DECODER} | ({WITH_PAST, MERGED} if task.endswith("-with-past") else set())
     assert_every_model_folded_and_verified(out, report_json, expected)
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / name).exists(), name
@@ -210,11 +235,13 @@ def test_t5_export_folds_and_verifies_every_model(task, exports):
     assert "graph output" in final["reason"], final
     # decoder: 2 layers x (self-attention, cross-attention -> q, feed-forward) + the final norm,
     # which reaches the tied output layer through T5's scalar Mul by d_model**-0.5: all fold
-    for rel in expected - {ENCODER}:
+    for rel in expected - {ENCODER, MERGED}:
         assert models[rel]["summary"]["folded"] == 7, (rel, models[rel]["summary"])
         assert not norms(report_json, rel, "skipped"), rel
         [final] = [n for n in models[rel]["norms"] if n["name"] == "decoder.final_layer_norm.weight"]
         assert final["status"] == "folded" and [f for f in final["feeds"] if "/lm_head/" in f], final
+    if MERGED in expected:
+        assert_merged_decoder_folded_once(report_json, "/lm_head/")
     assert report.folded == sum(m["summary"]["folded"] for m in models.values())
     assert report_json["notes"][-1].startswith(f"exported with optimum ({task}, fp32) from ")
 
@@ -236,17 +263,19 @@ def test_t5_outdir_computes_what_the_unfolded_export_computes(exports, unfolded)
     import torch
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
-    def generate(folder: Path):
-        model = ORTModelForSeq2SeqLM.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True)
-        assert model.decoder_with_past is not None  # the KV-cache decoder is the one generate() uses
+    def generate(folder: Path, use_merged: bool | None):
+        model = ORTModelForSeq2SeqLM.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True,
+                                                     use_merged=use_merged)
+        assert_loaded_decoder(model, use_merged)
         result = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
                                 min_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
         return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
 
-    tokens, scores = generate(out)
-    ref_tokens, ref_scores = generate(reference)
-    assert tokens == ref_tokens
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    for use_merged in (None, False):  # optimum's default (the merged decoder), then the two decoders
+        tokens, scores = generate(out, use_merged)
+        ref_tokens, ref_scores = generate(reference, use_merged)
+        assert tokens == ref_tokens, use_merged
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
 
 
 # -- Whisper ---------------------------------------------------------------------------------------
@@ -255,7 +284,7 @@ def test_t5_outdir_computes_what_the_unfolded_export_computes(exports, unfolded)
 @pytest.mark.parametrize("task", ["automatic-speech-recognition-with-past", "automatic-speech-recognition"])
 def test_whisper_export_folds_and_verifies_every_model(task, exports):
     out, report, report_json = exports("whisper", task)
-    expected = {ENCODER, DECODER} | ({WITH_PAST} if task.endswith("-with-past") else set())
+    expected = {ENCODER, DECODER} | ({WITH_PAST, MERGED} if task.endswith("-with-past") else set())
     assert_every_model_folded_and_verified(out, report_json, expected)
     for name in ("config.json", "generation_config.json", "preprocessor_config.json"):
         assert (out / name).exists(), name
@@ -268,11 +297,13 @@ def test_whisper_export_folds_and_verifies_every_model(task, exports):
     assert "graph output" in final["reason"], final
     # decoder: 2 layers x (self-attention, cross-attention -> q, fc1) + the final layer_norm into
     # the output projection (proj_out)
-    for rel in expected - {ENCODER}:
+    for rel in expected - {ENCODER, MERGED}:
         assert models[rel]["summary"]["folded"] == 7, (rel, models[rel]["summary"])
         assert not norms(report_json, rel, "skipped"), rel
         [final] = [n for n in models[rel]["norms"] if n["name"] == "model.decoder.layer_norm.weight"]
         assert final["status"] == "folded" and [f for f in final["feeds"] if "/proj_out/" in f], final
+    if MERGED in expected:
+        assert_merged_decoder_folded_once(report_json, "/proj_out/")
     assert report.folded == sum(m["summary"]["folded"] for m in models.values())
 
 
@@ -299,14 +330,16 @@ def test_whisper_outdir_computes_what_the_unfolded_export_computes(checkpoints, 
     import torch
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
 
-    def generate(folder: Path):
-        model = ORTModelForSpeechSeq2Seq.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True)
-        assert model.decoder_with_past is not None
+    def generate(folder: Path, use_merged: bool | None):
+        model = ORTModelForSpeechSeq2Seq.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True,
+                                                         use_merged=use_merged)
+        assert_loaded_decoder(model, use_merged)
         result = model.generate(input_features=torch.tensor(features), max_new_tokens=8, min_new_tokens=8,
                                 do_sample=False, return_dict_in_generate=True, output_scores=True)
         return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
 
-    tokens, scores = generate(out)
-    ref_tokens, ref_scores = generate(reference)
-    assert tokens == ref_tokens
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    for use_merged in (None, False):  # optimum's default (the merged decoder), then the two decoders
+        tokens, scores = generate(out, use_merged)
+        ref_tokens, ref_scores = generate(reference, use_merged)
+        assert tokens == ref_tokens, use_merged
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)

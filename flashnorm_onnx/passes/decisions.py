@@ -15,8 +15,9 @@ class ConsumerRecord:
     weight: str
     action: str
     """'in place' (the weight was only read by this fold), 'untied copy' (a new tensor; the
-    original keeps its other readers) or 'shared in place' (one tensor read by several
-    readers of this same norm)."""
+    original keeps its other readers), or, for a reader of a tensor another reader writes first
+    (of this norm, or of another norm with an equal scale: the two branches of a merged decoder),
+    'shared in place' / 'shared copy'."""
 
 
 @dataclasses.dataclass

@@ -9,15 +9,19 @@
 4. copy the config and tokenizer files a runtime needs (optimum's ORTModel, genai) into OUTDIR
    and write ``flashnorm_report.json``.
 
-Encoder-decoder tasks (:data:`SEQ2SEQ_TASKS`: T5, BART, Whisper ...; optimum only) export several
-models: ``encoder_model.onnx``, ``decoder_model.onnx`` and, with past, ``decoder_with_past_model.onnx``.
-Step 3 is then folder mode, ``optimize(STAGING_DIR, OUTDIR)``: every model of the folder is folded
-and verified (nothing is published unless all pass) and its companions (config, generation config,
+Encoder-decoder tasks (:data:`SEQ2SEQ_TASKS`: T5, BART, Whisper ...; optimum only) export what
+optimum writes: ``encoder_model.onnx``, ``decoder_model.onnx`` and, with past,
+``decoder_with_past_model.onnx`` and ``decoder_model_merged.onnx`` (both decoders as the branches of
+an ``If`` on ``use_cache_branch``, reading one set of weights). Step 3 is then folder mode,
+``optimize(STAGING_DIR, OUTDIR)``: every model of the folder is folded and verified (nothing is
+published unless all pass), the merged decoder's norms inside its branches included (a weight both
+branches read is folded once, not copied), and its companions (config, generation config,
 tokenizer, preprocessor) are copied. The staging folder is then a sibling of OUTDIR, not inside it
-(folder mode refuses an input folder inside its output folder). No merged decoder
-(``decoder_model_merged.onnx``) is written: optimum's merge puts both decoders in the branches of an
-``If``, whose subgraphs the fold does not enter, and optimum's ORTModel classes load the unmerged
-files (as optimum's own ``ORTModel.from_pretrained(export=True)`` writes them).
+(folder mode refuses an input folder inside its output folder).
+
+Which file runtimes load: optimum's ``ORTModelForSeq2SeqLM`` / ``ORTModelForSpeechSeq2Seq`` load
+the encoder and ``decoder_model_merged.onnx`` when it is there (their default, ``use_merged=None``),
+else ``decoder_model.onnx`` and ``decoder_with_past_model.onnx`` (``use_merged=False``).
 """
 
 from __future__ import annotations
@@ -95,8 +99,6 @@ def _export_optimum(src: Path, out: Path, task: str, dtype: str, opset: int | No
         kwargs["opset"] = opset
     if dtype == "fp16":
         kwargs["dtype"] = "fp16"
-    if task in SEQ2SEQ_TASKS:
-        kwargs["no_post_process"] = True  # no decoder_model_merged.onnx: see the module docstring
     main_export(**kwargs)
     return out if task in SEQ2SEQ_TASKS else out / "model.onnx"
 
