@@ -130,6 +130,10 @@ class FlashNormPassResult(ir.passes.PassResult):
     """Every tensor the fold wrote, by its name in the output -> the name of the constant it was
     computed from in the input ("" for a new LayerNorm bias). The same name on both sides: written
     in place. What the plan-diff check (verify_plan) holds the output to."""
+    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """Every weight the fold wrote (by its name in the output) -> the scale g folded into it: the
+    plan-diff check holds each linear to reading a weight folded with its own norm's scale, and
+    the algebraic check reads each tensor back against this g."""
 
 
 @dataclasses.dataclass
@@ -139,6 +143,7 @@ class _Applied:
     folds: list[FoldRecord] = dataclasses.field(default_factory=list)
     sites: list[RewriteSite] = dataclasses.field(default_factory=list)
     written: dict[str, str] = dataclasses.field(default_factory=dict)
+    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     done: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
     """Tensors already written, by their share key: a later write of the same key reads them."""
 
@@ -283,7 +288,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             _ensure_opset(model)
             provenance.record(model, report)  # survives a PassManager, tells a folded model apart
         return FlashNormPassResult(model, modified=modified, report=report, folds=applied.folds, sites=applied.sites,
-                                   written=applied.written)
+                                   written=applied.written, scales=applied.scales)
 
     # -- one norm ------------------------------------------------------------------------------
 
@@ -510,6 +515,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                 applied.written[scopes.name(done)] = scopes.name(source)
                 if write.in_place:
                     source.replace_all_uses_with(done)
+            applied.scales[scopes.name(done)] = np.array(g)
             applied.done[write.key] = done
         if write.in_place:
             return  # every reader reads the rewritten tensor

@@ -109,6 +109,10 @@ class FolderReport:
     def summary_line(self, planned: bool = False) -> str:
         n = len(self.models)
         line = f"{n} model{'s' if n != 1 else ''}: {self._totals().summary_line(planned)}"
+        kept = self._kept_all()
+        if kept and n > 1:
+            line += f"; {'would fold' if planned else 'folded'} nothing in " + ", ".join(kept[:3]) \
+                + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
         verification = self.verification
         if verification is not None:
             verdict = "skipped" if verification.method == "skipped" else ("PASSED" if verification.passed else "FAILED")
@@ -119,6 +123,22 @@ class FolderReport:
             verdict = "skipped" if not run else ("PASSED" if all(v.passed for v in run) else "FAILED")
             line += f"; int4 check {verdict}"
         return line
+
+    def _kept_all(self) -> list[str]:
+        """The models in which nothing was folded, each with why in a few words: so a folder's
+        total never reads as if every model were folded."""
+        kept = []
+        for rel, r in self.models.items():
+            if r.folded or r.quantization:
+                continue
+            if not r.decisions:
+                why = "no norm found"
+            elif r.skipped:
+                why = f"{r.skipped} norm{'s' if r.skipped != 1 else ''} skipped"
+            else:
+                why = "already weightless"
+            kept.append(f"{rel} ({why})")
+        return kept
 
     def text(self, planned: bool = False) -> str:
         lines = []

@@ -76,6 +76,7 @@ class NormEdit:
     inputs: list[str]
     before: str
     after: str
+    g: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -96,17 +97,19 @@ class Declaration:
     linears: list[LinearEdit]
     written: dict[str, str]
     """tensor name in the output -> the input constant it was computed from ("": a new bias)."""
+    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    """written weight -> the scale folded into it (each linear must read its own norm's)."""
 
 
 def declaration(result) -> Declaration:
     """The declaration of a ``FlashNormPassResult`` (its sites and the tensors it wrote)."""
     norms, linears = [], []
     for site in result.sites:
-        norms.append(NormEdit(site.norm, list(site.inputs), site.output_before, site.output_after_name))
+        norms.append(NormEdit(site.norm, list(site.inputs), site.output_before, site.output_after_name, site.g))
         for r in site.readers:
             linears.append(LinearEdit(site.norm, r.data, r.linear_before, r.linear_after,
                                       r.result_before, r.result_after_name))
-    return Declaration(norms, linears, dict(result.written))
+    return Declaration(norms, linears, dict(result.written), dict(getattr(result, "scales", {}) or {}))
 
 
 class _Graph:
@@ -359,6 +362,7 @@ def check_plan(reference: str | os.PathLike, output: str | os.PathLike, declared
     accounted |= set(region)
     _check_region_nodes(a, b, region, problems)
     kept = _check_other_nodes(a, b, accounted, rename, problems)
+    _check_scales(b, declared, problems)
 
     new_constants = _check_initializers(a, b, declared.written, copied or {}, region, problems)
     readers = _check_readers(b, declared, linear_of, bias_add_of, region, problems)
@@ -580,6 +584,28 @@ def _same_constant_input(a: _Graph, b: _Graph, x: str, y: str, written: dict[str
                                    f"'{written[source_b] or 'nothing'}', not from '{source_a or 'nothing'}'")
     elif source_b != source_a:
         problems.add(source_b, f"{what} reads '{source_b}' in the output, '{source_a}' in the input")
+
+
+def _check_scales(b: _Graph, declared: Declaration, problems: _Problems) -> None:
+    """Each declared linear reads, where it reads a folded weight, one folded with its own norm's
+    scale: two norms whose linears share a weight (the branches of a merged decoder) may share one
+    folded tensor only when their scales are equal."""
+    scale_of = {n.name: n.g for n in declared.norms}
+    for edit in declared.linears:
+        k = b.producer.get(edit.linear_after)
+        g = scale_of.get(edit.norm)
+        if k is None or g is None:
+            continue
+        for x in list(b.nodes[k].input)[1:]:
+            _, source = b.trace(x) if x else ([], None)
+            folded = declared.scales.get(source) if source else None
+            if folded is None:
+                continue
+            same = np.shape(folded) == np.shape(g) and np.array_equal(np.asarray(folded, np.float64),
+                                                                      np.asarray(g, np.float64))
+            if not same:
+                problems.add(source, f"the linear {b.label(k)} of norm '{edit.norm}' reads '{source}', which "
+                                     "the plan folded with another norm's scale")
 
 
 def _norm_region(b: _Graph, norm: NormEdit, region: dict[int, str], problems: _Problems) -> None:
