@@ -22,7 +22,9 @@ analysis (``norm_patterns``, ``linear_consumers``): a bug there cannot also blin
    * inside a declared norm's rewrite: between the norm's activation inputs and the value its
      readers read, reading nothing but those inputs and constants.
 
-   Anything else (a node edited, rewired, added) fails, and is named.
+   Anything else (a node edited, rewired, added) fails, and is named. A declared linear that
+   reads a folded weight reads one folded with its own norm's scale (the plan's ``scales``): two
+   norms may share a folded tensor (the branches of a merged decoder) only with equal scales.
 3. **Initializers**: every initializer the plan does not name is the input's, byte for byte. One
    the streamed writer copied from an external data file is checked by what it copied and from
    where (the input's own location of that same tensor, and the output's reference to where it
@@ -35,7 +37,11 @@ analysis (``norm_patterns``, ``linear_consumers``): a bug there cannot also blin
    function calls. Each must be a declared linear at the input the plan declared (whose function
    the subgraph check runs and whose tensor the algebraic check reads back), or a ``Shape``. Any
    other reader (an embedding ``Gather`` of a tied weight, a graph output, another norm, a
-   subgraph) fails, and is named.
+   function call) fails, and is named.
+
+Subgraphs (If branches, Loop/Scan bodies) are flattened into one list of nodes, each value under
+its name qualified by its scope (:mod:`~flashnorm_onnx.passes.scopes`): sibling branches reuse
+names, and a branch reading an outer weight is one of that weight's readers like any other.
 """
 
 from __future__ import annotations
