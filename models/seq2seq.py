@@ -1,8 +1,9 @@
-"""Tiny random-weight encoder-decoder checkpoints (T5, Whisper), built offline, for ``export``'s
+"""Tiny random-weight encoder-decoder checkpoints (T5, BART, Whisper), built offline, for ``export``'s
 seq2seq tasks (tests/test_pipeline_export_seq2seq.py).
 
     from models.seq2seq import checkpoint
     folder = checkpoint("t5", tmp / "t5")        # config.json, model.safetensors, tokenizer files
+    folder = checkpoint("bart", tmp / "bart")    # the same, BART (post-LN, LayerNorms with bias)
     folder = checkpoint("whisper", tmp / "wh")   # config.json, model.safetensors, preprocessor_config.json
 
 Weights are seeded; after init every norm scale is set to uniform [0.5, 1.5] and every
@@ -11,7 +12,8 @@ LayerNorm bias to normal * 0.1 (as in :mod:`models.fixtures`), so the scales are
 
 T5: 2 + 2 layers, d_model 32, 4 heads, vocab 128, tied embeddings (so the decoder output is
 scaled by d_model**-0.5 before the tied output layer), with a word-level tokenizer over made-up
-tokens. Whisper: 2 + 2 layers, d_model 32, 4 heads, vocab 128, 80 mel bins; the encoder keeps
+tokens. BART: 2 + 2 layers, d_model 32, 4 heads, vocab 128, tied embeddings, the same tokenizer;
+post-LN (each norm follows its residual Add, so its output is also the next residual). Whisper: 2 + 2 layers, d_model 32, 4 heads, vocab 128, 80 mel bins; the encoder keeps
 ``max_source_positions=1500`` because optimum's exporter feeds 3000 frames (its default dummy
 shape) and Whisper's encoder accepts exactly ``2 * max_source_positions``. The feature
 extractor is WhisperFeatureExtractor's defaults (80 mel bins, 30 s at 16 kHz). Neither
@@ -24,11 +26,11 @@ from __future__ import annotations
 from pathlib import Path
 
 SEED = 0
-FAMILIES = ("t5", "whisper")
+FAMILIES = ("t5", "bart", "whisper")
 
 
 def checkpoint(family: str, folder: str | Path) -> Path:
-    """Save the tiny ``family`` checkpoint ("t5" or "whisper") into ``folder``; returns it."""
+    """Save the tiny ``family`` checkpoint ("t5", "bart" or "whisper") into ``folder``; returns it."""
     import torch
     import transformers as tr
 
@@ -41,6 +43,12 @@ def checkpoint(family: str, folder: str | Path) -> Path:
                              num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=16,
                              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
         model = tr.T5ForConditionalGeneration(config)
+    elif family == "bart":
+        config = tr.BartConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
+                               encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                               decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=0, bos_token_id=3,
+                               eos_token_id=1, decoder_start_token_id=1, forced_eos_token_id=None)
+        model = tr.BartForConditionalGeneration(config)
     else:
         config = tr.WhisperConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
                                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
@@ -61,7 +69,7 @@ def checkpoint(family: str, folder: str | Path) -> Path:
             count += 1
     assert count > 0, f"no norm found in {family}"
     model.eval().save_pretrained(folder)
-    if family == "t5":
+    if family in ("t5", "bart"):
         _tokenizer().save_pretrained(folder)
     else:
         tr.WhisperFeatureExtractor().save_pretrained(folder)

@@ -1,13 +1,15 @@
-"""``flashnorm-onnx export`` with the encoder-decoder tasks (issue 12).
+"""``flashnorm-onnx export`` with the encoder-decoder tasks (issues 12 and 23).
 
-Tiny random-weight T5 and Whisper checkpoints (models/seq2seq.py, random norm scales) go through
-optimum's exporter with ``text2text-generation(-with-past)`` and
-``automatic-speech-recognition(-with-past)``. Asserted: the export succeeds; every ``.onnx`` of
-OUTDIR is a model of the report, folded and verified in ONNX Runtime; the fold counts, model by
-model, with what T5 and Whisper cannot fold and why; and that OUTDIR computes what the
-unfolded export computes: ONNX Runtime sessions of encoder, decoder and decoder-with-past on the
-same inputs, and ``ORTModelForSeq2SeqLM`` / ``ORTModelForSpeechSeq2Seq`` loading OUTDIR and
-``generate`` giving the unfolded export's greedy tokens and scores.
+Tiny random-weight T5, BART and Whisper checkpoints (models/seq2seq.py, random norm scales) go
+through optimum's exporter with ``text2text-generation(-with-past)`` and
+``automatic-speech-recognition(-with-past)``. Asserted: the export succeeds and writes what optimum
+writes, the merged decoder included; every ``.onnx`` of OUTDIR is a model of the report, folded
+and verified in ONNX Runtime; the fold counts, model by model, with what cannot fold and why; the
+merged decoder folds in both branches what the plain decoders fold, writing each weight once; and
+OUTDIR computes what the unfolded export computes: ONNX Runtime sessions of encoder, decoder and
+decoder-with-past on the same inputs, and ``ORTModelForSeq2SeqLM`` / ``ORTModelForSpeechSeq2Seq``
+loading OUTDIR (the merged decoder, their default, then ``use_merged=False``) and ``generate``
+giving the unfolded export's greedy tokens and scores.
 
 The unfolded reference is the same optimum export (``flashnorm_onnx.pipeline.export._export_optimum``,
 the call ``export`` makes) written to a second folder. Each export of these tiny models takes a
@@ -343,3 +345,62 @@ def test_whisper_outdir_computes_what_the_unfolded_export_computes(checkpoints, 
         ref_tokens, ref_scores = generate(reference, use_merged)
         assert tokens == ref_tokens, use_merged
         np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
+# -- BART (post-LN) --------------------------------------------------------------------------------
+
+
+def test_bart_merged_decoder_folds_what_the_decoders_fold_and_generates_the_same_tokens(exports, checkpoints,
+                                                                                       tmp_path_factory):
+    """BART is post-LN: every norm but the decoder's last feeds the next residual and is skipped,
+    with the reason; the last folds into the output layer. The merged decoder decides in each
+    branch what the plain decoders decide, writes each tensor once, and optimum's loader on
+    OUTDIR (merged by default, then the two decoders) generates the unfolded export's tokens."""
+    out, report, report_json = exports("bart", "text2text-generation-with-past")
+    assert_every_model_folded_and_verified_or_said(out, report_json)
+    models = report_json["models"]
+    def readers(feeds: list[str]) -> list[str]:  # the linears, without their weights' names (merging renames them)
+        return [re.sub(r"\[.*\]$", "", f) for f in feeds]
+
+    plain = [(n["status"], readers(n["feeds"])) for n in models[DECODER]["norms"]]
+    assert [s for s, _ in plain] == ["skipped"] * 6 + ["folded"], plain
+    assert all("post-LN" in n["reason"] for n in models[DECODER]["norms"][:6])
+    merged = models[MERGED]["norms"]
+    for branch in ("else_branch", "then_branch"):
+        mine = [(n["status"], readers(n["feeds"])) for n in merged if n["name"].startswith(branch + "@")]
+        assert mine == plain, (branch, mine)
+    for key in ("bytes_rewritten", "bytes_added_by_untying", "tensors_written"):
+        assert models[MERGED]["summary"][key] == models[DECODER]["summary"][key], key
+    assert "folded nothing in encoder_model.onnx (5 norms skipped)" in report.summary_line()
+
+    reference = tmp_path_factory.mktemp("bart-unfolded")
+    _export_optimum(checkpoints("bart"), reference, "text2text-generation-with-past", "fp32", None)
+    import torch
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    ids = np.random.default_rng(0).integers(4, 128, size=(2, 6)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, 4:] = 0
+
+    def generate(folder: Path, use_merged: bool | None):
+        model = ORTModelForSeq2SeqLM.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True,
+                                                     use_merged=use_merged)
+        assert_loaded_decoder(model, use_merged)
+        result = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                                min_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
+        return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
+
+    for use_merged in (None, False):
+        tokens, scores = generate(out, use_merged)
+        ref_tokens, ref_scores = generate(reference, use_merged)
+        assert tokens == ref_tokens, use_merged
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
+def assert_every_model_folded_and_verified_or_said(out: Path, report_json: dict) -> None:
+    """Every model of OUTDIR verified in ONNX Runtime; one that folded nothing says so in a note."""
+    assert {p.name for p in out.glob("*.onnx")} == set(report_json["models"]) == {ENCODER, DECODER, WITH_PAST, MERGED}
+    for rel, model in report_json["models"].items():
+        assert model["verification"]["passed"], rel
+        if model["summary"]["folded"] == 0:
+            assert any("nothing to fold" in note for note in model["notes"]), (rel, model["notes"])
