@@ -81,11 +81,13 @@ class Scopes:
         return "in " + " > ".join(f"{a} of '{o}'" for a, o in steps)
 
 
+#: onnx.AttributeProto.GRAPH / GRAPHS (this package imports only onnx-ir and numpy)
+_GRAPH, _GRAPHS = 5, 10
+
+
 def proto_scopes(graph) -> Iterator[tuple[str, object, str]]:
     """(prefix, GraphProto, parent prefix or None) for a GraphProto and its nested subgraphs, the
     same prefixes :class:`Scopes` gives the onnx-ir graphs of the same model."""
-    from onnx import AttributeProto
-
     stack = [("", graph, None)]
     while stack:
         prefix, g, parent = stack.pop(0)
@@ -93,8 +95,8 @@ def proto_scopes(graph) -> Iterator[tuple[str, object, str]]:
         for node in g.node:
             key = next((o for o in node.output if o), node.name or node.op_type)
             for a in node.attribute:
-                if a.type == AttributeProto.GRAPH:
+                if a.type == _GRAPH:
                     stack.append((step(prefix, a.name, key), a.g, prefix))
-                elif a.type == AttributeProto.GRAPHS:
+                elif a.type == _GRAPHS:
                     for k, sub in enumerate(a.graphs):
                         stack.append((step(prefix, f"{a.name}[{k}]", key), sub, prefix))
