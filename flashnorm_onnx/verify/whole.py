@@ -1,10 +1,14 @@
 """Numerical equivalence check: run the input and the output in ONNX Runtime and compare.
 
-Both models run on the CPU provider on the same generated inputs (see :mod:`inputs`), for a
-prefill case and, for models with a KV cache, a decode step on a short past. Every output is
-compared: max absolute error, max error relative to the output's largest magnitude, and for
-logits the share of positions whose argmax agrees. The check passes when, for every output,
-``max|a - b| <= atol + rtol * max|a|`` with a tolerance suited to the output's dtype.
+Both models run on the CPU provider on the same generated inputs (see :mod:`inputs`), for the
+cases of :func:`~flashnorm_onnx.verify.inputs.default_cases`: a prefill and, for models with a KV
+cache, a decode step on a short past; for models with an attention mask, padded batches (left- and
+right-padded rows, a row of one real token, a decode step on a padded cache); for merged decoders,
+both values of the branch flag. Every output is compared: max absolute error, max error relative
+to the output's largest magnitude, and for logits the share of positions whose argmax agrees. The
+check passes when, for every output, ``max|a - b| <= atol + rtol * max|a|`` with a tolerance
+suited to the output's dtype. On a padded case only the positions the mask keeps are compared
+(:func:`kept_positions`): what a model computes at a padded position is undefined.
 
 Memory is bounded before anything runs: each case's generated inputs by
 :func:`~flashnorm_onnx.verify.inputs.verification_cap`, and what its runs will create (intermediate
@@ -24,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, first_line
-from flashnorm_onnx.verify.inputs import Case, RunEstimate, default_cases, fit_case, make_feeds, specs_from_session
+from flashnorm_onnx.verify.inputs import (Case, RunEstimate, branch_note, default_cases, describe_rows, fit_case,
+                                          is_padding_mask, make_feeds, specs_from_session)
 from flashnorm_onnx.verify.result import VerificationResult, failed_entry  # noqa: F401 - failed_entry: callers
 from flashnorm_onnx.verify.tolerances import TOLERANCES
 
@@ -450,7 +455,7 @@ def compare_models(
         return VerificationResult(
             method="onnxruntime", passed=False, message=f"ONNX Runtime cannot load the output: {first_line(e)}"
         )
-    if not _run_candidate(cand, runs, output_names, deadline, result, quantized, rtol):
+    if not _run_candidate(cand, runs, output_names, deadline, result, quantized, rtol, generate):
         return result
     return _conclude(result, quantized)
 
@@ -482,16 +487,96 @@ class _Generator:
             result.cases.append(note)
         return case, make_feeds(self.specs, case, dims=self.dims, vocab=self.vocab)
 
+    def padding(self, case: Case, feeds: dict) -> "_Padding | None":
+        """A padded case's attention mask as fed (its first, by :func:`is_padding_mask`); None for
+        a case that is not padded."""
+        if not case.rows:
+            return None
+        for spec in self.specs:
+            fed = feeds.get(spec.name)
+            if is_padding_mask(spec) and fed is not None and fed.ndim >= 2:
+                rows = fed.reshape(fed.shape[0], -1, fed.shape[-1])[:, 0, :] != 0
+                return _Padding(spec.name, list(fed.shape), rows, case.past)
+        return None
+
+
+@dataclasses.dataclass
+class _Padding:
+    """A padded case's attention mask: its name and shape as fed, its [batch, total] rows (True:
+    kept) and the past length (the new tokens are the last ``total - past`` positions)."""
+
+    name: str
+    shape: list[int]
+    rows: np.ndarray
+    past: int
+
+    def note(self, case: str, entries: list[dict]) -> str:
+        """The case's line saying how the mask was padded and at which positions outputs were
+        compared: ``padded: attention_mask[3, 7] rows left-padded by 3, right-padded by 3, 1 real
+        token; compared at its 9/21 kept positions``, naming any output compared in full although
+        some new token was padded (it has no position axis: a pooled output)."""
+        past = f" (past {self.past})" if self.past else ""
+        head = f"{case}: {self.name}{self.shape}{past} rows {describe_rows(self.rows)}; "
+        if self.rows.all():
+            return head + "nothing padded at this size: compared in full"
+        line = head + f"compared at its {int(self.rows.sum())}/{self.rows.size} kept positions"
+        full = [e["name"] for e in entries if e.get("kept") is None]
+        if full and not self.rows[:, self.past:].all():  # a padded new token, outputs without its axis
+            line += f"; in full (no position axis): {', '.join(full[:2])}" + (
+                f" +{len(full) - 2} more" if len(full) > 2 else "")
+        return line
+
+
+def kept_positions(shape: tuple | list, rows: np.ndarray, past: int = 0) -> np.ndarray | None:
+    """Where an output of ``shape`` holds values at positions a padded mask keeps: a boolean array
+    over its leading axes (all of them when its last axis is a position axis), or None when the
+    output has no position axis (it is then compared in full).
+
+    ``rows``: the mask's [batch, total] rows (True: kept), ``past``: the cache length fed. Axis 0 is
+    the batch; every other axis of the mask's length ``total`` is a key position axis (a present
+    key/value, attention weights), and of the new tokens' ``total - past`` (when that is more than
+    1 and less than total) a query position axis (logits, hidden states of a multi-token step), read
+    against the last positions of the mask. An axis that has one of those lengths by chance is
+    masked too: that compares fewer values, never wrong ones."""
+    batch, total = rows.shape
+    new = total - past
+    if len(shape) < 2 or shape[0] != batch:
+        return None
+    axes = {}
+    for i in range(1, len(shape)):
+        if shape[i] == total:
+            axes[i] = rows
+        elif 1 < new < total and shape[i] == new:
+            axes[i] = rows[:, total - new:]
+    if not axes:
+        return None
+    lead = len(shape) if len(shape) - 1 in axes else len(shape) - 1
+    keep = np.ones(tuple(shape[:lead]), dtype=bool)
+    for i, mask in axes.items():
+        view = [1] * lead
+        view[0], view[i] = batch, shape[i]
+        keep &= mask.reshape(view)
+    return keep
+
 
 def _run_reference(ref, generate: _Generator, cases: list[Case] | None, deadline: Deadline,
                    result: VerificationResult) -> list:
     """Runs the input model on each case (the given ones, else :func:`default_cases`); returns
-    (case as run, feeds, the input model's outputs) for each."""
+    (case as run, feeds, the input model's outputs) for each. A default padded case the input
+    model does not run on is left out, with a note: the others still check the function."""
     explicit = cases is not None
     runs = []
     for case in cases or default_cases(generate.specs):
         deadline.check()
-        case, feeds, expected = _run_reference_case(ref, generate, case, explicit, deadline, result)
+        try:
+            case, feeds, expected = _run_reference_case(ref, generate, case, explicit, deadline, result)
+        except VerificationUnavailable as e:
+            if explicit or not case.rows:
+                raise
+            why = first_line(e.__cause__) if e.__cause__ else str(e)
+            why = why if len(why) <= 100 else why[:97] + "..."
+            result.cases.append(f"{case.name}: not run: the input model does not run on it ({why})")
+            continue
         runs.append((case, feeds, [np.asarray(a) for a in expected]))
     return runs
 
@@ -522,7 +607,8 @@ def _run_reference_case(ref, generate: _Generator, case: Case, explicit: bool, d
 def _retry_batch1(ref, generate: _Generator, case: Case, deadline: Deadline,
                   result: VerificationResult) -> tuple[Case, dict, list | None]:
     """The case again with batch 1 on the input model: (case, feeds, outputs), the outputs None
-    when it fails too."""
+    when it fails too. A padded case keeps its first row."""
+    name, batch = case.name, case.batch
     case = dataclasses.replace(case, batch=1, name=case.name + "-batch1")
     case, feeds = generate.feeds(case, result)
     try:
@@ -531,14 +617,16 @@ def _retry_batch1(ref, generate: _Generator, case: Case, deadline: Deadline,
         raise
     except Exception:
         return case, feeds, None
-    result.cases.append("the input model does not run with batch 2; checked batch 1")
+    result.cases.append(f"{name}: the input model does not run with batch {batch}; checked batch 1")
     return case, feeds, expected
 
 
 def _run_candidate(cand, runs: list, output_names: list[str], deadline: Deadline, result: VerificationResult,
-                   quantized: bool, rtol: float | None) -> bool:
+                   quantized: bool, rtol: float | None, generate: _Generator | None = None) -> bool:
     """Runs the output model on each case's feeds and compares its outputs to the input model's;
-    False (``result`` failed, with its message) when the output model fails to run."""
+    False (``result`` failed, with its message) when the output model fails to run. After each
+    case's line come what it fed a merged decoder's branch flag and, for a padded case, how the
+    mask was padded and which positions were compared."""
     for case, feeds, expected in runs:
         deadline.check()
         try:
@@ -552,16 +640,33 @@ def _run_candidate(cand, runs: list, output_names: list[str], deadline: Deadline
         # what actually ran: --dim values and config dims may override the case's sizes
         result.case_inputs[case.name] = {k: list(v.shape) for k, v in feeds.items()}
         result.cases.append(f"{case.name}: " + ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items()))
-        _compare_outputs(case, output_names, expected, got, result, quantized, rtol)
+        padding = generate.padding(case, feeds) if generate is not None else None
+        first = len(result.outputs)
+        _compare_outputs(case, output_names, expected, got, result, quantized, rtol, padding)
+        branch = branch_note(generate.specs, case, feeds) if generate is not None else None
+        if branch:
+            result.cases.append(branch)
+        if padding is not None:
+            result.cases.append(padding.note(case.name, result.outputs[first:]))
     return True
 
 
 def _compare_outputs(case: Case, output_names: list[str], expected: list, got: list, result: VerificationResult,
-                     quantized: bool, rtol: float | None) -> None:
-    """Each output of one case compared (:func:`compare_quantized` or exactly), into ``result``."""
+                     quantized: bool, rtol: float | None, padding: _Padding | None = None) -> None:
+    """Each output of one case compared (:func:`compare_quantized` or exactly), into ``result``;
+    on a padded case only at the positions its mask keeps (:func:`kept_positions`: the entry's
+    ``kept`` is [values compared, values in all] then)."""
+    compare = compare_quantized if quantized else _compare
     for name, a, b in zip(output_names, expected, got):
-        compare = compare_quantized if quantized else _compare
-        entry = compare(name, case.name, a, np.asarray(b), rtol)
+        b = np.asarray(b)
+        keep = None
+        if padding is not None and not padding.rows.all() and a.shape == b.shape:
+            keep = kept_positions(a.shape, padding.rows, padding.past)
+        if keep is None:
+            entry = compare(name, case.name, a, b, rtol)
+        else:
+            entry = compare(name, case.name, a[keep], b[keep], rtol)
+            entry.update(shape=list(a.shape), kept=[int(a[keep].size), int(a.size)])
         result.outputs.append(entry)
         if not entry["ok"]:
             result.passed = False
