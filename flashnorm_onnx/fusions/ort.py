@@ -24,11 +24,16 @@ onnxscript's ``optimize_for_ort``, measured on SmolLM2's dynamo export:
   of shape [batch, sequence], and a dynamo export computes them as [1, sequence] inside the
   graph, so the fused model fails at batch 2. Fixed here: the position ids are expanded to the
   batch of the rotary's input (``_expand_position_ids``), which is what broadcasting did;
-* attention: scaled dot-product attention becomes ``com.microsoft.MultiHeadAttention`` with
-  the mask as its additive ``attention_bias`` (exact, padded batches included: measured max
-  relative difference 2e-6 on SmolLM2 with a left-padded row). Not ``GroupQueryAttention``: that
-  fusion derives ``seqlens_k`` from the position ids and ignores the attention mask, so a padded
-  batch computes another function (and with in-graph position ids it fails at batch 2).
+* attention: grouped-query attention (fewer K/V heads than Q heads) becomes
+  ``com.microsoft.GroupQueryAttention`` by :mod:`flashnorm_onnx.fusions.gqa`: the export's mask
+  goes in as ``attention_bias``, ``seqlens_k`` / ``total_sequence_length`` come from shapes, and
+  rotary moves inside only for in-graph positions -- exact for every mask, padded batches
+  included, where the installed ORT honours ``attention_bias`` (probed). Other scaled dot-product
+  attention becomes ``com.microsoft.MultiHeadAttention`` with the mask as its additive
+  ``attention_bias`` (exact, padded batches included: measured max relative difference 2e-6 on
+  SmolLM2 with a left-padded row). Never onnxscript's own GQA rule: it derives ``seqlens_k`` from
+  the position ids and ignores the attention mask, so a padded batch computes another function
+  (and with in-graph position ids it fails at batch 2).
 
 onnxscript's patterns are written for torch.onnx dynamo graphs (:func:`written_by_dynamo`). On
 other graphs (the legacy exporter's, optimum's) they miss the rotary embedding and take minutes
@@ -49,6 +54,7 @@ import logging
 import onnx_ir as ir
 
 from flashnorm_onnx.errors import first_line
+from flashnorm_onnx.fusions.gqa import fuse_gqa
 
 logger = logging.getLogger(__name__)
 
@@ -93,9 +99,11 @@ def _fuse(model: ir.Model) -> tuple[ir.Model, dict[str, int]]:
         counts[name] = fuse(model)
     common_passes.CommonSubexpressionEliminationPass()(model)
     counts["partial_rotary_embedding"] = ort_fusions.fuse_partial_rotary_embedding(model)
-    # attention as MultiHeadAttention with the mask as an additive bias (exact for padded batches);
-    # not GroupQueryAttention, whose seqlens_k comes from the position ids instead of the mask
+    # grouped-query attention as GroupQueryAttention fed the mask as attention_bias and lengths
+    # from shapes (fusions/gqa.py: exact for every mask); the rest as MultiHeadAttention with the
+    # mask as an additive bias; never onnxscript's GQA rule, which drops the mask
     counts["sdpa"] = ort_fusions.fuse_sdpa(model, apply_shape_inference=True)
+    counts["group_query_attention"] = fuse_gqa(model)
     counts["sdpa_via_mha"] = ort_fusions.replace_sdpa_by_mha(model)
     counts["gelu"] = ort_fusions.fuse_gelu(model)
     counts["bias_gelu"] = ort_fusions.fuse_bias_gelu(model)
