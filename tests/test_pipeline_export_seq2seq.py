@@ -169,6 +169,27 @@ def assert_loaded_decoder(model, use_merged: bool | None) -> None:
         assert Path(model.decoder.path).name == MERGED
 
 
+def assert_same_generation(model_class, folder: Path, reference: Path, new_tokens: int, **inputs) -> None:
+    """optimum's loader on ``folder`` and on ``reference``, with the merged decoder (its default) and
+    then the two decoders (use_merged=False): greedy generation gives the same tokens and scores."""
+    import torch
+
+    def generate(where: Path, use_merged: bool | None):
+        model = model_class.from_pretrained(str(where), provider="CPUExecutionProvider", use_cache=True,
+                                            use_merged=use_merged)
+        assert_loaded_decoder(model, use_merged)
+        result = model.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                                output_scores=True)
+        return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
+
+    for use_merged in (None, False):
+        tokens, scores = generate(folder, use_merged)
+        ref_tokens, ref_scores = generate(reference, use_merged)
+        assert tokens == ref_tokens, use_merged
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+
+
 def ort_session(path: Path):
     import onnxruntime as ort
 
@@ -262,22 +283,9 @@ def test_t5_outdir_computes_what_the_unfolded_export_computes(exports, unfolded)
     assert_same_outputs(folded, expected, rtol=1e-4, atol=1e-5)
 
     # optimum's loader on OUTDIR as a whole: greedy generation gives the unfolded export's tokens
-    import torch
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
-    def generate(folder: Path, use_merged: bool | None):
-        model = ORTModelForSeq2SeqLM.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True,
-                                                     use_merged=use_merged)
-        assert_loaded_decoder(model, use_merged)
-        result = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=12,
-                                min_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_scores=True)
-        return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
-
-    for use_merged in (None, False):  # optimum's default (the merged decoder), then the two decoders
-        tokens, scores = generate(out, use_merged)
-        ref_tokens, ref_scores = generate(reference, use_merged)
-        assert tokens == ref_tokens, use_merged
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    assert_same_generation(ORTModelForSeq2SeqLM, out, reference, 12, input_ids=ids, attention_mask=mask)
 
 
 # -- Whisper ---------------------------------------------------------------------------------------
@@ -329,22 +337,9 @@ def test_whisper_outdir_computes_what_the_unfolded_export_computes(checkpoints, 
     assert_same_outputs(folded, expected, rtol=1e-4, atol=1e-5)
 
     # optimum's loader on OUTDIR: the same greedy tokens and scores as the unfolded export
-    import torch
     from optimum.onnxruntime import ORTModelForSpeechSeq2Seq
 
-    def generate(folder: Path, use_merged: bool | None):
-        model = ORTModelForSpeechSeq2Seq.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True,
-                                                         use_merged=use_merged)
-        assert_loaded_decoder(model, use_merged)
-        result = model.generate(input_features=torch.tensor(features), max_new_tokens=8, min_new_tokens=8,
-                                do_sample=False, return_dict_in_generate=True, output_scores=True)
-        return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
-
-    for use_merged in (None, False):  # optimum's default (the merged decoder), then the two decoders
-        tokens, scores = generate(out, use_merged)
-        ref_tokens, ref_scores = generate(reference, use_merged)
-        assert tokens == ref_tokens, use_merged
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    assert_same_generation(ORTModelForSpeechSeq2Seq, out, reference, 8, input_features=features)
 
 
 # -- BART (post-LN) --------------------------------------------------------------------------------
@@ -375,26 +370,12 @@ def test_bart_merged_decoder_folds_what_the_decoders_fold_and_generates_the_same
 
     reference = tmp_path_factory.mktemp("bart-unfolded")
     _export_optimum(checkpoints("bart"), reference, "text2text-generation-with-past", "fp32", None)
-    import torch
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
     ids = np.random.default_rng(0).integers(4, 128, size=(2, 6)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[0, 4:] = 0
-
-    def generate(folder: Path, use_merged: bool | None):
-        model = ORTModelForSeq2SeqLM.from_pretrained(str(folder), provider="CPUExecutionProvider", use_cache=True,
-                                                     use_merged=use_merged)
-        assert_loaded_decoder(model, use_merged)
-        result = model.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=8,
-                                min_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_scores=True)
-        return result.sequences.tolist(), np.stack([s.numpy() for s in result.scores])
-
-    for use_merged in (None, False):
-        tokens, scores = generate(out, use_merged)
-        ref_tokens, ref_scores = generate(reference, use_merged)
-        assert tokens == ref_tokens, use_merged
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-4, atol=1e-4)
+    assert_same_generation(ORTModelForSeq2SeqLM, out, reference, 8, input_ids=ids, attention_mask=mask)
 
 
 def assert_every_model_folded_and_verified_or_said(out: Path, report_json: dict) -> None:
