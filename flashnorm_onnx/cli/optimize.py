@@ -27,11 +27,16 @@ def register(sub) -> None:
                      "for a folder input, the output folder (required)")
     add_fold_options(opt)
     opt.add_argument("--for-ort", action="store_true",
-                     help="the fastest form for ONNX Runtime: first apply onnxscript's ORT fusions (RMSNorm, "
-                     "skip-RMSNorm, rotary embedding, attention as MultiHeadAttention with the mask as its bias (not "
-                     "GroupQueryAttention, which would drop the mask), FusedMatMul), then fold the fused graph. "
-                     "The output uses com.microsoft operators (ONNX Runtime only) and is verified as a whole "
-                     "against MODEL in ONNX Runtime; the report lists the fusions applied")
+                     help="the fastest form for ONNX Runtime: first apply the exact ORT fusions (RMSNorm, "
+                     "skip-RMSNorm, rotary embedding, grouped-query attention as GroupQueryAttention fed the mask "
+                     "as its attention_bias, other attention as MultiHeadAttention with the mask as its bias, "
+                     "FusedMatMul), then fold the fused graph. The output uses com.microsoft operators (ONNX "
+                     "Runtime only) and is verified as a whole against MODEL in ONNX Runtime, padded batches "
+                     "included; the report lists the fusions applied")
+    opt.add_argument("--pack-linears", action="store_true",
+                     help="with --for-ort: pack the MatMuls that read one value (Q/K/V, gate/up) into one MatMul "
+                     "and a Split, as onnxruntime-genai's builder does; only weights no other node reads (nothing "
+                     "is copied). Off by default: no consistent gain measured on CPU (docs/for-ort.md)")
     q = opt.add_argument_group(
         "int4 (MatMulNBits)",
         textwrap.fill(
@@ -128,6 +133,7 @@ def run(args) -> int:
 
     options = FoldOptions(
         untie=not args.no_untie, keep_structure=args.keep_structure, for_ort=args.for_ort,
+        pack_linears=args.pack_linears,
         verify=not args.no_verify, verify_mode=args.verify, dims=dims, rtol=rtol, verify_timeout=verify_timeout,
         quantize=spec, quantize_order=args.quantize_order, requantize=args.requantize,
         calibrate=args.calibrate, calibration_tokenizer=args.tokenizer, force_write=args.force_write, progress=_progress_factory(True),
@@ -153,6 +159,8 @@ def _quant_spec(args):
     if args.requantize and args.quantize:
         raise argparse.ArgumentTypeError("--requantize keeps the model's own int4 settings; do not combine it "
                                          "with --quantize")
+    if args.pack_linears and not args.for_ort:
+        raise argparse.ArgumentTypeError("--pack-linears applies with --for-ort only")
     if args.requantize and args.for_ort:
         raise argparse.ArgumentTypeError("--requantize and --for-ort cannot be combined")
     if args.requantize and args.verify != "auto" and not args.no_verify:

@@ -29,7 +29,7 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike | None = None, 
     """Fold every foldable normalization of ``model`` and write the result to ``output``.
 
     ``options``: a :class:`~flashnorm_onnx.pipeline.options.FoldOptions`, or its fields as keywords
-    (``untie``, ``keep_structure``, ``for_ort``, ``verify``, ``verify_mode``, ``dims``, ``rtol``,
+    (``untie``, ``keep_structure``, ``for_ort``, ``pack_linears``, ``verify``, ``verify_mode``, ``dims``, ``rtol``,
     ``verify_timeout``, ``quantize``, ``quantize_order``, ``requantize``, ``force_write``,
     ``progress``), which override ``options``'s.
 

@@ -26,6 +26,8 @@ class FoldOptions:
     """Keep decomposed norm chains (scale set to ones) instead of one fused kernel per norm."""
     for_ort: bool = False
     """First apply onnxscript's exact ONNX Runtime fusions, then fold the fused graph."""
+    pack_linears: bool = False
+    """With ``for_ort``: pack the MatMuls reading one value (Q/K/V, gate/up) into one MatMul + Split."""
 
     # -- verification
     verify: bool = True
@@ -62,6 +64,8 @@ class FoldOptions:
             raise ValueError(f"verify_mode must be one of {', '.join(VERIFY_MODES)}")
         if self.quantize is not None and self.requantize:
             raise ValueError("quantize and requantize exclude each other")
+        if self.pack_linears and not self.for_ort:
+            raise ValueError("pack_linears applies with for_ort only")
         if self.calibrate not in (None, False) and self.quantize is None:
             raise ValueError("calibrate applies with quantize only")
         if self.quantize_order is None:
