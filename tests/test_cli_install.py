@@ -346,11 +346,13 @@ def test_real_model_tests_skip_only_when_the_package_is_missing(monkeypatch):
 
 def test_for_ort_needs_nothing_beyond_the_base_install_and_help_names_what_it_fuses():
     """`pip install 'flashnorm-onnx[cpu]'` then `optimize --for-ort`: onnxscript, which runs the
-    fusions, is a base dependency; --help does not promise GroupQueryAttention, which it leaves out."""
+    fusions, is a base dependency; --help says GroupQueryAttention is fed the mask (never the mask
+    dropped, as onnxscript's own rule does) and names the packing option."""
     deps = PYPROJECT["project"]["dependencies"]
     assert any(d.startswith("onnxscript") for d in deps), deps
     from flashnorm_onnx import cli as cli
 
     text = " ".join(cli.build_parser()._subparsers._group_actions[0].choices["optimize"].format_help().split())
-    assert "attention as MultiHeadAttention" in text and "not GroupQueryAttention" in text
-    assert "attention/GQA" not in text
+    assert "GroupQueryAttention fed the mask as its attention_bias" in text, text
+    assert "other attention as MultiHeadAttention with the mask as its bias" in text
+    assert "--pack-linears" in text and "attention/GQA" not in text
