@@ -19,7 +19,7 @@ import flashnorm_onnx
 from flashnorm_onnx.errors import VerificationFailed
 from flashnorm_onnx.quantize import calibrate, search
 from flashnorm_onnx.quantize.int4 import QuantSpec, clip_blocks, dequantize, quantize_weight
-from flashnorm_onnx.quantize.scale_move import find_sites, move_scale
+from flashnorm_onnx.quantize.scale_move import find_pairs, find_sites, move_pair_scale, move_scale
 
 RNG = np.random.default_rng(0)
 
@@ -73,9 +73,14 @@ def test_moving_a_scale_keeps_the_function_in_onnxruntime(llama, tmp_path):
     model = ir.load(str(llama))
     sites, others = find_sites(model)
     assert len(sites) == 5 and not others  # 2 x (q, k, v), 2 x (gate, up), final norm -> lm_head
+    pairs = find_pairs(model)
+    assert len(pairs) == 2  # up -> down of each layer's MLP
     for site in sites:
         s = np.exp(RNG.uniform(np.log(1e-2), np.log(1e2), site.g.size)) * RNG.choice([-1.0, 1.0], site.g.size)
         move_scale(model, site, s)
+    for pair in pairs:  # composed with the post-attention norm's move of up's rows
+        k = pair.down.inputs[1].const_value.shape[0]
+        move_pair_scale(pair, np.exp(RNG.uniform(np.log(1e-2), np.log(1e2), k)) * RNG.choice([-1.0, 1.0], k))
     out = tmp_path / "moved.onnx"
     ir.save(model, str(out))
     ids = RNG.integers(0, 512, (2, 24))
@@ -84,7 +89,7 @@ def test_moving_a_scale_keeps_the_function_in_onnxruntime(llama, tmp_path):
     # and it really moved: every norm's scale and every reader's weight changed
     before, after = _initializers(llama), _initializers(out)
     changed = [n for n in before if n in after and not np.array_equal(before[n], after[n])]
-    assert len(changed) == 5 + 11  # 5 scales; q, k, v, gate, up x 2 layers and lm_head (o, down: no norm)
+    assert len(changed) == 5 + 11 + 2  # 5 scales; q, k, v, gate, up x 2 layers and lm_head; down x 2
 
 
 def test_scale_move_keeps_a_weight_read_elsewhere(tmp_path):
@@ -184,6 +189,22 @@ def calibrated(llama, tmp_path_factory):
     return out, report
 
 
+@pytest.fixture(scope="module")
+def calibrated_norms_only(llama, tmp_path_factory):
+    """The same without the up -> down moves, so that each norm reader's int4 weight is diag(s) W
+    rounded (the up weights' columns are not scaled too)."""
+    from flashnorm_onnx.quantize import activation_aware
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(activation_aware, "find_pairs", lambda model: [])
+    try:
+        out = tmp_path_factory.mktemp("cal_norms") / "q.onnx"
+        report = flashnorm_onnx.optimize(llama, out, quantize=QuantSpec(), calibrate=True)
+    finally:
+        mp.undo()
+    return out, report
+
+
 def test_calibrated_int4_model_runs_and_reports(llama, calibrated):
     out, report = calibrated
     q = report.quantization
@@ -199,17 +220,20 @@ def test_calibrated_int4_model_runs_and_reports(llama, calibrated):
     text = report.text()
     assert "activation-aware" in text and "scales chosen:" in text and "kept g/s" in text
     assert 0.4 < q["max_step_ratio"] <= 1.001
+    assert len(cal["pairs"]) == 2 and "between linears (up -> down)" in text
+    pt = cal["pair_objective_totals"]
+    assert pt["chosen"] <= pt["rtn"]
     # the norms keep g/s: not g, not ones
     g_in, g_out = _norm_scales(llama), _norm_scales(out)
     assert sorted(g_in) == sorted(g_out)
     assert any(not np.allclose(g_in[k], g_out[k]) for k in g_in)
 
 
-def test_calibrated_objective_is_at_most_quantize_first_and_fold_first(llama, calibrated):
+def test_calibrated_objective_is_at_most_quantize_first_and_fold_first(llama, calibrated_norms_only):
     """Recomputed from the written int4 model: its readers' output error on the calibration rows
     (s recovered as g_in / g_out, the int4 weights dequantized) is at most that of RTN on the
     unmoved weights (quantize-first) and on diag(g) W (fold-first)."""
-    out, report = calibrated
+    out, report = calibrated_norms_only
     model = ir.load(str(llama))
     sites, _ = find_sites(model)
     tok = calibrate.find_tokenizer(llama)

@@ -228,6 +228,16 @@ def _calibrated_reason(plan) -> str:
         f"{len(plan.choices)} norm scale(s) placed, {clips['clipped']} of {clips['blocks']} block(s) clipped "
         f"({100 * clips['clipped_share']:.1f}%)",
         "  scales chosen: " + ", ".join(f"{k} x{v}" for k, v in sorted(alphas.items())),
+    ]
+    if plan.pair_choices:
+        pairs: dict[str, int] = {}
+        for c in plan.pair_choices:
+            pairs[c.alpha] = pairs.get(c.alpha, 0) + 1
+        pt = plan.summary()["pair_objective_totals"]
+        lines.append(f"  {len(plan.pair_choices)} scale(s) moved between linears (up -> down): "
+                     + ", ".join(f"{k} x{v}" for k, v in sorted(pairs.items()))
+                     + f"; down's output error {pt['chosen']:.4g} (round-to-nearest {pt['rtn']:.4g})")
+    lines += [
         f"  calibration objective (readers' output error): {totals['chosen']:.4g} chosen, "
         f"{totals['quantize_first']:.4g} quantize-first" + (f", {fold:.4g} fold-first" if fold is not None else ""),
         f"  float check of the moved scales: {plan.calibration_info.get('float_check', 'not run')}",

@@ -27,7 +27,7 @@ import onnx_ir as ir
 from flashnorm_onnx.quantize import search
 from flashnorm_onnx.quantize.calibrate import Calibration
 from flashnorm_onnx.quantize.int4 import QuantSpec, quantizable_weight
-from flashnorm_onnx.quantize.scale_move import ScaleSite, find_sites, move_scale
+from flashnorm_onnx.quantize.scale_move import PairSite, ScaleSite, find_pairs, find_sites, move_pair_scale, move_scale
 
 
 @dataclasses.dataclass
@@ -39,6 +39,8 @@ class Plan:
     """weight name (in the moved model) -> per-block clip ratios [blocks, N]."""
     not_moved: list[tuple[str, str]]
     """(norm, why its scale stays where it is)."""
+    pair_choices: list[search.NormChoice] = dataclasses.field(default_factory=list)
+    """The scales moved between two linears (up -> down of a gated MLP)."""
     seconds: float = 0.0
     blocks: int = 0
     calibration_info: dict = dataclasses.field(default_factory=dict)
@@ -56,6 +58,10 @@ class Plan:
             "norms": [{"norm": c.name, "alpha": c.alpha, "objective": c.chosen.objective, "quantize_first": c.rtn,
                        "fold_first": c.fold} for c in self.choices],
             "objective_totals": self.objective_totals(),
+            "pairs": [{"pair": c.name, "alpha": c.alpha, "objective": c.chosen.objective, "rtn": c.rtn}
+                      for c in self.pair_choices],
+            "pair_objective_totals": {"chosen": float(sum(c.chosen.objective for c in self.pair_choices)),
+                                      "rtn": float(sum(c.rtn for c in self.pair_choices))},
             "clips": search.clip_summary(self.clips, self.blocks),
             "not_moved": [{"norm": n, "reason": r} for n, r in self.not_moved],
             "search_seconds": self.seconds,
@@ -75,9 +81,12 @@ def _matmuls(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
     return out
 
 
-def calibration_values(model: ir.Model) -> tuple[dict[str, int], set[str], list[ScaleSite], list[tuple[str, str]]]:
-    """(values to expose: name -> element type, the ones whose rows are kept, sites, not movable)."""
+def calibration_values(model: ir.Model, pairs: bool = True
+                       ) -> tuple[dict[str, int], set[str], list[ScaleSite | PairSite], list[tuple[str, str]]]:
+    """(values to expose: name -> element type, the ones whose rows are kept, sites -- norms, then
+    with ``pairs`` the up -> down pairs of gated MLPs --, norms not movable)."""
     sites, others = find_sites(model)
+    sites = list(sites) + (find_pairs(model) if pairs else [])
     values: dict[str, int] = {}
     rows: set[str] = set()
     usable = []
@@ -111,16 +120,22 @@ def plan(model: ir.Model, sites: list[ScaleSite], not_moved: list[tuple[str, str
     for site in sites:
         x = stats[site.output.name]
         weights = [_weight_array(w) for w in site.weights]
-        choice = search.choose_scale(site.name, weights, site.g, x.mean_abs, x.mean_sq, x.row_matrix(), spec,
-                                     alphas, clips)
+        pair = isinstance(site, PairSite)
+        choice = search.choose_scale(site.name, weights, None if pair else site.g, x.mean_abs, x.mean_sq,
+                                     x.row_matrix(), spec, alphas, clips)
         del weights
-        renamed = move_scale(model, site, choice.chosen.s)
-        site_weights.update(id(node.inputs[1]) for node in site.readers)
+        if pair:
+            move_pair_scale(site, choice.chosen.s)
+            renamed = {w.name: w.name for w in site.weights}
+            site_weights.add(id(site.down.inputs[1]))
+        else:
+            renamed = move_scale(model, site, choice.chosen.s)
+            site_weights.update(id(node.inputs[1]) for node in site.readers)
         for weight, ratios in zip(site.weights, choice.chosen.clips or [None] * len(site.weights)):
             if ratios is not None:
                 result.clips[renamed[weight.name]] = ratios
         choice.chosen.clips = None  # kept by weight name above
-        result.choices.append(choice)
+        (result.pair_choices if pair else result.choices).append(choice)
         done += 1
         if progress:
             progress(done, total)

@@ -1,4 +1,4 @@
-"""Moves a per-channel scale s from a norm into the weights of the linears that read it: g -> g/s (and beta -> beta/s), W -> diag(s) W.
+"""Moves a per-channel scale s from a norm (or a linear) into the weights of the linears that read it: g -> g/s (and beta -> beta/s), W -> diag(s) W.
 
 The fold's own algebra with a chosen s instead of g (s = g is the fold, s = 1 changes nothing):
 with the norm's output X = norm(x) * g + beta read only by ``X @ W_j``,
@@ -11,6 +11,11 @@ exact in real arithmetic; each new tensor is computed in float64 and rounded onc
 :func:`move_scale` rewrites one. A weight read outside the site is never written: the site gets
 its own copy. The new weights are lazy (computed when the model is written), so memory holds one
 weight at a time.
+
+The same move between two linears: in a gated MLP, ``down(act(gate(x)) * up(x))``, the columns of
+``W_up`` can take 1/s and the rows of ``W_down`` s (:func:`find_pairs`, :func:`move_pair_scale`):
+``(A / s) @ (diag(s) W_down) == A @ W_down``. Scaling whole columns of ``W_up`` leaves its int4
+rounding as it was (each block of a column is scaled alike), so only ``W_down``'s changes.
 """
 
 from __future__ import annotations
@@ -167,3 +172,79 @@ def move_scale(model: ir.Model, site: ScaleSite, s: np.ndarray, suffix: str = ".
             weight.const_value = _scaled_lazy(weight.const_value, s, weight.name)
             renamed[weight.name] = weight.name
     return renamed
+
+
+@dataclasses.dataclass
+class PairSite:
+    """A linear ``down`` whose input is ``Mul(other, up(x))``: s moves from up's columns to down's rows."""
+
+    name: str
+    up: ir.Node
+    mul: ir.Node
+    down: ir.Node
+
+    @property
+    def output(self) -> ir.Value:
+        """The value ``down`` reads (A)."""
+        return self.down.inputs[0]
+
+    @property
+    def weights(self) -> list[ir.Value]:
+        return [self.down.inputs[1]]
+
+
+def _single_use(value: ir.Value | None, node: ir.Node) -> bool:
+    if value is None or value.is_graph_output():
+        return False
+    uses = list(value.uses())
+    return len(uses) == 1 and uses[0].node is node
+
+
+def find_pairs(model: ir.Model) -> list[PairSite]:
+    """Every int4 MatMul ``down`` reading ``Mul(other, MatMul_up(x))`` where up's output, the Mul's
+    output and both weights have no other reader and up's weight is int4-quantizable too."""
+    out = []
+    for down in model.graph:
+        weight = quantizable_weight(down)
+        if weight is None or len(list(weight.uses())) != 1:
+            continue
+        a = down.inputs[0]
+        mul = a.producer() if a is not None else None
+        if mul is None or mul.op_type != "Mul" or mul.domain not in ("", "ai.onnx") or not _single_use(a, down):
+            continue
+        for value in mul.inputs:
+            up = value.producer() if value is not None else None
+            if up is None or not _single_use(value, mul):
+                continue
+            w_up = quantizable_weight(up)
+            if w_up is None or len(list(w_up.uses())) != 1 or w_up.const_value.shape[-1] != weight.const_value.shape[-2]:
+                continue
+            other = mul.inputs[1] if mul.inputs[0] is value else mul.inputs[0]
+            if other is None or other.const_value is not None:
+                continue  # a constant factor: nothing to gate, and its shape would need checking
+            out.append(PairSite(name=f"{up.name or w_up.name} -> {down.name or weight.name}", up=up, mul=mul,
+                                down=down))
+            break
+    return out
+
+
+def _columns_divided_lazy(weight: ir.TensorProtocol, s: np.ndarray, name: str) -> ir.LazyTensor:
+    dtype = weight.dtype
+    shape = weight.shape.numpy()
+
+    def compute() -> ir.Tensor:
+        w = weight.numpy()
+        w2 = np.asarray(w, np.float64).reshape(shape[-2], shape[-1])
+        out = (w2 / np.asarray(s, np.float64)[None, :]).astype(w.dtype).reshape(shape)
+        return ir.Tensor(out, name=name)
+
+    return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
+
+
+def move_pair_scale(pair: PairSite, s: np.ndarray) -> None:
+    """W_up -> W_up diag(1/s), W_down -> diag(s) W_down (both in place: :func:`find_pairs` found no
+    other reader). Composes with a norm's move already applied to W_up's rows."""
+    s = np.asarray(s, np.float64)
+    w_up, w_down = pair.up.inputs[1], pair.down.inputs[1]
+    w_up.const_value = _columns_divided_lazy(w_up.const_value, s, w_up.name)
+    w_down.const_value = _scaled_lazy(w_down.const_value, s, w_down.name)

@@ -126,9 +126,9 @@ def output_error(rows: np.ndarray, weights: list[np.ndarray], backs: list[np.nda
     return total / rows.shape[0]
 
 
-def scale_family(mean_abs: np.ndarray, g: np.ndarray, alphas=ALPHAS) -> list[tuple[str, np.ndarray]]:
+def scale_family(mean_abs: np.ndarray, g: np.ndarray | None, alphas=ALPHAS) -> list[tuple[str, np.ndarray]]:
     """The candidate scales: ``m^alpha`` normalised, for each alpha, then the fold's ``s = g``
-    (left out when g has a zero or a non-finite value)."""
+    (left out when g is None -- a scale between two linears -- or has a zero or a non-finite value)."""
     m = np.asarray(mean_abs, dtype=np.float64)
     m = np.maximum(m, max(float(m.max()), 1e-30) * M_FLOOR)
     out = []
@@ -139,6 +139,8 @@ def scale_family(mean_abs: np.ndarray, g: np.ndarray, alphas=ALPHAS) -> list[tup
         s = m ** a
         s /= np.sqrt(s.max() * s.min())
         out.append((f"alpha={a:g}", s))
+    if g is None:  # between two linears: no norm scale to fold
+        return out
     g64 = np.asarray(g, dtype=np.float64)
     if np.all(np.isfinite(g64)) and np.all(g64 != 0):
         out.append(("fold (s=g)", g64))
