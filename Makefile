@@ -57,8 +57,12 @@ test: $(STAMP) $(GENAI_STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not genai"
 
+# `make bench BENCH_ARGS="--models smollm2 --forms dynamo,optimum_past --budget 30"`: a part of the matrix
+# (python -m benchmarks.run_latency --help); the cross-form rows against the genai model run by default.
+BENCH_ARGS ?=
 bench: $(STAMP) $(GENAI_STAMP)
-	$(PY) -m benchmarks.run_latency
+	uptime
+	$(PY) -m benchmarks.run_latency $(BENCH_ARGS)
 
 bench-scale: $(STAMP)
 	$(PY) -m benchmarks.run_scale
