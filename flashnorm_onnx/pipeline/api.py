@@ -30,7 +30,7 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike | None = None, 
 
     ``options``: a :class:`~flashnorm_onnx.pipeline.options.FoldOptions`, or its fields as keywords
     (``untie``, ``keep_structure``, ``for_ort``, ``pack_linears``, ``verify``, ``verify_mode``, ``dims``, ``rtol``,
-    ``verify_timeout``, ``quantize``, ``quantize_order``, ``requantize``, ``force_write``,
+    ``verify_timeout``, ``quantize``, ``quantize_order``, ``calibrate``, ``calibration_tokenizer``, ``requantize``, ``force_write``,
     ``progress``), which override ``options``'s.
 
     ``model`` may be a folder (an optimum export, an onnxruntime-genai folder): every ``*.onnx``
