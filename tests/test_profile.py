@@ -167,17 +167,18 @@ def test_interval_covers_the_true_ratio(ratio):
         covered += lo <= ratio <= hi
         widths.append(r["half_width"])
     assert 0.90 <= covered / trials <= 0.99, covered / trials
-    # 5% noise per run, 40 pairs: the median of ratios pins B/A to a few percent
-    assert np.median(widths) < 0.03
+    # 5% noise per run, 40 pairs: B/A to a few percent (about +-4.3%; the old i.i.d. bootstrap gave
+    # +-3% and claimed too often, see tests/test_profile_stats.py)
+    assert np.median(widths) < 0.05
 
 
 def test_interval_is_decisive_under_shared_drift():
     """A 3% speed-up under a drift of +-20% shared by both runs of a pair: within a pair the
-    drift cancels, and 120 pairs (per-run noise 5%) call it nearly every time."""
+    drift cancels, and 200 pairs (per-run noise 5%, 5% stalls) call it nearly every time."""
     rng = np.random.default_rng(3)
     hits = 0
     for i in range(20):
-        a, b = _noisy_pairs(rng, 120, 0.97)
+        a, b = _noisy_pairs(rng, 200, 0.97)
         r = bootstrap_ratio(a, b, seed=i)
         assert r["median"] == pytest.approx(0.97, abs=0.02)
         hits += r["verdict"] == "B faster"

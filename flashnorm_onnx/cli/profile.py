@@ -9,18 +9,27 @@ from pathlib import Path
 
 from flashnorm_onnx.errors import FlashNormError
 
+# flashnorm_onnx.profile.sessions.DEFAULT_MIN_RUNS (not imported: the CLI imports the profiler only
+# when it runs; tests/test_profile_stats.py checks that the two agree)
+DEFAULT_MIN_RUNS = 32
+
 DESCRIPTION = """\
 Time MODEL (B, usually MODEL.flashnorm.onnx) against --baseline (A) in one process: after
-warm-up the two run interleaved (A B, B A, ...) so that drift hits both, on one intra-op
-thread pool shared by both sessions (with a pool each, the idle session's spinning threads
-take the cores of the one being timed). Per shape and provider: median, p90, p99 latency,
-tokens/s, and B/A = the median of the per-pair ratios with a bootstrap 95% interval ('no
-significant difference' when it holds 1). By default pairs run until the interval's
-half-width is within --target (2%) or --budget seconds per shape pass; the output says which
-stopped it. Other processes' CPU use while measuring is reported, with a warning when it
-competed. Inputs are generated as optimize's verification does; a shape with past=N times
-one step on a KV cache of N tokens (models with cache inputs only). Inputs, outputs and the
-cache are bound on the device (IO binding).
+warm-up the two run interleaved in pairs (A B + B A or B A + A B, at random) so that drift
+hits both, on one intra-op thread pool shared by both sessions (with a pool each, the idle
+session's spinning threads take the cores of the one being timed). Per shape and provider:
+median, p90, p99 latency, tokens/s, and B/A with a 95% interval ('no significant difference'
+when it holds 1). B/A is the 25%-trimmed mean of the per-pair ratios (in logs); its interval
+is a t interval whose standard error comes from a circular block bootstrap over ABBA units
+(two neighbouring pairs, A B then B A), so that correlated neighbouring pairs and the order
+within a pair are accounted for. By default at least --min-runs pairs run; then the interval
+is checked at pair counts growing 1.5x (32, 48, 72, ...), and timing stops when its
+half-width is within --target (2%), or after --budget seconds per shape pass; the output
+says which stopped it. A model timed against itself claimed a difference in 7% of 125 runs
+at these defaults on a loaded machine (see docs/profile.md). Other processes' CPU use while
+measuring is reported, with a warning when it competed. Inputs are generated as optimize's
+verification does; a shape with past=N times one step on a KV cache of N tokens (models with
+cache inputs only). Inputs, outputs and the cache are bound on the device (IO binding).
 """
 
 EXAMPLES = """\
@@ -52,12 +61,14 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="a shape to time, e.g. prefill=1x512 or decode=1x1,past=1024 (repeatable; "
                    "default: prefill=1x128 and decode=1x1,past=256)")
     p.add_argument("--runs", type=int, help="a fixed number of interleaved pairs per shape (default: adaptive, "
-                   "see --target and --budget)")
+                   "see --target and --budget); under 32 the interval is rough, under 6 there is none")
     p.add_argument("--target", type=float, default=2.0, metavar="PCT",
                    help="stop when the 95%% interval of B/A is within +-PCT%% of it (default 2)")
     p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
                    help="stop a shape after this long even if the target is not met (default 120)")
-    p.add_argument("--min-runs", type=int, default=10, help="pairs before the first stopping check (default 10)")
+    p.add_argument("--min-runs", type=int, default=DEFAULT_MIN_RUNS,
+                   help=f"pairs before the first stopping check (default {DEFAULT_MIN_RUNS}: the false-claim rate "
+                   "was measured with it; fewer make false claims likelier)")
     p.add_argument("--max-runs", type=int, default=1000, help="most pairs per shape (default 1000)")
     p.add_argument("--warmup", type=int, default=5, help="warm-up runs of each model per shape (default 5)")
     p.add_argument("--ops", action="store_true", help="also profile op types with ORT's profiler and compare by group")

@@ -20,13 +20,20 @@ Used by ``flashnorm-onnx profile``. The method:
   on the device, so a run times the model, not host copies. Outputs are bound to buffers
   allocated once (required by ``--cuda-graph``).
 * Statistics per model: median, p90, p99, mean, min, tokens/s (tokens of the step divided by
-  the median). The ratio B/A is the median of the per-pair ratios b_i / a_i (the two runs of a
-  pair are adjacent in time, so drift cancels within a pair, and the median ignores the odd
-  outlier), with a 95% percentile-bootstrap interval over pairs; "no significant difference"
-  when it holds 1. Its coverage is checked on noisy synthetic samples in the tests.
-* Length: by default pairs run until the interval's half-width is at most ``target`` (2% of
-  the ratio), or the time budget per shape runs out, or ``max_runs``; the report says which
-  stopped it. A fixed ``runs`` measures exactly that many pairs.
+  the median). The ratio B/A is the 25%-trimmed mean of the per-pair log ratios log(b_i / a_i)
+  (the two runs of a pair are adjacent in time, so drift cancels within a pair; stalls fall in
+  the trimmed quarters), with a 95% t interval whose standard error comes from a circular block
+  bootstrap over ABBA units (two neighbouring pairs, A B then B A: both orders in every
+  resample; neighbouring pairs may be correlated); "no significant difference" when it holds 1.
+  A model against itself claims a difference 4.5-7% of the time on simulated machines and 7% on
+  real models under load (``benchmarks/RESULTS_aa.md``). Units are ordered at random afresh in
+  every run, the two sessions are created in random order, and the garbage collector is off
+  while timing, so that nothing favours one model in every run.
+* Length: by default at least ``min_runs`` (32) pairs, then the interval is looked at when the
+  pair count has grown 1.5x (32, 48, 72, ...), and pairs run until its half-width is at most
+  ``target`` (2% of the ratio), or the time budget per shape runs out (checked after every two
+  pairs once the minimum is done), or ``max_runs``; the report says which stopped it. A fixed
+  ``runs`` measures exactly that many pairs.
 * Other load: the 1-minute load average before and after, and the CPU time other processes
   used during the measurement (``/proc/stat`` minus this process); a warning when other work
   competed for the cores.
@@ -36,14 +43,14 @@ Used by ``flashnorm-onnx profile``. The method:
 Modules, each a lower one imported only by higher ones:
 
 * :mod:`~flashnorm_onnx.profile.shapes` -- ``--shape`` specs;
-* :mod:`~flashnorm_onnx.profile.stats` -- summaries and the bootstrap ratio;
+* :mod:`~flashnorm_onnx.profile.stats` -- summaries and the ratio with its block-bootstrap interval;
 * :mod:`~flashnorm_onnx.profile.load` -- other load while measuring;
 * :mod:`~flashnorm_onnx.profile.opgroups` -- op groups, ORT's profiler trace;
 * :mod:`~flashnorm_onnx.profile.sessions` -- settings, the shared pool, session options, providers;
 * :mod:`~flashnorm_onnx.profile.runner` -- one IO-bound run;
 * :mod:`~flashnorm_onnx.profile.machine` -- the machine's description;
 * :mod:`~flashnorm_onnx.profile.render` -- tables and the plot;
-* :mod:`~flashnorm_onnx.profile.measure` -- timing a pair on one shape;
+* :mod:`~flashnorm_onnx.profile.measure` -- timing a pair on one shape, the stopping rule;
 * :mod:`~flashnorm_onnx.profile.ops` -- op-type profiling of one model;
 * :mod:`~flashnorm_onnx.profile.run` -- :func:`profile`, its measuring process and the report.
 """

@@ -10,7 +10,7 @@ from typing import Callable
 from flashnorm_onnx.errors import FlashNormError, ProviderUnavailable, VerificationUnavailable, first_line
 from flashnorm_onnx.verify.inputs import Case, has_past, specs_from_session
 from flashnorm_onnx.profile.machine import machine_info
-from flashnorm_onnx.profile.measure import ModelInfo, measure_pair
+from flashnorm_onnx.profile.measure import CHECK_GROWTH, ModelInfo, measure_pair
 from flashnorm_onnx.profile.ops import profile_ops
 from flashnorm_onnx.profile.sessions import (
     DEFAULT_BUDGET_S,
@@ -18,11 +18,12 @@ from flashnorm_onnx.profile.sessions import (
     DEFAULT_MIN_RUNS,
     DEFAULT_TARGET,
     Settings,
+    creation_order,
     make_session,
     threading_description,
 )
 from flashnorm_onnx.profile.shapes import DEFAULT_SHAPES, parse_shape
-from flashnorm_onnx.profile.stats import BOOTSTRAP_RESAMPLES
+from flashnorm_onnx.profile.stats import BOOTSTRAP_RESAMPLES, ESTIMATOR
 
 
 def profile(
@@ -229,9 +230,12 @@ def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int
         "settings": {"runs": runs if runs is not None else "adaptive", "target_half_width": target,
                      "budget_s_per_shape": budget_s, "min_runs": min_runs, "max_runs": max_runs, "warmup": warmup,
                      "providers": list(providers), "cuda_graph": cuda_graph, "io_binding": True, "threads": threads,
-                     "seed": seed, "order": "interleaved, alternating A B / B A",
-                     "estimator": "median of per-pair ratios B/A, paired percentile bootstrap",
-                     "bootstrap_resamples": BOOTSTRAP_RESAMPLES, "dims": dims or {}},
+                     "seed": seed,
+                     "order": ("interleaved in units of two pairs, A B + B A or B A + A B, at random and afresh in "
+                               "every run; sessions created in random order; garbage collector off"),
+                     "estimator": ESTIMATOR, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+                     "stopping": f"target checked at pair counts growing {CHECK_GROWTH:g}x from min_runs; budget "
+                                 "checked after every ABBA unit from min_runs on", "dims": dims or {}},
         "machine": None,
         "results": [],
         "skipped": [],
@@ -241,12 +245,12 @@ def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int
 
 
 def _load_pair(paths: dict[str, Path], settings: Settings) -> list[ModelInfo]:
-    """Sessions of A and B on ``settings.provider``."""
-    models = []
-    for label in ("A", "B"):
+    """Sessions of A and B on ``settings.provider``, created in :func:`creation_order`; returned as [A, B]."""
+    models = {}
+    for rank, label in enumerate(creation_order()):
         session = make_session(paths[label], settings)
-        models.append(ModelInfo(label, paths[label], session, specs_from_session(session)))
-    return models
+        models[label] = ModelInfo(label, paths[label], session, specs_from_session(session), created=rank)
+    return [models["A"], models["B"]]
 
 
 def _open_pair(paths: dict[str, Path], settings: Settings, providers: tuple[str, ...], fallback_cpu: bool,

@@ -13,7 +13,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TARGET = 0.02
 DEFAULT_BUDGET_S = 120.0
-DEFAULT_MIN_RUNS = 10
+DEFAULT_MIN_RUNS = 32
 DEFAULT_MAX_RUNS = 1000
 
 
@@ -30,6 +30,15 @@ class Settings:
     budget_s: float = DEFAULT_BUDGET_S
     min_runs: int = DEFAULT_MIN_RUNS
     max_runs: int = DEFAULT_MAX_RUNS
+
+
+def creation_order() -> tuple[str, str]:
+    """Which of A and B gets its session, its runner and the first warm-up run first: drawn afresh
+    in every measuring process (not from ``--seed``: with a fixed order, anything that treats the
+    first- and second-created session differently favours the same model in every run)."""
+    import random
+
+    return ("A", "B") if random.SystemRandom().random() < 0.5 else ("B", "A")
 
 
 # intra-op size of ORT's process-wide thread pool, once this module has created it
