@@ -223,3 +223,16 @@ def refused(tmp_path: Path, src: Path, code: int, *words: str, extra=(), command
     err = assert_clean_error(cli(*args), code, *words)
     assert snapshot(tmp_path) == before
     return err
+
+
+def swap_int4_nibbles(monkeypatch) -> None:
+    """A mutation: every int4 weight's codes written with the two nibbles of each byte swapped."""
+    from flashnorm_onnx.quantize import int4 as q
+
+    original = q.quantize_weight
+
+    def swapped(weight, spec):
+        packed, scales, zp = original(weight, spec)
+        return ((packed << 4) | (packed >> 4)).astype(np.uint8), scales, zp
+
+    monkeypatch.setattr(q, "quantize_weight", swapped)

@@ -280,15 +280,9 @@ def test_scale_on_the_weight_but_not_divided_in_the_norm_fails(llama, tmp_path, 
 def test_clipped_codes_that_do_not_quantize_the_weight_fail(llama, tmp_path, monkeypatch):
     """A mutation: the clipped weight's codes written with the nibbles swapped: the per-weight
     check (against the weight clipped to its chosen ranges) fails the run."""
-    from flashnorm_onnx.quantize import int4 as q
+    from tests.helpers import swap_int4_nibbles
 
-    original = q.quantize_weight
-
-    def swapped(weight, spec):
-        packed, scales, zp = original(weight, spec)
-        return ((packed << 4) | (packed >> 4)).astype(np.uint8), scales, zp
-
-    monkeypatch.setattr(q, "quantize_weight", swapped)
+    swap_int4_nibbles(monkeypatch)
     with pytest.raises(VerificationFailed, match="quantization steps"):
         flashnorm_onnx.optimize(llama, tmp_path / "bad.onnx", quantize=QuantSpec(), calibrate=True)
     assert list(tmp_path.iterdir()) == []

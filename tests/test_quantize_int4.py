@@ -253,15 +253,9 @@ def test_codes_that_do_not_quantize_the_weight_fail_the_check(llama, tmp_path, m
     """A mutation: the int4 codes written with the low and high nibbles swapped. The whole-model
     run alone cannot be trusted to see it (int4 differs from float by design); the per-weight
     check does: exit 5, nothing written."""
-    from flashnorm_onnx.quantize import int4 as q
+    from tests.helpers import swap_int4_nibbles
 
-    original = q.quantize_weight
-
-    def swapped(weight, spec):
-        packed, scales, zp = original(weight, spec)
-        return ((packed << 4) | (packed >> 4)).astype(np.uint8), scales, zp
-
-    monkeypatch.setattr(q, "quantize_weight", swapped)
+    swap_int4_nibbles(monkeypatch)
     with pytest.raises(VerificationFailed, match="quantization steps"):
         flashnorm_onnx.optimize(llama, tmp_path / "bad.onnx", quantize=QuantSpec(), quantize_order=order)
     assert list(tmp_path.iterdir()) == []

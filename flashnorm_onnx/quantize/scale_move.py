@@ -125,14 +125,17 @@ def _divided(source: ir.Value, s: np.ndarray, name: str) -> ir.Tensor:
     return ir.Tensor(out.astype(dtype), name=name)
 
 
-def _scaled_lazy(weight: ir.TensorProtocol, s: np.ndarray, name: str) -> ir.LazyTensor:
+def _scaled_lazy(weight: ir.TensorProtocol, s: np.ndarray, name: str, rows: bool = True) -> ir.LazyTensor:
+    """``weight`` [.., K, N] with its rows multiplied by ``s`` (``rows``: diag(s) W) or its columns
+    divided by it (W diag(1/s)), computed in float64 when the model is written."""
     dtype = weight.dtype
     shape = weight.shape.numpy()
 
     def compute() -> ir.Tensor:
         w = weight.numpy()
         w2 = np.asarray(w, np.float64).reshape(shape[-2], shape[-1])
-        out = (np.asarray(s, np.float64)[:, None] * w2).astype(w.dtype).reshape(shape)
+        factor = np.asarray(s, np.float64)
+        out = (factor[:, None] * w2 if rows else w2 / factor[None, :]).astype(w.dtype).reshape(shape)
         return ir.Tensor(out, name=name)
 
     return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
@@ -228,23 +231,10 @@ def find_pairs(model: ir.Model) -> list[PairSite]:
     return out
 
 
-def _columns_divided_lazy(weight: ir.TensorProtocol, s: np.ndarray, name: str) -> ir.LazyTensor:
-    dtype = weight.dtype
-    shape = weight.shape.numpy()
-
-    def compute() -> ir.Tensor:
-        w = weight.numpy()
-        w2 = np.asarray(w, np.float64).reshape(shape[-2], shape[-1])
-        out = (w2 / np.asarray(s, np.float64)[None, :]).astype(w.dtype).reshape(shape)
-        return ir.Tensor(out, name=name)
-
-    return ir.LazyTensor(compute, dtype=dtype, shape=ir.Shape(shape), name=name)
-
-
 def move_pair_scale(pair: PairSite, s: np.ndarray) -> None:
     """W_up -> W_up diag(1/s), W_down -> diag(s) W_down (both in place: :func:`find_pairs` found no
     other reader). Composes with a norm's move already applied to W_up's rows."""
     s = np.asarray(s, np.float64)
     w_up, w_down = pair.up.inputs[1], pair.down.inputs[1]
-    w_up.const_value = _columns_divided_lazy(w_up.const_value, s, w_up.name)
+    w_up.const_value = _scaled_lazy(w_up.const_value, s, w_up.name, rows=False)
     w_down.const_value = _scaled_lazy(w_down.const_value, s, w_down.name)
