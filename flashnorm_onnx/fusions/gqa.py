@@ -45,7 +45,6 @@ def ort_honours_attention_bias() -> bool:
     """Does this onnxruntime's ``GroupQueryAttention`` add ``attention_bias`` to the scores? A
     two-token probe whose bias blocks key 0 for query 1: honoured iff query 1 returns value 1."""
     try:
-        import onnx
         import onnxruntime as ort
         from onnx import TensorProto, helper
 
@@ -98,7 +97,7 @@ def _rule_class():
             interleaved = q_rope.attributes.get_int("interleaved", 0)
             if interleaved != k_rope.attributes.get_int("interleaved", 0):
                 return result.fail("rotary interleaving differs between Q and K", [q_rope, k_rope])
-            if any(x is not None and (x.dtype != query_BSD.dtype) for x in (mask,)):
+            if mask is not None and mask.dtype != query_BSD.dtype:
                 return result.fail("the mask's dtype is not the query's", mask)
             why = _mask_is_causal(context.model, mask, past_key)
             if why:

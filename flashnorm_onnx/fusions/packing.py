@@ -18,14 +18,10 @@ same value as their first input. The unpacked weights then have no reader and go
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
 from flashnorm_onnx.passes.graph_utils import opset_version, unique_name
-
-logger = logging.getLogger(__name__)
 
 
 def pack_linears(model: ir.Model) -> int:

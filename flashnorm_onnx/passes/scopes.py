@@ -70,16 +70,6 @@ class Scopes:
             return ""
         return self.prefix(value.graph) + value.name
 
-    def of_node(self, node: ir.Node) -> str:
-        return self.prefix(node.graph)
-
-    def where(self, prefix: str) -> str:
-        """A prefix in words, for messages: "" or "in then_branch of the node writing 'logits'"."""
-        if not prefix:
-            return ""
-        steps = [s.split("@", 1) for s in prefix.rstrip("/").split("/")]
-        return "in " + " > ".join(f"{a} of '{o}'" for a, o in steps)
-
 
 #: onnx.AttributeProto.GRAPH / GRAPHS (this package imports only onnx-ir and numpy)
 _GRAPH, _GRAPHS = 5, 10
