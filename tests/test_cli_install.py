@@ -19,7 +19,7 @@ import pytest
 
 from flashnorm_onnx import cli as cli
 from flashnorm_onnx.errors import InputModelError
-from flashnorm_onnx.verify.inputs import case_line, summarize_inputs
+from flashnorm_onnx.verify.case_text import case_line, summarize_inputs
 from flashnorm_onnx.verify.result import VerificationResult
 from tests import graphs
 

@@ -65,8 +65,9 @@ def test_optimum_style_vit_verifies_with_its_config(tmp_path):
 
 # -- padded masks, merged decoders' branch flags, cross-attending decoders -----------------------------
 
+from flashnorm_onnx.verify.case_text import describe_rows  # noqa: E402
 from flashnorm_onnx.verify.inputs import (  # noqa: E402
-    default_cases, describe_rows, hf_position_ids, input_shapes, is_branch_flag, is_padding_mask, mask_rows)
+    default_cases, hf_position_ids, input_shapes, is_branch_flag, is_padding_mask, mask_rows)
 
 
 def _spec(name, dtype, shape):

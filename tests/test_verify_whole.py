@@ -13,9 +13,6 @@ Every case: the exit code, one clean line on stderr, nothing written, the input 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -80,9 +77,9 @@ def test_static_input_over_the_cap_is_refused_before_allocating(tmp_path):
 
 
 def test_static_input_over_a_smaller_cap(tmp_path, capsys, monkeypatch):
-    from flashnorm_onnx.verify import inputs
+    from flashnorm_onnx.verify import sizing
 
-    monkeypatch.setattr(inputs, "verification_cap", lambda: 16 * 1024)
+    monkeypatch.setattr(sizing, "verification_cap", lambda: 16 * 1024)
     src = save(static_model([4, 1000, 16]), tmp_path / "m" / "model.onnx")  # 250 KiB of input
     before = snapshot(tmp_path)
     proc = in_process(capsys, "optimize", src, "-o", tmp_path / "out" / "o.onnx")
@@ -91,10 +88,10 @@ def test_static_input_over_a_smaller_cap(tmp_path, capsys, monkeypatch):
 
 
 def test_symbolic_sizes_are_reduced_to_fit(tmp_path, capsys, monkeypatch):
-    from flashnorm_onnx.verify import inputs
+    from flashnorm_onnx.verify import sizing
 
     # x[batch, seq, 16] float32: the default cases are batch 2 x 8 tokens (1 KiB) and 1 x 3 (192 B)
-    monkeypatch.setattr(inputs, "verification_cap", lambda: 600)
+    monkeypatch.setattr(sizing, "verification_cap", lambda: 600)
     src = save(rms_model(), tmp_path / "m" / "model.onnx")
     inputs_before = snapshot(src.parent)
     out, report = tmp_path / "out" / "o.onnx", tmp_path / "r.json"
@@ -109,38 +106,34 @@ def test_symbolic_sizes_are_reduced_to_fit(tmp_path, capsys, monkeypatch):
     assert out.is_file() and snapshot(src.parent) == inputs_before
 
 
-def test_fit_case_never_goes_below_one():
-    from flashnorm_onnx.verify.inputs import Case, InputSpec, fit_case
+def test_fit_case_never_goes_below_one(monkeypatch):
+    from flashnorm_onnx.verify import sizing
+    from flashnorm_onnx.verify.inputs import Case, InputSpec
+    from flashnorm_onnx.verify.sizing import fit_case
 
     specs = [InputSpec("ids", np.dtype(np.int64), ["batch", "sequence"]),
              InputSpec("past", np.dtype(np.float32), ["batch", 4, "past_sequence", 8])]
     case, note = fit_case(specs, Case("prefill", batch=4, sequence=64, past=32))
     assert note is None and case.sequence == 64  # 4 KiB: the real cap is far above
-    from flashnorm_onnx.verify import inputs
-
-    original = inputs.verification_cap
-    try:
-        inputs.verification_cap = lambda: 400  # the largest of batch/sequence/past halved first
-        case, note = fit_case(specs, Case("decode", batch=4, sequence=64, past=32))
-        assert (case.batch, case.sequence, case.past) == (1, 2, 2), case
-        assert note.endswith("(0.4 KiB): batch 4 -> 1, sequence 64 -> 2, past 32 -> 2"), note
-        inputs.verification_cap = lambda: 200
-        case, _ = fit_case(specs, Case("decode", batch=4, sequence=64, past=32))
-        assert (case.batch, case.sequence, case.past) == (1, 1, 1), case
-        assert fit_case(specs, Case("prefill", batch=1, sequence=1, past=0)) == (Case("prefill", 1, 1, 0), None)
-        inputs.verification_cap = lambda: 100  # 1 token + 1 past: 8 + 128 bytes, cannot fit
-        with pytest.raises(Exception, match="over the verification input cap"):
-            fit_case(specs, Case("decode", batch=1, sequence=1, past=1))
-    finally:
-        inputs.verification_cap = original
+    monkeypatch.setattr(sizing, "verification_cap", lambda: 400)  # the largest of batch/sequence/past halved first
+    case, note = fit_case(specs, Case("decode", batch=4, sequence=64, past=32))
+    assert (case.batch, case.sequence, case.past) == (1, 2, 2), case
+    assert note.endswith("(0.4 KiB): batch 4 -> 1, sequence 64 -> 2, past 32 -> 2"), note
+    monkeypatch.setattr(sizing, "verification_cap", lambda: 200)
+    case, _ = fit_case(specs, Case("decode", batch=4, sequence=64, past=32))
+    assert (case.batch, case.sequence, case.past) == (1, 1, 1), case
+    assert fit_case(specs, Case("prefill", batch=1, sequence=1, past=0)) == (Case("prefill", 1, 1, 0), None)
+    monkeypatch.setattr(sizing, "verification_cap", lambda: 100)  # 1 token + 1 past: 8 + 128 bytes, cannot fit
+    with pytest.raises(Exception, match="over the verification input cap"):
+        fit_case(specs, Case("decode", batch=1, sequence=1, past=1))
 
 
 def test_cap_is_at_most_1_gib_and_an_eighth_of_available():
-    from flashnorm_onnx.verify import inputs
+    from flashnorm_onnx.verify import sizing
 
-    available = inputs.available_memory()
+    available = sizing.available_memory()
     assert available is None or available > 0
-    cap = inputs.verification_cap()
+    cap = sizing.verification_cap()
     assert 0 < cap <= 2**30
     if available is not None:
         assert cap <= available // 8 + 1

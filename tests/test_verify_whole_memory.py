@@ -2,7 +2,7 @@
 
 Before running anything, ``compare_models`` estimates the largest values each case will create
 (ONNX shape inference on the model without its tensor data, graph inputs set to the case's
-sizes) and compares the estimate with :func:`flashnorm_onnx.verify.inputs.verification_run_cap`:
+sizes) and compares the estimate with :func:`flashnorm_onnx.verify.sizing.verification_run_cap`:
 symbolic sizes are halved to fit; declared sizes over the cap are refused (exit 6) with one line
 naming the largest tensor. Values whose shapes stay unknown are not counted.
 """
@@ -71,10 +71,10 @@ def test_in_process_refusal_names_the_tensor_and_the_estimate(tmp_path, capsys):
 
 
 def test_symbolic_sizes_are_halved_until_the_run_fits(tmp_path, capsys, monkeypatch):
-    from flashnorm_onnx.verify import inputs
+    from flashnorm_onnx.verify import sizing
 
     # x[batch, seq, 16] tiled 64 times: run1 (batch 2 x 8 tokens) makes a 64 KiB 'big'
-    monkeypatch.setattr(inputs, "verification_run_cap", lambda: 48 * 1024)
+    monkeypatch.setattr(sizing, "verification_run_cap", lambda: 48 * 1024)
     src = save(tiled_model(["batch", "seq", 16], 64), tmp_path / "m" / "model.onnx")
     out, report = tmp_path / "out" / "o.onnx", tmp_path / "r.json"
     proc = in_process(capsys, "optimize", src, "-o", out, "--report", report)
@@ -190,31 +190,31 @@ def test_skeleton_keeps_small_tensors_for_shape_inference(tmp_path):
 
 
 def test_run_cap_is_at_most_2_gib_and_half_of_available():
-    from flashnorm_onnx.verify import inputs
+    from flashnorm_onnx.verify import sizing
 
-    cap = inputs.verification_run_cap()
+    cap = sizing.verification_run_cap()
     assert 0 < cap <= 2 * GiB
-    available = inputs.available_memory()
+    available = sizing.available_memory()
     if available is not None:
         assert cap <= available // 2 + 1
 
 
 @pytest.mark.parametrize("field", ["batch", "sequence"])
 def test_fit_case_halves_for_the_run_estimate(monkeypatch, field):
-    from flashnorm_onnx.verify import inputs
     from flashnorm_onnx.errors import VerificationUnavailable
+    from flashnorm_onnx.verify import inputs, sizing
 
     specs = [inputs.InputSpec("x", np.dtype(np.float32), ["batch", "seq", 16])]
 
     def estimate(shapes):  # a run that needs 1000 times the input
         n = int(np.prod(shapes["x"])) * 4
-        return inputs.RunEstimate(total=1000 * n, peak=1000 * n, outputs=0, name="t", shape=[n], dtype="float32",
+        return sizing.RunEstimate(total=1000 * n, peak=1000 * n, outputs=0, name="t", shape=[n], dtype="float32",
                                   nbytes=1000 * n)
 
-    monkeypatch.setattr(inputs, "verification_run_cap", lambda: 1000 * 4 * 16)  # batch 1 x 1 token only
+    monkeypatch.setattr(sizing, "verification_run_cap", lambda: 1000 * 4 * 16)  # batch 1 x 1 token only
     case = inputs.Case("run1", batch=2 if field == "batch" else 1, sequence=8 if field == "sequence" else 1)
-    fitted, note = inputs.fit_case(specs, case, estimate=estimate)
+    fitted, note = sizing.fit_case(specs, case, estimate=estimate)
     assert (fitted.batch, fitted.sequence) == (1, 1) and "verification memory cap" in note, (fitted, note)
-    monkeypatch.setattr(inputs, "verification_run_cap", lambda: 100)
+    monkeypatch.setattr(sizing, "verification_run_cap", lambda: 100)
     with pytest.raises(VerificationUnavailable, match="tensor 't'"):
-        inputs.fit_case(specs, case, estimate=estimate)
+        sizing.fit_case(specs, case, estimate=estimate)

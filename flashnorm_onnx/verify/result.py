@@ -45,7 +45,7 @@ class VerificationResult:
         for part in self.method.split("+"):
             if part in PROVES:
                 out.append(f"  checks ({part}): {PROVES[part]}")
-        from flashnorm_onnx.verify.inputs import case_line
+        from flashnorm_onnx.verify.case_text import case_line
 
         for case in self.cases:
             # inputs grouped by name and shape (a KV cache: 2 inputs per layer) to fit a terminal

@@ -11,10 +11,10 @@ suited to the output's dtype. On a padded case only the positions the mask keeps
 (:func:`kept_positions`): what a model computes at a padded position is undefined.
 
 Memory is bounded before anything runs: each case's generated inputs by
-:func:`~flashnorm_onnx.verify.inputs.verification_cap`, and what its runs will create (intermediate
+:func:`~flashnorm_onnx.verify.sizing.verification_cap`, and what its runs will create (intermediate
 values, outputs, the comparison's temporaries), estimated by :class:`RunEstimator` from ONNX
 shape inference on the input model without its tensor data, by
-:func:`~flashnorm_onnx.verify.inputs.verification_run_cap`.
+:func:`~flashnorm_onnx.verify.sizing.verification_run_cap`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from flashnorm_onnx.errors import VerificationTimeout, VerificationUnavailable, first_line
-from flashnorm_onnx.verify.inputs import (Case, RunEstimate, branch_note, default_cases, describe_rows, fit_case,
-                                          is_padding_mask, make_feeds, specs_from_session)
+from flashnorm_onnx.verify.case_text import branch_note, describe_rows
+from flashnorm_onnx.verify.inputs import Case, default_cases, is_padding_mask, make_feeds, specs_from_session
+from flashnorm_onnx.verify.sizing import RunEstimate, fit_case
 from flashnorm_onnx.verify.result import VerificationResult, failed_entry  # noqa: F401 - failed_entry: callers
 from flashnorm_onnx.verify.tolerances import TOLERANCES
 
@@ -263,7 +264,7 @@ def _subgraph_names(node) -> set[str]:
 
 
 class RunEstimator:
-    """Estimates what running one verification case needs (a :class:`~flashnorm_onnx.verify.inputs.RunEstimate`),
+    """Estimates what running one verification case needs (a :class:`~flashnorm_onnx.verify.sizing.RunEstimate`),
     from the model's graph alone (no tensor data: see :func:`model_skeleton`).
 
     For given input shapes, the graph inputs take them (symbolic dims replaced) and ONNX shape
@@ -434,8 +435,8 @@ def compare_models(
 
     ``timeout``: seconds for the whole comparison (None or 0: no limit); past it, raises
     :class:`VerificationTimeout`. Each case's inputs are sized to
-    :func:`~flashnorm_onnx.verify.inputs.verification_cap`, and the memory its runs need (estimated by
-    :class:`RunEstimator`) to :func:`~flashnorm_onnx.verify.inputs.verification_run_cap`, before anything
+    :func:`~flashnorm_onnx.verify.sizing.verification_cap`, and the memory its runs need (estimated by
+    :class:`RunEstimator`) to :func:`~flashnorm_onnx.verify.sizing.verification_run_cap`, before anything
     is allocated; sizes the model declares that alone exceed either raise
     :class:`VerificationUnavailable`."""
     deadline = Deadline(timeout)
