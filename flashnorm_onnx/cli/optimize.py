@@ -37,7 +37,19 @@ def register(sub) -> None:
                      help="with --for-ort: pack the MatMuls that read one value (Q/K/V, gate/up) into one MatMul "
                      "and a Split, as onnxruntime-genai's builder does; only weights no other node reads (nothing "
                      "is copied). Off by default: no consistent gain measured on CPU (docs/for-ort.md)")
-    q = opt.add_argument_group(
+    _add_int4_options(opt)
+    _add_verify_options(opt)
+    opt.add_argument("--report", metavar="JSON", help="also write the report as JSON")
+    opt.add_argument("--in-place", action="store_true", help="replace MODEL itself (written atomically)")
+    opt.add_argument("--force-write", action="store_true", help="write the output even when nothing was folded")
+    opt.add_argument("-q", "--quiet", action="store_true",
+                     help="print only the summary line and the verification verdict line")
+
+    opt.set_defaults(handler=run)
+
+
+def _add_int4_options(parser) -> None:
+    q = parser.add_argument_group(
         "int4 (MatMulNBits)",
         textwrap.fill(
             "--quantize writes an int4 model (ONNX Runtime's block-wise round-to-nearest, the kernel of its "
@@ -70,8 +82,12 @@ def register(sub) -> None:
                    help="MODEL is int4: dequantize the MatMulNBits weights a norm feeds, fold, and quantize "
                    "them again with each node's own block size, symmetry and accuracy level. Not exact: the "
                    "added error is reported per weight and for the model")
-    opt.add_argument("--no-verify", action="store_true", help="skip verification")
-    opt.add_argument(
+
+
+def _add_verify_options(parser) -> None:
+    v = parser.add_argument_group("verification", "how the output is checked against MODEL before it is written")
+    v.add_argument("--no-verify", action="store_true", help="skip verification")
+    v.add_argument(
         "--verify",
         choices=["auto", "onnxruntime", "subgraph", "algebraic"],
         default="auto",
@@ -82,23 +98,16 @@ def register(sub) -> None:
         "arithmetic only (cheap; does not run the rewritten graph). auto (default): onnxruntime when "
         "both models fit comfortably in memory, else subgraph plus algebraic",
     )
-    opt.add_argument(
+    v.add_argument(
         "--dim",
         action="append",
         metavar="NAME=VALUE",
         help="value for a symbolic input dimension during verification, e.g. --dim batch=2 --dim sequence=16",
     )
-    opt.add_argument("--rtol", metavar="X", help="verification tolerance relative to each output's magnitude "
+    v.add_argument("--rtol", metavar="X", help="verification tolerance relative to each output's magnitude "
                      "(default: 1e-4 for float32 outputs, 2e-2 for float16)")
-    opt.add_argument("--verify-timeout", metavar="SECONDS", help="wall-clock limit for the ONNX Runtime "
+    v.add_argument("--verify-timeout", metavar="SECONDS", help="wall-clock limit for the ONNX Runtime "
                      "verification; past it, exit 9 and write nothing (default: 600; 0: no limit)")
-    opt.add_argument("--report", metavar="JSON", help="also write the report as JSON")
-    opt.add_argument("--in-place", action="store_true", help="replace MODEL itself (written atomically)")
-    opt.add_argument("--force-write", action="store_true", help="write the output even when nothing was folded")
-    opt.add_argument("-q", "--quiet", action="store_true",
-                     help="print only the summary line and the verification verdict line")
-
-    opt.set_defaults(handler=run)
 
 
 def _progress_factory(enabled: bool) -> Callable[[str, int, int], None] | None:
