@@ -232,3 +232,31 @@ def test_norm_time_is_what_the_catalogue_calls_a_norm():
     assert pows, "the GELU of this export has a Pow"
     assert not any(n.name in names for n in pows)
     assert any(n.op_type == "LayerNormalization" and n.name in names for n in graph.node)
+
+
+@pytest.mark.parametrize("past_in", [("A", "B"), ("A",), ("B",), ()])
+def test_decode_is_timed_only_when_both_models_take_a_cache(past_in):
+    """A decode shape fed to a model without a cache would time a 1-token prefill against a real
+    decode step: skipped, naming the model, unless both models take past key/values."""
+    from flashnorm_onnx.profile.measure import ModelInfo
+    from flashnorm_onnx.profile.run import _cases_to_time
+    from flashnorm_onnx.verify.inputs import Case, InputSpec
+
+    def specs(with_past):
+        ids = [InputSpec("input_ids", np.dtype(np.int64), ["batch", "sequence"])]
+        past = [InputSpec("past_key_values.0.key", np.dtype(np.float32), ["batch", 2, "past_sequence", 8])]
+        return ids + (past if with_past else [])
+
+    models = [ModelInfo(label, Path(f"{label}.onnx"), specs=specs(label in past_in)) for label in ("A", "B")]
+    report = {"skipped": []}
+    settings = type("S", (), {"provider": "CPUExecutionProvider"})()
+    shapes = [Case("prefill", 1, 16, 0), Case("decode", 1, 1, 32)]
+    kept = [c.name for c in _cases_to_time(models, settings, shapes, report)]
+    if len(past_in) == 2:
+        assert kept == ["prefill", "decode"] and report["skipped"] == []
+    else:
+        assert kept == ["prefill"]
+        (skip,) = report["skipped"]
+        assert skip["shape"] == "decode" and "KV-cache" in skip["reason"]
+        expected = {("A",): "model B has no", ("B",): "model A has no", (): "models A and B have no"}[past_in]
+        assert skip["reason"].startswith(expected), skip["reason"]

@@ -273,12 +273,17 @@ def _open_pair(paths: dict[str, Path], settings: Settings, providers: tuple[str,
 
 
 def _cases_to_time(models: list[ModelInfo], settings: Settings, shapes: list[Case], report: dict) -> list[Case]:
-    """The shapes these models can be timed on; the others go to ``report["skipped"]`` with the reason."""
-    with_past = has_past(models[0].specs)
+    """The shapes these models can be timed on; the others go to ``report["skipped"]`` with the reason.
+
+    A decode step with a past is timed only when every model takes a KV cache: a model without one
+    would be fed a plain prefill of the new tokens, a different (and much cheaper) computation."""
+    without = [m.label for m in models if not has_past(m.specs)]
     cases = []
     for case in shapes:
-        if case.past and not with_past:
-            reason = "the model has no KV-cache inputs: a decode step with a past cannot be timed"
+        if case.past and without:
+            which = "the model has" if len(models) == 1 else (
+                f"model {without[0]} has" if len(without) == 1 else f"models {' and '.join(without)} have")
+            reason = f"{which} no KV-cache inputs: a decode step with a past cannot be timed"
             report["skipped"].append({"shape": case.name, "provider": settings.provider, "reason": reason})
             continue
         cases.append(case)
