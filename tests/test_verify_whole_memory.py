@@ -90,7 +90,8 @@ def test_symbolic_sizes_are_halved_until_the_run_fits(tmp_path, capsys, monkeypa
 
 def test_ordinary_model_verifies_and_its_estimate_is_small(tmp_path, capsys):
     from flashnorm_onnx.verify.inputs import Case, input_shapes, specs_from_session
-    from flashnorm_onnx.verify.whole import RunEstimator, make_session
+    from flashnorm_onnx.verify.run_estimate import RunEstimator
+    from flashnorm_onnx.verify.whole import make_session
 
     src = save(rms_model(), tmp_path / "m" / "model.onnx")
     proc = in_process(capsys, "optimize", src, "-o", tmp_path / "out" / "o.onnx")
@@ -103,7 +104,7 @@ def test_ordinary_model_verifies_and_its_estimate_is_small(tmp_path, capsys):
 
 
 def test_estimate_counts_live_values_outputs_and_the_comparison():
-    from flashnorm_onnx.verify.whole import COMPARE_BYTES_PER_ELEMENT, RunEstimator
+    from flashnorm_onnx.verify.run_estimate import COMPARE_BYTES_PER_ELEMENT, RunEstimator
 
     # a chain x -> a -> b -> c (output): a is freed once b exists, so at most x, a, b (or x, b, c)
     # are alive together
@@ -122,7 +123,7 @@ def test_estimate_counts_live_values_outputs_and_the_comparison():
 
 
 def test_values_of_unknown_shape_are_not_counted():
-    from flashnorm_onnx.verify.whole import RunEstimator
+    from flashnorm_onnx.verify.run_estimate import RunEstimator
 
     # NonZero's output length depends on the data: shape inference cannot know it, nor the
     # Expand that follows; they count nothing (and never cause a refusal)
@@ -156,7 +157,7 @@ def test_estimate_reads_no_tensor_data_of_a_large_model(tmp_path):
     script = (
         "import json, resource, sys, time\n"
         "import onnx\n"
-        "from flashnorm_onnx.verify.whole import RunEstimator, model_skeleton\n"
+        "from flashnorm_onnx.verify.run_estimate import RunEstimator, model_skeleton\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "t = time.monotonic()\n"
         "skeleton = model_skeleton(sys.argv[1])\n"
@@ -178,7 +179,7 @@ def test_estimate_reads_no_tensor_data_of_a_large_model(tmp_path):
 
 def test_skeleton_keeps_small_tensors_for_shape_inference(tmp_path):
     """Reshape's target shape lives in a small initializer: kept, so the shapes after it are known."""
-    from flashnorm_onnx.verify.whole import RunEstimator, model_skeleton
+    from flashnorm_onnx.verify.run_estimate import RunEstimator, model_skeleton
 
     src = save(tiled_model(["batch", "seq", 16], 4), tmp_path / "model.onnx", external=True)
     skeleton = model_skeleton(src)

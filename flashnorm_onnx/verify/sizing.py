@@ -1,5 +1,5 @@
 """How large a verification case may be: its generated inputs against :func:`verification_cap`,
-and the memory its runs need (estimated by :class:`flashnorm_onnx.verify.whole.RunEstimator`) against
+and the memory its runs need (estimated by :class:`flashnorm_onnx.verify.run_estimate.RunEstimator`) against
 :func:`verification_run_cap`. :func:`fit_case` halves batch, tokens or past until a case fits, and
 refuses, naming the largest tensor, when the sizes the model declares are already too large."""
 
@@ -55,7 +55,7 @@ def verification_run_cap() -> int:
 @dataclasses.dataclass(frozen=True)
 class RunEstimate:
     """What running one case (both models, then comparing) needs, estimated from shape inference
-    (see :class:`flashnorm_onnx.verify.whole.RunEstimator`); values of unknown shape count nothing."""
+    (see :class:`flashnorm_onnx.verify.run_estimate.RunEstimator`); values of unknown shape count nothing."""
 
     total: int
     """Bytes in all: ``peak`` + ``outputs`` (the input model's, held while the output model runs)
