@@ -122,8 +122,8 @@ def test_writer_copies_checked_by_source_not_read_back(tmp_path, monkeypatch, ca
     input's own locations: none of them is read back and compared."""
     src = _external_model(tmp_path)
     compared: list[str] = []
-    real = verify_plan._tensor_equal
-    monkeypatch.setattr(verify_plan, "_tensor_equal",
+    real = verify_plan.tensor_equal
+    monkeypatch.setattr(verify_plan, "tensor_equal",
                         lambda a, ba, b, bb: compared.append(a.name) or real(a, ba, b, bb))
     report = api.optimize(src, tmp_path / "out" / "model.onnx", verify_mode="subgraph")
     assert report.verification.passed, report.text()
