@@ -163,19 +163,23 @@ def _in_graph_range(position_ids: ir.Value | None) -> bool:
     return False
 
 
-def _mask_is_causal(model: ir.Model, mask: ir.Value | None, past_key: ir.Value | None) -> str | None:
+def _mask_is_causal(model: ir.Model, mask: ir.Value | None, past_key: ir.Value | None,
+                    lengths=()) -> str | None:
     """None when the additive mask blocks every key the kernel's causal limit blocks, on every
-    probe (see the module docstring); else why not (or why it could not be run alone)."""
+    probe (see the module docstring); else why not (or why it could not be run alone).
+    ``lengths``: values in the mask's computation that are the key length T (a scalar or [1]):
+    fed past + S instead of computed."""
     if mask is None:
         return "no mask"
     try:
-        session, specs = _mask_session(model, mask)
+        session, specs = _mask_session(model, mask, lengths)
     except Exception as e:  # noqa: BLE001 - a subgraph ORT cannot run alone: not fused
         return f"the mask cannot be computed alone ({type(e).__name__})"
     rng = np.random.default_rng(0)
     probes = ((2, 5, 0), (1, 4, 0)) + (((2, 1, 4), (2, 3, 4)) if past_key is not None else ())
     for batch, seq, past in probes:  # prefill; with a cache: decode and a multi-token step on it
         feeds = _probe_feeds(specs, batch, seq, past, rng)
+        feeds.update({v.name: np.full(v.shape.dims, past + seq, np.int64) for v in lengths})
         try:
             [got] = session.run(None, feeds)
         except Exception as e:  # noqa: BLE001
@@ -192,10 +196,14 @@ def _mask_is_causal(model: ir.Model, mask: ir.Value | None, past_key: ir.Value |
     return None
 
 
-def _mask_session(model: ir.Model, mask: ir.Value):
-    """An ONNX Runtime session computing ``mask`` from the graph inputs it depends on."""
+def _mask_session(model: ir.Model, mask: ir.Value, lengths=()):
+    """An ONNX Runtime session computing ``mask`` from the graph inputs it depends on (and the
+    ``lengths`` values, as inputs); the inputs it reads other than ``lengths``."""
     import onnxruntime as ort
 
+    import onnx
+
+    given = {id(v): v for v in lengths}
     nodes, inputs, seen = [], {}, set()
     stack = [mask]
     initializers = {}
@@ -204,6 +212,8 @@ def _mask_session(model: ir.Model, mask: ir.Value):
         if value is None or id(value) in seen:
             continue
         seen.add(id(value))
+        if id(value) in given:
+            continue
         if value.is_graph_input():
             inputs[value.name] = value
             continue
@@ -224,11 +234,11 @@ def _mask_session(model: ir.Model, mask: ir.Value):
     order = {id(n): k for k, n in enumerate(model.graph)}
     nodes.sort(key=lambda n: order.get(id(n), 0))
     protos = [ir.serde.serialize_node(n) for n in nodes]
-    import onnx
-
+    length_inputs = [onnx.helper.make_tensor_value_info(v.name, onnx.TensorProto.INT64, v.shape.dims)
+                     for v in lengths]
     graph = onnx.helper.make_graph(
         protos, "mask",
-        [ir.serde.serialize_value(v) for v in inputs.values()],
+        [ir.serde.serialize_value(v) for v in inputs.values()] + length_inputs,
         [onnx.helper.make_tensor_value_info(mask.name, int(mask.dtype), None)],
         [ir.serde.serialize_tensor(v.const_value) for v in initializers.values()])
     for t, name in zip(graph.initializer, initializers):

@@ -55,6 +55,7 @@ import onnx_ir as ir
 
 from flashnorm_onnx.errors import first_line
 from flashnorm_onnx.fusions.gqa import fuse_gqa
+from flashnorm_onnx.fusions.gqa_legacy import fuse_gqa_legacy
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ def fuse_light(model: ir.Model) -> dict[str, int]:
 
         # ORT's optimizer writes no value_info: the position ids' rank comes from inference
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-        counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
+        counts = {"group_query_attention": fuse_gqa_legacy(model)[0]}
+        counts["position_ids_expanded"] = _expand_position_ids(model.graph)
         counts["fused_matmul"] = _fuse_matmuls(model)
     except Exception as e:  # noqa: BLE001
         raise _failed("light fusions", e) from e

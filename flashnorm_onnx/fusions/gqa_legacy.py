@@ -1,0 +1,533 @@
+"""Grouped-query attention of a legacy (TorchScript) / optimum with-past export as ONNX Runtime's
+``GroupQueryAttention``, exact for every valid mask.
+
+The dynamo rule (:mod:`flashnorm_onnx.fusions.gqa`) rides on onnxscript's pattern, written for
+dynamo graphs. The legacy exporter writes the same attention with other nodes, and ORT's
+transformers optimizer (which ``--for-ort`` runs on such graphs first) fuses only its rotary. This
+rule matches the attention by what its nodes compute, starting from each ``Softmax``:
+
+* pattern: ``Softmax(Add(scores, bias))`` (either order), optionally followed by the
+  ``Where(IsNaN(p), 0, p)`` guard, read by ``MatMul(p, v_rep)`` and then
+  ``Reshape(Transpose(., [0, 2, 1, 3]))`` to [B, S, N*H]; ``scores = MatMul(q, k_rep^T)`` with
+  scalar ``Mul`` / ``Div`` scales anywhere on either side (their product is the scale);
+  ``k_rep`` / ``v_rep``: ``repeat_kv`` (``Reshape(Expand(Unsqueeze(x, 2)))``) or nothing, over
+  ``Concat(past, new, axis=2)`` whose ``past`` is a graph input;
+* check (each refusal is logged with its reason): head counts from the past's static shape and
+  the query's width; the bias depends on the attention only through the keys' length (the
+  ``mask[..., :key.shape[-2]]`` slice; that length is rewired to ``past + S`` from shapes); the
+  bias blocks every key the kernel's causal limit blocks (its subgraph run alone in ORT on probe
+  inputs: :func:`flashnorm_onnx.fusions.gqa._mask_is_causal`);
+* rewrite: ``GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k = T - 1 for every row,
+  total_sequence_length = T, attention_bias = the bias)``, T = past + S from shapes, ``scale`` the
+  export's, ``do_rotary=0`` (the export's rotary stays: on Q/K in [B, S, N*H] where ORT's
+  ``RotaryEmbedding`` is found, else the rotated [B, N, S, H] values transposed back); its
+  present outputs replace the export's ``Concat`` (same layout and length: past + S).
+
+Two differences, both where nothing is compared: a query row whose every key is masked (a left
+pad) gets 0 in the export (the NaN guard) and an average of the values here; the bias is clamped to
+the lowest float so that such a row stays finite in every kernel. And ORT's CPU kernel refuses a
+multi-token step on a cache at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past
+context is given"), so each node sits in an ``If``: that case runs the same attention decomposed
+(:func:`_decomposed`), every other case the fused node.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from flashnorm_onnx.fusions.gqa import _mask_is_causal, ort_honours_attention_bias
+
+logger = logging.getLogger(__name__)
+
+_I64 = ir.DataType.INT64
+
+
+@dataclass
+class _Match:
+    softmax: ir.Node
+    out: ir.Value  # the attention's [B, S, N*H] output (the Reshape after the Transpose)
+    q: ir.Value  # [B, N, S, H], rotated, unscaled
+    k_new: ir.Value  # [B, KV, S, H], rotated
+    v_new: ir.Value
+    past_key: ir.Value
+    past_value: ir.Value
+    present_key: ir.Value
+    present_value: ir.Value
+    bias: ir.Value
+    scale: float
+    # values between a cache Concat and its MatMul, with the axis of their length T and their rank
+    key_lengths: dict[int, tuple[ir.Value, int, int]] = field(default_factory=dict)
+    nodes: set = field(default_factory=set)  # the matched nodes (by id)
+
+
+def fuse_gqa_legacy(model: ir.Model) -> tuple[int, list[str]]:
+    """Apply the rule to ``model`` in place; how many attentions became ``GroupQueryAttention``,
+    and one line per refused ``Softmax`` saying why."""
+    if not ort_honours_attention_bias():
+        return 0, ["GroupQueryAttention not used: this onnxruntime ignores its attention_bias input"]
+    graph, fused, refusals = model.graph, 0, []
+    for softmax in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
+        match = _match(softmax)
+        why = match if isinstance(match, str) else _check_and_rewrite(model, match)
+        if why:
+            refusals.append(f"{softmax.name}: {why}")
+            logger.info("GroupQueryAttention not fused at %s: %s", softmax.name, why)
+        else:
+            fused += 1
+    if fused:
+        graph.sort()
+        import onnx_ir.passes.common as common_passes
+
+        common_passes.RemoveUnusedNodesPass()(model)
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return fused, refusals
+
+
+# -- match -------------------------------------------------------------------------------------------
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1 or not np.issubdtype(tensor.numpy().dtype, np.floating):
+        return None
+    return float(tensor.numpy().reshape(()))
+
+
+def _strip_scales(value: ir.Value, nodes: set, lengths: dict | None = None, axis: int = 0):
+    """``value`` past scalar Mul/Div (and, with ``lengths``, one [0, 1, 3, 2] Transpose); returns
+    (source, scale, transposed)."""
+    scale, transposed = 1.0, False
+    while (node := value.producer()) is not None:
+        if lengths is not None:
+            lengths[id(value)] = (value, 2 if transposed else 3, 4)  # walking up: T last until the Transpose
+        if node.op_type == "Mul" and node.domain == "" and (c := _scalar(node.inputs[1])) is not None:
+            scale, value = scale * c, node.inputs[0]
+        elif node.op_type == "Mul" and node.domain == "" and (c := _scalar(node.inputs[0])) is not None:
+            scale, value = scale * c, node.inputs[1]
+        elif node.op_type == "Div" and node.domain == "" and (c := _scalar(node.inputs[1])) is not None:
+            scale, value = scale / c, node.inputs[0]
+        elif (lengths is not None and not transposed and node.op_type == "Transpose"
+              and list(node.attributes.get_ints("perm", [])) == [0, 1, 3, 2]):
+            transposed, value = True, node.inputs[0]
+        else:
+            break
+        nodes.add(id(node))
+    return value, scale, transposed
+
+
+def _strip_repeat_kv(value: ir.Value, nodes: set, lengths: dict) -> ir.Value:
+    """``Reshape(Expand(Unsqueeze(x, [2]), .), .)`` -> x (``repeat_kv``); else ``value``."""
+    reshape = value.producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return value
+    expand = reshape.inputs[0].producer()
+    if expand is None or expand.op_type != "Expand":
+        return value
+    unsqueeze = expand.inputs[0].producer()
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.inputs) < 2:
+        return value
+    axes = ir.convenience.get_const_tensor(unsqueeze.inputs[1])
+    if axes is None or axes.numpy().reshape(-1).tolist() != [2]:
+        return value
+    lengths[id(value)] = (value, 2, 4)
+    lengths[id(expand.outputs[0])] = (expand.outputs[0], 3, 5)
+    lengths[id(unsqueeze.outputs[0])] = (unsqueeze.outputs[0], 3, 5)
+    nodes.update({id(reshape), id(expand), id(unsqueeze)})
+    return unsqueeze.inputs[0]
+
+
+def _cache(value: ir.Value, nodes: set, lengths: dict):
+    """(past, new, the Concat's output) of ``Concat(past, new, axis=2)`` with ``past`` a graph
+    input; else a reason."""
+    node = value.producer()
+    if node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return "the keys/values are not Concat(past, new)"
+    if node.attributes.get_int("axis", 0) not in (2, -2):
+        return "the cache Concat is not on the sequence axis"
+    past, new = node.inputs
+    if past is None or not past.is_graph_input():
+        return "the cache Concat does not read a past graph input"
+    lengths[id(value)] = (value, 2, 4)
+    nodes.add(id(node))
+    return past, new, value
+
+
+def _match(softmax: ir.Node) -> _Match | str:
+    """The attention around ``softmax`` (see the module docstring), or why it is not one."""
+    if softmax.attributes.get_int("axis", -1) not in (-1, 3):
+        return "Softmax not over the last axis"
+    nodes: set = {id(softmax)}
+    probs = softmax.outputs[0]
+    readers = [u.node for u in probs.uses()]
+    if len(readers) == 2 and {n.op_type for n in readers} == {"IsNaN", "Where"}:  # the NaN guard
+        where = next(n for n in readers if n.op_type == "Where")
+        nodes.update(id(n) for n in readers)
+        probs = where.outputs[0]
+        readers = [u.node for u in probs.uses()]
+    if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].inputs[0] is not probs:
+        return "the probabilities are not read by one MatMul(p, v)"
+    pv = readers[0]
+    nodes.add(id(pv))
+    out = _output(pv, nodes)
+    if isinstance(out, str):
+        return out
+    add = softmax.inputs[0].producer()
+    if add is None or add.op_type != "Add":
+        return "the Softmax does not read Add(scores, mask)"
+    nodes.add(id(add))
+    for scores, bias in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
+        scored = _scores(scores, nodes)
+        if not isinstance(scored, str):
+            break
+    if isinstance(scored, str):
+        return scored
+    q, k_new, past_key, present_key, scale, lengths = scored
+    v_lengths: dict = {}
+    values = _cache(_strip_repeat_kv(pv.inputs[1], nodes, v_lengths), nodes, v_lengths)
+    if isinstance(values, str):
+        return values
+    past_value, v_new, present_value = values
+    return _Match(softmax=softmax, out=out, q=q, k_new=k_new, v_new=v_new, past_key=past_key,
+                  past_value=past_value, present_key=present_key, present_value=present_value, bias=bias,
+                  scale=scale, key_lengths={**lengths, **v_lengths}, nodes=nodes)
+
+
+def _output(pv: ir.Node, nodes: set) -> ir.Value | str:
+    uses = list(pv.outputs[0].uses())
+    transpose = uses[0].node if len(uses) == 1 else None
+    if transpose is None or transpose.op_type != "Transpose" or \
+            list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return "the attention output is not Transpose(., [0, 2, 1, 3])"
+    uses = list(transpose.outputs[0].uses())
+    reshape = uses[0].node if len(uses) == 1 else None
+    if reshape is None or reshape.op_type != "Reshape":
+        return "the attention output is not reshaped to [B, S, N*H]"
+    if _shape_length(reshape.inputs[1]) != 3:
+        return "the attention output's Reshape is not to rank 3"
+    nodes.update({id(transpose), id(reshape)})
+    return reshape.outputs[0]
+
+
+def _shape_length(target: ir.Value) -> int | None:
+    """How many dimensions a Reshape to ``target`` has: its static shape, or a constant's size, or a
+    Concat of one-element pieces (``Unsqueeze`` of a scalar, constants)."""
+    if target.shape is not None and target.shape.rank() == 1 and isinstance(target.shape[0], int):
+        return target.shape[0]
+    const = ir.convenience.get_const_tensor(target)
+    if const is not None:
+        return const.size
+    concat = target.producer()
+    if concat is None or concat.op_type != "Concat":
+        return None
+    for piece in concat.inputs:
+        const = ir.convenience.get_const_tensor(piece)
+        node = piece.producer()
+        if not (const is not None and const.size == 1 or node is not None and node.op_type == "Unsqueeze"):
+            return None
+    return len(concat.inputs)
+
+
+def _scores(scores: ir.Value, nodes: set):
+    """(q, k_new, past_key, present_key, scale, key lengths) of ``scores`` = scaled MatMul(q, k^T)."""
+    found: set = set()
+    source, scale, _ = _strip_scales(scores, found)
+    matmul = source.producer()
+    if matmul is None or matmul.op_type != "MatMul":
+        return "the scores are not a scaled MatMul(q, k^T)"
+    found.add(id(matmul))
+    q, q_scale, _ = _strip_scales(matmul.inputs[0], found)
+    lengths: dict = {}
+    k, k_scale, transposed = _strip_scales(matmul.inputs[1], found, lengths)
+    if not transposed:
+        return "the keys are not transposed [0, 1, 3, 2] into the scores' MatMul"
+    cached = _cache(_strip_repeat_kv(k, found, lengths), found, lengths)
+    if isinstance(cached, str):
+        return cached
+    nodes.update(found)
+    past_key, k_new, present_key = cached
+    return q, k_new, past_key, present_key, scale * q_scale * k_scale, lengths
+
+
+# -- check and rewrite -------------------------------------------------------------------------------
+
+
+class _Nodes:
+    """New nodes, each output named ``<prefix>/<n>`` (unique in the graph and its subgraphs)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self._n = prefix, [], 0
+
+    def __call__(self, op_type: str, inputs, num_outputs: int = 1, domain: str = "", **attributes):
+        node = ir.node(op_type, inputs, attributes, domain=domain, num_outputs=num_outputs,
+                       name=f"{self.prefix}/{op_type}_{self._n}")
+        for out in node.outputs:
+            out.name = f"{self.prefix}/{op_type}_{self._n}_{out.index()}"
+        self._n += 1
+        self.nodes.append(node)
+        return node.outputs[0] if num_outputs == 1 else node.outputs
+
+    def const(self, values, dtype=_I64) -> ir.Value:
+        return self("Constant", [], value=ir.tensor(np.array(values, dtype=dtype.numpy())))
+
+
+def _heads(m: _Match) -> tuple[int, int, int] | str:
+    """(N, KV, H): KV and H from the past's static shape, N from the query's width."""
+    kv, head = (m.past_key.shape[1], m.past_key.shape[3]) if m.past_key.shape and m.past_key.shape.rank() == 4 \
+        else (None, None)
+    if not isinstance(kv, int) or not isinstance(head, int):
+        return "the past's head count or head size is not static"
+    rotary = m.q.producer()
+    unrotated = rotary.inputs[0] if rotary is not None and rotary.op_type == "RotaryEmbedding" else m.q
+    source = _bsd_source(unrotated, head)
+    width = _width(source) if source is not None else None
+    heads = width // head if width is not None else (m.q.shape[1] if m.q.shape and m.q.shape.rank() == 4
+                                                     else None)
+    if not isinstance(heads, int):
+        return "the query's head count is unknown"
+    if heads % kv or head % 8:
+        return f"{heads} query heads over {kv} KV heads of size {head}: not a GroupQueryAttention shape"
+    if _dtype(m.bias) != m.past_key.dtype or _dtype(m.q) != m.past_key.dtype:
+        return "the mask, query and cache dtypes differ (or are unknown)"
+    return heads, kv, head
+
+
+def _dtype(value: ir.Value | None, depth: int = 8) -> ir.DataType | None:
+    """``value``'s element type, or where shape inference did not reach it, that of the first
+    float input of the nodes computing it (a Cast's target)."""
+    if value is None or value.dtype is not None or depth == 0:
+        return None if value is None else value.dtype
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Cast":
+        return ir.DataType(node.attributes.get_int("to", 0))
+    for source in node.inputs[1:] if node.op_type == "Where" else node.inputs:
+        dtype = _dtype(source, depth - 1)
+        if dtype is not None and dtype.is_floating_point():
+            return dtype
+    return None
+
+
+def _width(x: ir.Value) -> int | None:
+    """The last dimension of ``x``: from its shape, or from the weight of the MatMul (+ bias) that
+    computes it (ORT's contrib norms keep ONNX's shape inference from reaching it)."""
+    if x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int):
+        return x.shape[-1]
+    node = x.producer()
+    if node is not None and node.op_type == "Add":
+        node = next((i.producer() for i in node.inputs if i is not None and i.producer() is not None
+                     and i.producer().op_type == "MatMul"), None)
+    if node is None or node.op_type != "MatMul":
+        return None
+    weight = ir.convenience.get_const_tensor(node.inputs[1])
+    return int(weight.shape[-1]) if weight is not None and len(weight.shape) == 2 else None
+
+
+def _bsd_source(value: ir.Value, head: int) -> ir.Value | None:
+    """x when ``value`` = ``Transpose(Reshape(x [B, S, ...], [B, S, n, head]), [0, 2, 1, 3])``, with
+    B and S copied (0 in a constant shape, or read from x's shape, or from the input of x's MatMul):
+    then ``Reshape(x, [0, 0, -1])`` is ``value`` in [B, S, n*head]."""
+    transpose = value.producer()
+    if transpose is None or transpose.op_type != "Transpose" or \
+            list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    reshape = transpose.inputs[0].producer()
+    if reshape is None or reshape.op_type != "Reshape":
+        return None
+    x, target = reshape.inputs[0], reshape.inputs[1]
+    const = ir.convenience.get_const_tensor(target)
+    if const is not None:
+        dims = const.numpy().reshape(-1).tolist()
+        return x if len(dims) == 4 and dims[:2] == [0, 0] and dims[3] == head else None
+    concat = target.producer()
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 4:
+        return None
+    last = ir.convenience.get_const_tensor(concat.inputs[3])
+    if last is None or last.numpy().reshape(-1).tolist() != [head]:
+        return None
+    sources = {id(x)}
+    if x.producer() is not None and x.producer().op_type == "MatMul":
+        sources.add(id(x.producer().inputs[0]))  # a projection keeps the leading dims
+    for axis in (0, 1):
+        shape = _dim_of(concat.inputs[axis], axis)
+        if shape is None or id(shape) not in sources:
+            return None
+    return x
+
+
+def _dim_of(value: ir.Value, axis: int) -> ir.Value | None:
+    """y when ``value`` = ``Unsqueeze(Gather(Shape(y), axis), 0)``."""
+    unsqueeze = value.producer()
+    if unsqueeze is None or unsqueeze.op_type != "Unsqueeze":
+        return None
+    gather = unsqueeze.inputs[0].producer()
+    if gather is None or gather.op_type != "Gather" or gather.attributes.get_int("axis", 0) != 0:
+        return None
+    index = ir.convenience.get_const_tensor(gather.inputs[1])
+    shape = gather.inputs[0].producer()
+    if index is None or index.numpy().reshape(-1).tolist() != [axis] or shape is None or \
+            shape.op_type != "Shape" or shape.attributes:
+        return None
+    return shape.inputs[0]
+
+
+def _flat(new: _Nodes, x: ir.Value) -> ir.Value:
+    """x as [B, S, -1] (x itself where its rank is known to be 3)."""
+    if x.shape is not None and x.shape.rank() == 3:
+        return x
+    return new("Reshape", [x, new.const([0, 0, -1])])
+
+
+def _bsd(new: _Nodes, value: ir.Value, heads: int, head: int) -> ir.Value:
+    """``value`` [B, n, S, head] as [B, S, n*head]: the 3-D input of its Reshape/Transpose where
+    there is one (a ``RotaryEmbedding`` between them is applied to the 3-D input instead, with
+    ``num_heads``: the same result, bitwise), else ``Reshape(Transpose(value))``."""
+    node = value.producer()
+    if node is not None and node.op_type == "RotaryEmbedding" and node.domain == "com.microsoft" and \
+            not node.attributes.get_int("is_packed_batching", 0):
+        source = _bsd_source(node.inputs[0], head)
+        if source is not None:
+            attributes = {k: a.value for k, a in node.attributes.items()}
+            attributes["num_heads"] = heads
+            return new("RotaryEmbedding", [_flat(new, source), *node.inputs[1:]], domain="com.microsoft",
+                       **attributes)
+    source = _bsd_source(value, head)
+    if source is not None:
+        return _flat(new, source)
+    return new("Reshape", [new("Transpose", [value], perm=[0, 2, 1, 3]), new.const([0, 0, heads * head])])
+
+
+def _lengths_in_bias(m: _Match) -> list[tuple[ir.Value, int]] | str:
+    """The values in the bias's computation that read the keys' length T (``Gather(Shape(k), T's
+    axis)``, or ``Shape(k, start, end)`` of that axis), each with its rank (0 or 1); a reason where
+    the bias depends on the attention otherwise."""
+    inner = {id(m.q), id(m.k_new), id(m.v_new)} | set(m.key_lengths)
+    stack, seen, found = [m.bias], set(), []
+    while stack:
+        value = stack.pop()
+        if value is None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if id(value) in inner or (node is not None and id(node) in m.nodes):
+            return "the mask depends on the attention's queries, keys or values"
+        if node is None:
+            continue
+        if len(seen) > 4000:
+            return "the mask's computation is too large to follow"
+        length = _key_length(node, m.key_lengths)
+        if length is not None:
+            if length < 0:
+                return "the mask reads the keys' shape other than their length"
+            found.append((value, length))
+            continue
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+            return "a subgraph in the mask's computation"
+        stack.extend(node.inputs)
+    return found
+
+
+def _key_length(node: ir.Node, key_lengths: dict) -> int | None:
+    """For a node reading the shape of a key/value in the attention: the rank of its output when it
+    is exactly their length T, -1 when it is something else; None for other nodes."""
+    shape = node if node.op_type == "Shape" else (
+        node.inputs[0].producer() if node.op_type == "Gather" and node.inputs[0] is not None else None)
+    if shape is None or shape.op_type != "Shape" or id(shape.inputs[0]) not in key_lengths:
+        return None
+    _, axis, rank = key_lengths[id(shape.inputs[0])]
+    start = shape.attributes.get_int("start", 0) % rank
+    end = shape.attributes.get_int("end", rank)
+    end = end % rank if end < 0 else min(end, rank)
+    if node is shape:
+        return 1 if (start, end) == (axis, axis + 1) else -1
+    index = ir.convenience.get_const_tensor(node.inputs[1])
+    if index is None or index.size != 1 or node.attributes.get_int("axis", 0) != 0:
+        return -1
+    i = int(index.numpy().reshape(-1)[0])
+    return index.numpy().ndim if start + (i % (end - start)) == axis else -1
+
+
+def _check_and_rewrite(model: ir.Model, m: _Match) -> str | None:
+    """None once ``m`` is replaced (see the module docstring), else why it was left as it is."""
+    heads = _heads(m)
+    if isinstance(heads, str):
+        return heads
+    num_heads, kv_heads, head = heads
+    lengths = _lengths_in_bias(m)
+    if isinstance(lengths, str):
+        return lengths
+    for value, rank in lengths:
+        value.shape = value.shape or ir.Shape([1] * rank)
+    why = _mask_is_causal(model, m.bias, m.past_key, lengths=[v for v, _ in lengths])
+    if why:
+        return why
+    new = _Nodes(f"{m.softmax.name or m.out.name}/gqa")
+    q, k, v = (_bsd(new, m.q, num_heads, head), _bsd(new, m.k_new, kv_heads, head),
+               _bsd(new, m.v_new, kv_heads, head))
+    past_len = new("Shape", [m.past_key], start=2, end=3)
+    seq, batch = new("Shape", [q], start=1, end=2), new("Shape", [q], start=0, end=1)
+    total = new("Add", [past_len, seq])
+    total_scalar = new("Squeeze", [total])
+    for value, rank in lengths:  # the mask's key length, from shapes (the keys now come out of the node)
+        ir.convenience.replace_all_uses_with(value, total_scalar if rank == 0 else total)
+    one, zero = new.const([1]), new.const([0])
+    seqlens = new("Cast", [new("Expand", [new("Sub", [total, one]), batch])], to=ir.DataType.INT32)
+    dtype = m.past_key.dtype
+    bias = new("Max", [m.bias, new.const([np.finfo(dtype.numpy()).min], dtype)])
+    multi = new("And", [new("Greater", [batch, one]), new("Greater", [seq, one])])
+    cond = new("And", [multi, new("Greater", [past_len, zero])])
+    fused = _Nodes(f"{new.prefix}/fused")
+    attention = (q, k, v, m.past_key, m.past_value)
+    fused("GroupQueryAttention", [*attention, seqlens, new("Cast", [total_scalar], to=ir.DataType.INT32),
+                                  None, None, None, bias], num_outputs=3, domain="com.microsoft",
+          num_heads=num_heads, kv_num_heads=kv_heads, scale=m.scale, do_rotary=0)
+    plain = _Nodes(f"{new.prefix}/decomposed")
+    branches = [_branch(plain, _decomposed(plain, *attention, bias, num_heads, kv_heads, head, m.scale)),
+                _branch(fused, fused.nodes[-1].outputs)]
+    outs = new("If", [cond], num_outputs=3, then_branch=branches[0], else_branch=branches[1])
+    for out in outs:
+        out.dtype = m.past_key.dtype
+    model.graph.insert_before(m.out.producer(), new.nodes)
+    for old, out in zip((m.out, m.present_key, m.present_value), outs):
+        _replace(model.graph, old, out)
+    return None
+
+
+def _branch(nodes: _Nodes, outputs) -> ir.Graph:
+    for out in outputs:
+        out.dtype = ir.DataType.FLOAT if out.dtype is None else out.dtype
+    return ir.Graph([], list(outputs), nodes=nodes.nodes, name=nodes.prefix)
+
+
+def _replace(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
+    """Every use of ``old``, and its place and name among the graph outputs, to ``new``."""
+    name, is_output = old.name, any(o is old for o in graph.outputs)
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    if is_output:
+        old.name, new.name = f"{name}_unfused", name
+        new.shape = old.shape
+
+
+def _decomposed(new: _Nodes, q, k, v, past_key, past_value, bias, heads: int, kv_heads: int, head: int,
+                scale: float):
+    """The attention the node computes, in plain operators: (output [B, S, N*H], present key, value)."""
+    def split(x, n):  # [B, S, n*H] -> [B, n, S, H]
+        return new("Transpose", [new("Reshape", [x, new.const([0, 0, n, head])])], perm=[0, 2, 1, 3])
+
+    def repeat(x):  # [B, KV, T, H] -> [B, N, T, H]
+        if heads == kv_heads:
+            return x
+        x = new("Expand", [new("Unsqueeze", [x, new.const([2])]), new.const([1, 1, heads // kv_heads, 1, 1])])
+        return new("Reshape", [x, new.const([0, heads, -1, head])])
+
+    present_key = new("Concat", [past_key, split(k, kv_heads)], axis=2)
+    present_value = new("Concat", [past_value, split(v, kv_heads)], axis=2)
+    scores = new("MatMul", [split(q, heads), new("Transpose", [repeat(present_key)], perm=[0, 1, 3, 2])])
+    scores = new("Add", [new("Mul", [scores, new.const(scale, past_key.dtype)]), bias])
+    out = new("MatMul", [new("Softmax", [scores], axis=-1), repeat(present_value)])
+    out = new("Reshape", [new("Transpose", [out], perm=[0, 2, 1, 3]), new.const([0, 0, heads * head])])
+    return out, present_key, present_value
