@@ -1,5 +1,6 @@
 """onnx-ir passes of flashnorm-onnx."""
 
-from flashnorm_onnx.passes.flashnorm_fold import FlashNormFoldPass, FlashNormPassResult
+from flashnorm_onnx.passes.flashnorm_fold import FlashNormFoldPass
+from flashnorm_onnx.passes.fold_result import FlashNormPassResult
 
 __all__ = ["FlashNormFoldPass", "FlashNormPassResult"]

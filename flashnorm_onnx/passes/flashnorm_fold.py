@@ -35,7 +35,6 @@ Usage::
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Callable
 
@@ -50,6 +49,9 @@ from flashnorm_onnx.passes.norm_patterns import NormMatch, find_norms, strip_cas
 from flashnorm_onnx.passes.scopes import Scopes
 from flashnorm_onnx.passes.weightless_norm import ConstantPool, make_weightless
 from flashnorm_onnx.passes.decisions import ConsumerRecord, FoldDecisions, NormDecision
+from flashnorm_onnx.passes.fold_plan import (Applied, BiasWrite, NormPlan, WeightWrite, new_bias_dtype,
+                                             partners_by_weight, scale_key, share_writes)
+from flashnorm_onnx.passes.fold_result import FlashNormPassResult, FoldRecord, ReaderSite, RewriteSite
 
 logger = logging.getLogger(__name__)
 
@@ -61,151 +63,6 @@ _IN_FUNCTION = ("inside model-local function '{name}': the fold does not rewrite
 
 def _function_name(function: ir.Function) -> str:
     return f"{function.domain}::{function.name}" if function.domain else function.name
-
-
-@dataclasses.dataclass
-class FoldRecord:
-    """One weight the fold produced: enough to re-check its algebra later."""
-
-    name: str
-    original: ir.TensorProtocol
-    folded: ir.TensorProtocol
-    g: np.ndarray
-    k_axis: int
-
-
-@dataclasses.dataclass
-class ReaderSite:
-    """One linear reader of a folded norm: ``result = linear(data)`` (its bias add included)."""
-
-    op: str
-    data: str
-    """The value the linear reads (the same value in the input and the output model)."""
-    result_before: str
-    """Name, in the input model, of the linear's result (after its bias Add, if any)."""
-    result_after: ir.Value
-    """The same result in the rewritten model (a new bias Add's output for a LayerNorm)."""
-    weight: str = ""
-    """The weight constant in the input model, and the axis of it the norm's channels index."""
-    k_axis: int = 0
-    linear_before: str = ""
-    linear_after: str = ""
-    """Name, in the input and in the rewritten model, of the linear node's own output (before any
-    bias Add): a new bias Add on a graph output takes the output's name, and the linear's is renamed."""
-    result_after_name: str = ""
-    """``result_after``'s qualified name, taken when it was written."""
-
-
-@dataclasses.dataclass
-class RewriteSite:
-    """Where one folded norm's function can be re-run in isolation (see verify_subgraph)::
-
-        output_before(inputs)  ==  output_after(inputs) * g + beta          (the norm)
-        result_before(data * g + beta)  ==  result_after(data)             (each reader)
-    """
-
-    norm: str
-    inputs: list[str]
-    """The norm's activation inputs (x; and skip for Skip* norms), the same in both models."""
-    output_before: str
-    output_after: ir.Value
-    g: np.ndarray
-    beta: np.ndarray | None
-    readers: list[ReaderSite]
-    extra_outputs: list[str] = dataclasses.field(default_factory=list)
-    """Other outputs of a fused norm (a Skip* norm's residual sum): unchanged by the fold."""
-    scope: str = ""
-    """The graph the norm is in, as a prefix (:mod:`~flashnorm_onnx.passes.scopes`); every name
-    here is qualified the same way (values of an outer graph by the outer graph's prefix)."""
-    output_after_name: str = ""
-    """``output_after``'s qualified name, taken when it was written."""
-
-
-@dataclasses.dataclass
-class FlashNormPassResult(ir.passes.PassResult):
-    report: FoldDecisions = dataclasses.field(default_factory=FoldDecisions)
-    folds: list[FoldRecord] = dataclasses.field(default_factory=list)
-    sites: list[RewriteSite] = dataclasses.field(default_factory=list)
-    written: dict[str, str] = dataclasses.field(default_factory=dict)
-    """Every tensor the fold wrote, by its name in the output -> the name of the constant it was
-    computed from in the input ("" for a new LayerNorm bias). The same name on both sides: written
-    in place. What the plan-diff check (verify_plan) holds the output to."""
-    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    """Every weight the fold wrote (by its name in the output) -> the scale g folded into it: the
-    plan-diff check holds each linear to reading a weight folded with its own norm's scale, and
-    the algebraic check reads each tensor back against this g."""
-
-
-@dataclasses.dataclass
-class _Applied:
-    """What :meth:`FlashNormFoldPass.apply` wrote, gathered for its result (the pass keeps nothing)."""
-
-    folds: list[FoldRecord] = dataclasses.field(default_factory=list)
-    sites: list[RewriteSite] = dataclasses.field(default_factory=list)
-    written: dict[str, str] = dataclasses.field(default_factory=dict)
-    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    done: dict[tuple, ir.Value] = dataclasses.field(default_factory=dict)
-    """Tensors already written, by their share key: a later write of the same key reads them."""
-
-
-@dataclasses.dataclass
-class _WeightWrite:
-    """One tensor the fold produces: in place of a constant, or as a new untied copy."""
-
-    use: LinearUse
-    source: ir.Value
-    k_axis: int
-    in_place: bool
-    g_key: bytes = b""
-    #: the overflow check is left to the write, which reads the weight anyway (``defer_overflow``)
-    deferred_check: bool = False
-    first: bool = True
-    """The first write of its tensor (in the whole plan); the others read what it wrote."""
-
-    @property
-    def key(self) -> tuple:
-        """Writes of one key produce one tensor: the weight in place, or one copy per scale."""
-        return ("in place", id(self.source)) if self.in_place else ("copy", id(self.source), self.k_axis, self.g_key)
-
-
-@dataclasses.dataclass
-class _BiasWrite:
-    use: LinearUse
-    delta: np.ndarray  # beta @ B, float64, shape [N]
-    in_place: bool = False
-    first: bool = True
-
-    @property
-    def key(self) -> tuple:
-        """Writes of one key produce one tensor: a bias moved into the same constant by the same
-        amount, or a new bias of the same values beside the same weight."""
-        use = self.use
-        if use.bias_source is not None and (use.bias_add is not None or use.node.op_type == "Gemm"):
-            return ("bias", id(use.bias_source), self.delta.tobytes())
-        return ("new bias", id(use.weight.source), _new_bias_dtype(use).name, self.delta.tobytes())
-
-
-@dataclasses.dataclass
-class NormPlan:
-    """What the analysis decided for one norm, and, when it is to be folded, what the apply step
-    writes: the weights (in place or untied copies), the biases, and the names the subgraph
-    check re-runs. Made without touching the model."""
-
-    match: NormMatch
-    decision: NormDecision
-    prefix: str = ""
-    """The scope of the norm (see :mod:`~flashnorm_onnx.passes.scopes`): "" in the main graph."""
-    candidate: bool = False
-    g: np.ndarray | None = None
-    beta: np.ndarray | None = None
-    uses: list[LinearUse] = dataclasses.field(default_factory=list)
-    writes: list[_WeightWrite] = dataclasses.field(default_factory=list)
-    biases: list[_BiasWrite] = dataclasses.field(default_factory=list)
-    site: RewriteSite | None = None
-
-    @property
-    def folds(self) -> bool:
-        return self.decision.status == "folded"
 
 
 class FlashNormFoldPass(ir.passes.InPlacePass):
@@ -276,7 +133,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         pool = ConstantPool(graph, set())
         scopes = Scopes(graph)
         report = FoldDecisions()
-        applied = _Applied()
+        applied = Applied()
         for plan in plans:
             if plan.folds:
                 self._apply(plan, scopes, pool, opset, applied)
@@ -339,7 +196,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         overflow: dict[tuple, str | None] = {}
         while True:
             candidates = [p for p in plans if p.candidate]
-            partners = _partners(candidates)
+            partners = partners_by_weight(candidates)
             refused = False
             for plan in candidates:
                 refusal = self._finish(plan, partners, overflow, scopes)
@@ -348,7 +205,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                     refused = True
             if not refused:
                 break
-        _share_writes([p for p in plans if p.candidate])
+        share_writes([p for p in plans if p.candidate])
         for plan in plans:
             if plan.candidate:
                 plan.decision.status = "folded"
@@ -373,7 +230,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         plan.writes, plan.biases = writes, biases
         return None
 
-    def _check_overflow(self, write: _WeightWrite, g: np.ndarray) -> str | None:
+    def _check_overflow(self, write: WeightWrite, g: np.ndarray) -> str | None:
         """Every g*w representable in the weight's dtype? Weights in external data are left to the
         streamed write, which reads them anyway (``defer_overflow``); the others are read block by
         block here, nothing mapped whole."""
@@ -389,7 +246,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             release_tensor(tensor)
         return None
 
-    def _record_writes(self, decision: NormDecision, writes: list[_WeightWrite], biases: list[_BiasWrite]) -> None:
+    def _record_writes(self, decision: NormDecision, writes: list[WeightWrite], biases: list[BiasWrite]) -> None:
         """What the decision reports the fold will write: each reader's action, tensors and bytes
         (a tensor another reader, of this norm or of another, writes first is counted there)."""
         for write in writes:
@@ -414,7 +271,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             decision.bytes_rewritten += rewritten
             decision.tensors_written += 1
 
-    def _apply(self, plan: NormPlan, scopes: Scopes, pool: ConstantPool, opset: int, applied: "_Applied") -> None:
+    def _apply(self, plan: NormPlan, scopes: Scopes, pool: ConstantPool, opset: int, applied: "Applied") -> None:
         """Write one folding plan: the weights, the biases, the weightless norm (in its own graph)."""
         match, decision, g = plan.match, plan.decision, plan.g
         for write in plan.writes:
@@ -449,18 +306,18 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         return None
 
     def _plan_writes(self, plan: NormPlan, partners: dict[int, list[tuple[NormPlan, LinearUse]]]
-                     ) -> tuple[list[_WeightWrite], str | None]:
+                     ) -> tuple[list[WeightWrite], str | None]:
         """Decide, for every weight, whether it can be written in place: when all its readers are
         linears of candidates with this norm's scale (``partners``: every candidate's linears, by
         weight), reading it along one axis."""
-        g_key = _key_of(plan.g)
+        g_key = scale_key(plan.g)
         by_source: dict[int, list[LinearUse]] = {}
         for use in plan.uses:
             by_source.setdefault(id(use.weight.source), []).append(use)
-        writes: list[_WeightWrite] = []
+        writes: list[WeightWrite] = []
         for group in by_source.values():
             source = group[0].weight.source
-            same = [u for q, u in partners.get(id(source), []) if _key_of(q.g) == g_key]
+            same = [u for q, u in partners.get(id(source), []) if scale_key(q.g) == g_key]
             ours: set[int] = set()
             for use in same:
                 ours.add(id(use.node))
@@ -475,10 +332,10 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
                     "is disabled by --no-untie"
                 )
             for use in group:
-                writes.append(_WeightWrite(use, source, use.weight.k_axis, in_place=exclusive, g_key=g_key))
+                writes.append(WeightWrite(use, source, use.weight.k_axis, in_place=exclusive, g_key=g_key))
         return writes, None
 
-    def _plan_biases(self, beta: np.ndarray | None, uses: list[LinearUse]) -> tuple[list[_BiasWrite], str | None]:
+    def _plan_biases(self, beta: np.ndarray | None, uses: list[LinearUse]) -> tuple[list[BiasWrite], str | None]:
         if beta is None or fold_math.is_all(beta, 0.0):
             return [], None
         out = []
@@ -492,13 +349,13 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             weight = use.weight.tensor.numpy()
             delta = fold_math.bias_delta(weight, beta, use.weight.k_axis)
             delta = output_scale(use.node) * delta  # Gemm / FusedMatMul: alpha * (beta @ B)
-            out.append(_BiasWrite(use, delta))
+            out.append(BiasWrite(use, delta))
         return out, None
 
     # -- writing -------------------------------------------------------------------------------
 
-    def _apply_weight(self, write: _WeightWrite, g: np.ndarray, pool: ConstantPool, key: tuple[int, str],
-                      applied: "_Applied", scopes: Scopes) -> None:
+    def _apply_weight(self, write: WeightWrite, g: np.ndarray, pool: ConstantPool, key: tuple[int, str],
+                      applied: "Applied", scopes: Scopes) -> None:
         source = write.source
         done = applied.done.get(write.key)
         if done is None:
@@ -525,7 +382,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         node.replace_input_with(1, value)
 
     @staticmethod
-    def _bias_bytes(bias: _BiasWrite) -> tuple[int, int]:
+    def _bias_bytes(bias: BiasWrite) -> tuple[int, int]:
         """(bytes added, bytes rewritten) that :meth:`_apply_bias` will write, read off the model."""
         use = bias.use
         if use.bias_source is not None and (use.bias_add is not None or use.node.op_type == "Gemm"):
@@ -535,10 +392,10 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             if bias.in_place and shape == tuple(original.shape.numpy()):
                 return 0, nbytes
             return nbytes, 0
-        return int(bias.delta.size) * _new_bias_dtype(use).itemsize, 0
+        return int(bias.delta.size) * new_bias_dtype(use).itemsize, 0
 
-    def _apply_bias(self, bias: _BiasWrite, pool: ConstantPool, applied: "_Applied", scopes: Scopes) -> None:
-        """Add beta @ B to the linear's bias (one tensor per share key, see :func:`_share_writes`)."""
+    def _apply_bias(self, bias: BiasWrite, pool: ConstantPool, applied: "Applied", scopes: Scopes) -> None:
+        """Add beta @ B to the linear's bias (one tensor per share key, see :func:`share_writes`)."""
         use = bias.use
         node = use.node
         graph = node.graph
@@ -575,7 +432,7 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
         # No bias yet: MatMul -> Add(new bias), or Gemm gets C.
         new = applied.done.get(bias.key)
         if new is None:
-            tensor = ir.Tensor(bias.delta.astype(_new_bias_dtype(use).numpy()))
+            tensor = ir.Tensor(bias.delta.astype(new_bias_dtype(use).numpy()))
             new = _new_initializer(pool, f"{node.name or 'linear'}.flashnorm_bias", tensor, None)
             applied.written[scopes.name(new)] = ""
             applied.done[bias.key] = new
@@ -598,68 +455,6 @@ class FlashNormFoldPass(ir.passes.InPlacePass):
             old_name = out.name
             out.name = pool.unique(f"{old_name}.unbiased")
             add.outputs[0].name = old_name
-
-
-def _key_of(g: np.ndarray | None) -> bytes:
-    """A scale by value: equal keys fold a weight into the same tensor."""
-    if g is None:
-        return b""
-    g = np.asarray(g, dtype=np.float64)
-    return repr(g.shape).encode() + g.tobytes()
-
-
-def _partners(candidates: list[NormPlan]) -> dict[int, list[tuple[NormPlan, LinearUse]]]:
-    """Every candidate's linear readers, by the weight constant they read."""
-    by_source: dict[int, list[tuple[NormPlan, LinearUse]]] = {}
-    for plan in candidates:
-        for use in plan.uses:
-            by_source.setdefault(id(use.weight.source), []).append((plan, use))
-    return by_source
-
-
-def _share_writes(plans: list[NormPlan]) -> None:
-    """Mark, across the whole plan, the first write of each tensor (the others read it), and which
-    biases are rewritten in place: those whose every reader is a linear moving the same beta @ B
-    into it (the two branches of a merged decoder share one bias)."""
-    seen: set[tuple] = set()
-    for plan in plans:
-        for write in plan.writes:
-            write.first = write.key not in seen
-            seen.add(write.key)
-    readers: dict[tuple, set[int]] = {}
-    keys_of_source: dict[int, set[tuple]] = {}
-    for plan in plans:
-        for bias in plan.biases:
-            use = bias.use
-            if use.bias_source is None:
-                continue
-            reader = use.bias_add if use.node.op_type != "Gemm" else use.node
-            if reader is None:
-                continue
-            readers.setdefault(bias.key, set()).add(id(reader))
-            keys_of_source.setdefault(id(use.bias_source), set()).add(bias.key)
-    seen = set()
-    for plan in plans:
-        for bias in plan.biases:
-            source = bias.use.bias_source
-            bias.first = bias.key not in seen
-            seen.add(bias.key)
-            if source is None or bias.use.bias_path or source.is_graph_output() or not source.is_initializer():
-                continue
-            bias.in_place = (len(keys_of_source.get(id(source), ())) == 1
-                             and all(id(u.node) in readers.get(bias.key, ()) for u in source.uses()))
-
-
-def _new_bias_dtype(use: LinearUse) -> ir.DataType:
-    """The dtype of a bias created for a linear that had none: its output's, when known, else
-    that of its weight after the weight path's Casts."""
-    node = use.node
-    dtype = node.outputs[0].dtype or use.weight.tensor.dtype
-    if node.outputs[0].dtype is None:
-        casts = [n for n in use.weight.nodes if n.op_type == "Cast"]
-        if casts:
-            dtype = ir.DataType(casts[-1].attributes["to"].value)
-    return dtype
 
 
 def _linear_result(use: LinearUse) -> ir.Value:

@@ -1,6 +1,6 @@
 """Verification at any model size: re-run every rewritten norm and linear in ONNX Runtime.
 
-For each folded norm (a :class:`~flashnorm_onnx.passes.flashnorm_fold.RewriteSite`), small
+For each folded norm (a :class:`~flashnorm_onnx.passes.fold_result.RewriteSite`), small
 models are cut out of the *input file* and out of the *written output file*, and run in ONNX
 Runtime on random activations:
 
