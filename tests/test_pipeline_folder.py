@@ -19,7 +19,7 @@ import pytest
 
 import flashnorm_onnx
 from flashnorm_onnx import cli as cli_module
-from flashnorm_onnx.pipeline.folder import FolderReport
+from flashnorm_onnx.pipeline.report import FolderReport
 from flashnorm_onnx.passes import fold_math
 from tests import graphs
 from tests.helpers import BAD_INPUT, BAD_OUTPUT, assert_clean_error, cli, plain_model, rms_model, snapshot

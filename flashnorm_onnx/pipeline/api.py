@@ -35,7 +35,7 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike | None = None, 
 
     ``model`` may be a folder (an optimum export, an onnxruntime-genai folder): every ``*.onnx``
     in it is folded and verified into the output folder, companions copied; the report then has
-    one report per model (:class:`~flashnorm_onnx.pipeline.folder.FolderReport`).
+    one report per model (:class:`~flashnorm_onnx.pipeline.report.FolderReport`).
 
     Returns the report. Raises :class:`~flashnorm_onnx.errors.FlashNormError` subclasses for bad
     input, unwritable output and failed verification (nothing is published then)."""

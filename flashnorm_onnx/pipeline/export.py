@@ -36,7 +36,7 @@ from flashnorm_onnx.errors import FlashNormError, InputModelError, OutputPathErr
 from flashnorm_onnx.pipeline.report import FoldReport
 
 if TYPE_CHECKING:
-    from flashnorm_onnx.pipeline.folder import FolderReport
+    from flashnorm_onnx.pipeline.report import FolderReport
 
 logger = logging.getLogger(__name__)
 

@@ -28,144 +28,19 @@ import secrets
 import shutil
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from flashnorm_onnx.io import model_io
 from flashnorm_onnx.io import publish
 from flashnorm_onnx.errors import first_line, FlashNormError, InputModelError, OutputPathError, VerificationFailed
 from flashnorm_onnx.pipeline.options import FoldOptions
-from flashnorm_onnx.pipeline.report import FoldReport, NormDecision
-from flashnorm_onnx.verify.result import VerificationResult
+from flashnorm_onnx.pipeline.report import FolderReport, FoldReport
 
 logger = logging.getLogger(__name__)
 
 #: Keep the parsed protobuf of a checked model until it is folded only when it is this small;
 #: larger ones are parsed again when their turn comes (so N models are not all held in memory).
 KEEP_PROTO_BYTES = 64 << 20
-
-
-# -- the report ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class FolderReport:
-    """The reports of every model of a folder, usable like one :class:`FoldReport`."""
-
-    model: str = ""
-    output: str = ""
-    models: dict[str, FoldReport] = dataclasses.field(default_factory=dict)
-    """Relative path of each model in the folder -> its report."""
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def decisions(self) -> list[NormDecision]:
-        return [d for r in self.models.values() for d in r.decisions]
-
-    @property
-    def folded(self) -> int:
-        return sum(r.folded for r in self.models.values())
-
-    @property
-    def skipped(self) -> int:
-        return sum(r.skipped for r in self.models.values())
-
-    @property
-    def already(self) -> int:
-        return sum(r.already for r in self.models.values())
-
-    @property
-    def tensors_written(self) -> int:
-        return sum(r.tensors_written for r in self.models.values())
-
-    @property
-    def bytes_added(self) -> int:
-        return sum(r.bytes_added for r in self.models.values())
-
-    @property
-    def bytes_rewritten(self) -> int:
-        return sum(r.bytes_rewritten for r in self.models.values())
-
-    @property
-    def verification(self) -> VerificationResult | None:
-        """One result for the folder: passed iff every model's verification passed."""
-        named = [(rel, r.verification) for rel, r in self.models.items() if r.verification is not None]
-        if not named:
-            return None
-        if len(self.models) == 1:
-            return named[0][1]
-        from flashnorm_onnx.verify.result import combine
-
-        out = combine([v for _, v in named])
-        out.method = "+".join(dict.fromkeys(v.method for _, v in named))
-        out.message = "; ".join(f"{rel}: {v.message}" for rel, v in named if v.message and not v.passed)
-        return out
-
-    def _totals(self) -> FoldReport:
-        return FoldReport(decisions=self.decisions)
-
-    def summary(self) -> dict[str, Any]:
-        return {"models": len(self.models), **self._totals().summary()}
-
-    def summary_line(self, planned: bool = False) -> str:
-        n = len(self.models)
-        line = f"{n} model{'s' if n != 1 else ''}: {self._totals().summary_line(planned)}"
-        kept = self._kept_all()
-        if kept and n > 1:
-            line += f"; {'would fold' if planned else 'folded'} nothing in " + ", ".join(kept[:3]) \
-                + (f" and {len(kept) - 3} more" if len(kept) > 3 else "")
-        verification = self.verification
-        if verification is not None:
-            verdict = "skipped" if verification.method == "skipped" else ("PASSED" if verification.passed else "FAILED")
-            line += f"; verification {verdict}"
-        quantized = [r.quant_verification for r in self.models.values() if r.quant_verification is not None]
-        if quantized:
-            run = [v for v in quantized if v.method != "skipped"]
-            verdict = "skipped" if not run else ("PASSED" if all(v.passed for v in run) else "FAILED")
-            line += f"; int4 check {verdict}"
-        return line
-
-    def _kept_all(self) -> list[str]:
-        """The models in which nothing was folded, each with why in a few words: so a folder's
-        total never reads as if every model were folded."""
-        kept = []
-        for rel, r in self.models.items():
-            if r.folded or r.quantization:
-                continue
-            if not r.decisions:
-                why = "no norm found"
-            elif r.skipped:
-                why = f"{r.skipped} norm{'s' if r.skipped != 1 else ''} skipped"
-            else:
-                why = "already weightless"
-            kept.append(f"{rel} ({why})")
-        return kept
-
-    def text(self, planned: bool = False) -> str:
-        lines = []
-        for rel, r in self.models.items():
-            lines.append(f"== {rel}")
-            lines.append(r.text(planned))
-        if self.notes:
-            lines.append(f"== folder {self.model}")
-            lines += self.notes
-        lines.append(self.summary_line(planned))
-        return "\n".join(lines)
-
-    def to_json(self) -> dict[str, Any]:
-        verification = self.verification
-        return {
-            "model": self.model,
-            "output": self.output,
-            "summary": self.summary(),
-            "models": {rel: r.to_json() for rel, r in self.models.items()},
-            "verification": dataclasses.asdict(verification) if verification else None,
-            "notes": self.notes,
-        }
-
-    write_json = FoldReport.write_json  # the same JSON file, of this report's to_json()
-
-
-# -- what the folder holds -------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
