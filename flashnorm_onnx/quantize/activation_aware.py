@@ -27,7 +27,24 @@ import onnx_ir as ir
 from flashnorm_onnx.quantize import search
 from flashnorm_onnx.quantize.calibrate import Calibration
 from flashnorm_onnx.quantize.int4 import QuantSpec, quantizable_weight
-from flashnorm_onnx.quantize.scale_move import PairSite, ScaleSite, find_pairs, find_sites, move_pair_scale, move_scale
+from flashnorm_onnx.quantize.scale_move import (
+    AttentionPairSite,
+    PairSite,
+    ScaleSite,
+    find_attention_pairs,
+    find_pairs,
+    find_sites,
+    move_attention_scale,
+    move_pair_scale,
+    move_scale,
+)
+
+#: clip each block by its output error with the block's input covariance (d^T C_b d); False: by the
+#: E[x^2]-weighted error (the diagonal of C_b). A switch for the study's ablations.
+CLIP_BY_COVARIANCE = True
+#: move scales between v_proj and o_proj through the attention (AttentionPairSite). A switch for
+#: the study's ablations.
+V_TO_O = True
 
 
 @dataclasses.dataclass
@@ -40,7 +57,9 @@ class Plan:
     not_moved: list[tuple[str, str]]
     """(norm, why its scale stays where it is)."""
     pair_choices: list[search.NormChoice] = dataclasses.field(default_factory=list)
-    """The scales moved between two linears (up -> down of a gated MLP)."""
+    """The scales moved between two linears (up -> down of a gated MLP, v -> o through attention)."""
+    pair_kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    """pair name -> "up -> down" or "v -> o"."""
     seconds: float = 0.0
     blocks: int = 0
     calibration_info: dict = dataclasses.field(default_factory=dict)
@@ -58,8 +77,8 @@ class Plan:
             "norms": [{"norm": c.name, "alpha": c.alpha, "objective": c.chosen.objective, "quantize_first": c.rtn,
                        "fold_first": c.fold} for c in self.choices],
             "objective_totals": self.objective_totals(),
-            "pairs": [{"pair": c.name, "alpha": c.alpha, "objective": c.chosen.objective, "rtn": c.rtn}
-                      for c in self.pair_choices],
+            "pairs": [{"pair": c.name, "kind": self.pair_kinds.get(c.name, "up -> down"), "alpha": c.alpha,
+                       "objective": c.chosen.objective, "rtn": c.rtn} for c in self.pair_choices],
             "pair_objective_totals": {"chosen": float(sum(c.chosen.objective for c in self.pair_choices)),
                                       "rtn": float(sum(c.rtn for c in self.pair_choices))},
             "clips": search.clip_summary(self.clips, self.blocks),
@@ -84,9 +103,14 @@ def _matmuls(model: ir.Model) -> list[tuple[ir.Node, ir.Value]]:
 def calibration_values(model: ir.Model, pairs: bool = True
                        ) -> tuple[dict[str, int], set[str], list[ScaleSite | PairSite], list[tuple[str, str]]]:
     """(values to expose: name -> element type, the ones whose rows are kept, sites -- norms, then
-    with ``pairs`` the up -> down pairs of gated MLPs --, norms not movable)."""
+    with ``pairs`` the up -> down pairs of gated MLPs and the v -> o pairs of attention --, norms
+    (and attention pairs) not movable, with the reason)."""
     sites, others = find_sites(model)
     sites = list(sites) + (find_pairs(model) if pairs else [])
+    if pairs and V_TO_O:
+        attention, refused = find_attention_pairs(model)
+        sites += attention
+        others += refused
     values: dict[str, int] = {}
     rows: set[str] = set()
     usable = []
@@ -120,12 +144,18 @@ def plan(model: ir.Model, sites: list[ScaleSite], not_moved: list[tuple[str, str
     for site in sites:
         x = stats[site.output.name]
         weights = [_weight_array(w) for w in site.weights]
-        pair = isinstance(site, PairSite)
-        choice = search.choose_scale(site.name, weights, None if pair else site.g, x.mean_abs, x.mean_sq,
-                                     x.row_matrix(), spec, alphas, clips)
-        del weights
+        pair = isinstance(site, (PairSite, AttentionPairSite))
+        mean_abs = site.tie(x.mean_abs) if isinstance(site, AttentionPairSite) else x.mean_abs
+        moments = x.block_moments(spec.block_size) if CLIP_BY_COVARIANCE else None
+        choice = search.choose_scale(site.name, weights, None if pair else site.g, mean_abs, x.mean_sq,
+                                     x.row_matrix(), spec, alphas, clips, moments)
+        del weights, moments
         if pair:
-            move_pair_scale(site, choice.chosen.s)
+            if isinstance(site, AttentionPairSite):
+                move_attention_scale(site, choice.chosen.s)
+                result.pair_kinds[site.name] = "v -> o"
+            else:
+                move_pair_scale(site, choice.chosen.s)
             renamed = {w.name: w.name for w in site.weights}
             site_weights.add(id(site.down.inputs[1]))
         else:
@@ -140,18 +170,21 @@ def plan(model: ir.Model, sites: list[ScaleSite], not_moved: list[tuple[str, str
         if progress:
             progress(done, total)
     # every other int4 weight: its clip ratios, weighted by E[x^2] of the inputs that read it
-    inputs: dict[int, tuple[ir.Value, np.ndarray]] = {}
+    inputs: dict[int, tuple[ir.Value, np.ndarray, np.ndarray | None]] = {}
     for node, weight in _matmuls(model):
         if id(weight) in site_weights or node.inputs[0].name not in stats:
             continue
-        sq = stats[node.inputs[0].name].mean_sq
+        x = stats[node.inputs[0].name]
+        sq = x.mean_sq
+        mom = x.block_moments(spec.block_size) if CLIP_BY_COVARIANCE else None
         if id(weight) in inputs:
-            inputs[id(weight)] = (weight, inputs[id(weight)][1] + sq)
+            _, sq0, mom0 = inputs[id(weight)]
+            inputs[id(weight)] = (weight, sq0 + sq, None if mom is None or mom0 is None else mom0 + mom)
         else:
-            inputs[id(weight)] = (weight, sq)
-    for weight, sq in inputs.values():
+            inputs[id(weight)] = (weight, sq, mom)
+    for weight, sq, mom in inputs.values():
         if len(clips) > 1:
-            ratios, _ = search.choose_clips(_weight_array(weight), sq, spec, clips)
+            ratios, _ = search.choose_clips(_weight_array(weight), sq, spec, clips, moments=mom)
             result.clips[weight.name] = ratios
         done += 1
         if progress:

@@ -8,7 +8,9 @@ added. For each value, over every token of every run:
 * per channel (the last axis): the count, the sum of |x| and of x^2 -- mean|x| places the norms'
   scales, E[x^2] weighs each input channel's share of a linear's output error;
 * for the values named in ``rows``: the activations themselves, up to ``max_rows`` rows (tokens),
-  for the output-error objective of the scale search.
+  for the output-error objective of the scale search, and (for at most :data:`MAX_COV_CHANNELS`
+  channels) the second-moment matrix E[x x^T] over every token, whose diagonal blocks weigh the
+  clip search's error by the block's input covariance.
 
 Token ids come from the caller (:func:`tokenize`): the text is the calibration corpus, never an
 evaluation text.
@@ -28,6 +30,9 @@ from flashnorm_onnx.errors import FlashNormError
 #: Rows of activations kept per value for the output-error objective (tokens beyond are counted
 #: in the per-channel statistics only).
 MAX_ROWS = 2048
+#: The full second-moment matrix [K, K] is kept for row values of at most this many channels
+#: (float64: 32 MiB at 2048); wider values fall back to the kept rows' blocks.
+MAX_COV_CHANNELS = 2048
 
 
 @dataclasses.dataclass
@@ -40,6 +45,8 @@ class ActivationStats:
     sq_sum: np.ndarray | None = None
     rows: list[np.ndarray] = dataclasses.field(default_factory=list)
     kept_rows: int = 0
+    gram: np.ndarray | None = None
+    """sum over tokens of x x^T [K, K] (values in ``rows`` of at most MAX_COV_CHANNELS channels)."""
 
     def add(self, x: np.ndarray, keep_rows: int) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -51,6 +58,10 @@ class ActivationStats:
         self.abs_sum += np.abs(x64).sum(axis=0)
         self.sq_sum += (x64 * x64).sum(axis=0)
         self.count += x.shape[0]
+        if keep_rows and x.shape[1] <= MAX_COV_CHANNELS:
+            if self.gram is None:
+                self.gram = np.zeros((x.shape[1], x.shape[1]))
+            self.gram += x64.T @ x64
         room = keep_rows - self.kept_rows
         if room > 0:
             self.rows.append(np.ascontiguousarray(x[:room]))
@@ -66,9 +77,36 @@ class ActivationStats:
         """Per channel: E[x^2] over the tokens."""
         return self.sq_sum / max(self.count, 1)
 
+    def block_moments(self, block: int) -> np.ndarray | None:
+        """E[x_b x_b^T] for each block b of ``block`` consecutive channels: [blocks, block, block]
+        (a last partial block zero-padded), over every token where the full matrix was kept, else over
+        the kept rows; None when neither was kept."""
+        if self.gram is not None:
+            return diagonal_blocks(self.gram / max(self.count, 1), block)
+        if not self.kept_rows:
+            return None
+        r = self.row_matrix()
+        k = r.shape[1]
+        out = np.zeros((-(-k // block), block, block))
+        for b in range(out.shape[0]):
+            part = r[:, b * block:(b + 1) * block].astype(np.float64)
+            out[b, :part.shape[1], :part.shape[1]] = part.T @ part / r.shape[0]
+        return out
+
     def row_matrix(self) -> np.ndarray:
         """The kept rows [R, K] (float32)."""
         return np.concatenate(self.rows, axis=0) if self.rows else np.zeros((0, self.abs_sum.size), np.float32)
+
+
+def diagonal_blocks(matrix: np.ndarray, block: int) -> np.ndarray:
+    """The diagonal blocks [blocks, block, block] of a square matrix (a last partial block zero-padded)."""
+    k = matrix.shape[0]
+    blocks = -(-k // block)
+    out = np.zeros((blocks, block, block), dtype=matrix.dtype)
+    for b in range(blocks):
+        part = matrix[b * block:(b + 1) * block, b * block:(b + 1) * block]
+        out[b, :part.shape[0], :part.shape[1]] = part
+    return out
 
 
 @dataclasses.dataclass

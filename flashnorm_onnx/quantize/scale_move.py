@@ -238,3 +238,209 @@ def move_pair_scale(pair: PairSite, s: np.ndarray) -> None:
     w_up, w_down = pair.up.inputs[1], pair.down.inputs[1]
     w_up.const_value = _scaled_lazy(w_up.const_value, s, w_up.name, rows=False)
     w_down.const_value = _scaled_lazy(w_down.const_value, s, w_down.name)
+
+
+# -- v_proj -> o_proj: the scale moved through attention ------------------------------------------
+
+#: ops a value may pass between v_proj and o_proj (besides the attention MatMul itself)
+_LAYOUT_OPS = ("Reshape", "Transpose", "Unsqueeze", "Expand", "Identity")
+
+
+@dataclasses.dataclass
+class AttentionPairSite:
+    """``o`` reads ``attention(P, V)`` with ``V`` = ``v(x)`` reshaped into heads: each row k of
+    ``W_o`` multiplies the v channel ``channel_of_row[k]`` (grouped-query attention: one kv head
+    feeds several query heads, so several rows share one channel). A scale s on ``W_v``'s columns
+    (1/s) is undone on ``W_o``'s rows (s), tied over the rows that read one channel."""
+
+    name: str
+    up: ir.Node
+    down: ir.Node
+    channel_of_row: np.ndarray
+    """[K_o]: the column of W_v each row of W_o multiplies (proved from the graph's shapes)."""
+
+    @property
+    def output(self) -> ir.Value:
+        """The value ``o`` reads (the heads' outputs, concatenated)."""
+        return self.down.inputs[0]
+
+    @property
+    def weights(self) -> list[ir.Value]:
+        return [self.down.inputs[1]]
+
+    @property
+    def channels(self) -> int:
+        return int(self.up.inputs[1].const_value.shape[-1])
+
+    def tie(self, per_row: np.ndarray) -> np.ndarray:
+        """A per-row statistic averaged over the rows that read one v channel, given back per row
+        (so that a scale made from it is one value per v channel)."""
+        per_row = np.asarray(per_row, np.float64)
+        sums = np.bincount(self.channel_of_row, weights=per_row, minlength=self.channels)
+        counts = np.bincount(self.channel_of_row, minlength=self.channels)
+        return (sums / np.maximum(counts, 1))[self.channel_of_row]
+
+    def up_scale(self, s_rows: np.ndarray) -> np.ndarray:
+        """The per-channel scale of W_v's columns for a tied per-row scale of W_o's rows."""
+        s_rows = np.asarray(s_rows, np.float64)
+        s = np.ones(self.channels)
+        s[self.channel_of_row] = s_rows
+        if not np.array_equal(s[self.channel_of_row], s_rows):
+            raise ValueError(f"{self.name}: the scale is not one value per v channel")
+        return s
+
+
+def _static_dims(value: ir.Value) -> list[int | str] | None:
+    """The value's shape as ints (static) and names (symbolic); None when unknown or a dim unnamed."""
+    shape = value.shape
+    if shape is None:
+        return None
+    out: list[int | str] = []
+    for d in shape:
+        if isinstance(d, int):
+            out.append(d)
+        elif getattr(d, "value", None) is not None:
+            out.append(d.value if isinstance(d.value, int) else str(d.value))
+        else:
+            return None
+    return out
+
+
+def _free_mask(dims: list[int | str]) -> list[bool]:
+    return [isinstance(d, str) for d in dims]
+
+
+def _idx_shape(dims: list[int | str]) -> tuple[int, ...]:
+    return tuple(1 if isinstance(d, str) else int(d) for d in dims)
+
+
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None:
+        return None
+    array = const_array(value)
+    return None if array is None else [int(a) for a in np.asarray(array).ravel()]
+
+
+def _layout_step(node: ir.Node, idx: np.ndarray, dims_in: list, dims_out: list) -> tuple[np.ndarray | None, str]:
+    """The channel index array after ``node`` (free, symbolic axes of size 1 in it), or None and why."""
+    free_in, free_out = _free_mask(dims_in), _free_mask(dims_out)
+    op = node.op_type
+    if op == "Identity":
+        return idx, ""
+    if op == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        if perm is None or sorted(perm) != list(range(idx.ndim)):
+            return None, "a Transpose without its permutation"
+        return np.transpose(idx, perm), ""
+    if op == "Unsqueeze":
+        axes = _const_ints(node.inputs[1]) if len(node.inputs) > 1 else node.attributes.get_ints("axes", None)
+        if axes is None:
+            return None, "an Unsqueeze with computed axes"
+        rank = idx.ndim + len(axes)
+        out = idx
+        for a in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, a)
+        return out, ""
+    if op == "Expand":
+        if len(dims_out) != idx.ndim or any(fi != fo for fi, fo in zip(free_in, free_out)):
+            return None, "an Expand that changes the rank or the symbolic axes"
+        target = _idx_shape(dims_out)
+        try:
+            return np.broadcast_to(idx, target), ""  # a size-1 axis repeated: the same channel in each copy
+        except ValueError:
+            return None, "an Expand that does not broadcast"
+    if op == "Reshape":
+        # only a contiguous run of static axes may be regrouped; the symbolic axes stay as they are
+        sym_in = [d for d in dims_in if isinstance(d, str)]
+        sym_out = [d for d in dims_out if isinstance(d, str)]
+        if sym_in != sym_out:
+            return None, "a Reshape that changes the symbolic axes"
+        i = 0
+        while i < min(len(dims_in), len(dims_out)) and dims_in[i] == dims_out[i]:
+            i += 1
+        j = 0
+        while (j < min(len(dims_in), len(dims_out)) - i and dims_in[len(dims_in) - 1 - j] ==
+               dims_out[len(dims_out) - 1 - j]):
+            j += 1
+        run_in, run_out = dims_in[i:len(dims_in) - j], dims_out[i:len(dims_out) - j]
+        if any(isinstance(d, str) for d in run_in + run_out) or int(np.prod(run_in, dtype=np.int64)) != int(
+                np.prod(run_out, dtype=np.int64)):
+            return None, "a Reshape that mixes channels with a symbolic axis"
+        return idx.reshape(_idx_shape(dims_out)), ""
+    return None, f"{op} '{node.name}' between v and o"
+
+
+def find_attention_pairs(model: ir.Model) -> tuple[list[AttentionPairSite], list[tuple[str, str]]]:
+    """(sites, [(name, why not)]): every int4 MatMul ``v`` whose output reaches an int4 MatMul ``o``
+    only through layout ops (Reshape, Transpose, Unsqueeze, Expand) and the attention product
+    ``MatMul(P, V)`` (V its second input, its contracted axis symbolic), every value on the way read
+    once; the channel each row of ``W_o`` multiplies is tracked through the shapes the graph declares
+    (the heads' split, the kv heads' repetition for grouped-query attention, their concatenation).
+    Refusals are given for chains that reach an attention product and then cannot be proved."""
+    sites, refused = [], []
+    for up in model.graph:
+        w_up = quantizable_weight(up)
+        if w_up is None or len(list(w_up.uses())) != 1 or w_up.const_value.shape[-2] < 1:
+            continue
+        channels = int(w_up.const_value.shape[-1])
+        value = up.outputs[0]
+        dims = _static_dims(value)
+        if dims is None or dims[-1] != channels or any(isinstance(d, int) for d in dims[:-1]):
+            continue
+        idx = np.arange(channels).reshape(_idx_shape(dims))
+        through_attention, why, site = False, "", None
+        name = up.name or w_up.name
+        while True:
+            users = list(value.uses())
+            if value.is_graph_output() or len(users) != 1:
+                why = "a value between v and o has another reader"
+                break
+            node, index = users[0].node, users[0].idx
+            if node.domain not in ("", "ai.onnx"):
+                why = f"{node.op_type} '{node.name}' between v and o"
+                break
+            out_dims = _static_dims(node.outputs[0]) if node.outputs else None
+            if node.op_type == "MatMul" and index == 0:
+                w_down = quantizable_weight(node)
+                flat = idx.ravel()
+                if not through_attention:
+                    break  # a linear after v without attention between: not this move
+                if w_down is None or len(list(w_down.uses())) != 1:
+                    why = f"'{node.name}' after the attention is not an int4 MatMul with its own weight"
+                elif any(d != 1 for d in idx.shape[:-1]) or flat.size != int(w_down.const_value.shape[-2]):
+                    why = f"'{node.name}' reads channels along more than its last axis"
+                elif np.unique(flat).size != channels:
+                    why = f"'{node.name}' does not read every v channel"
+                else:
+                    site = AttentionPairSite(f"{name} -> {node.name or w_down.name}", up, node, flat.astype(np.int64))
+                break
+            if out_dims is None:
+                why = f"{node.op_type} '{node.name}': output shape not declared"
+                break
+            if node.op_type == "MatMul" and index == 1:  # attention: out = P @ V, linear in V per column
+                if idx.ndim < 2 or idx.shape[-2] != 1 or len(out_dims) != idx.ndim or not isinstance(out_dims[-2], str):
+                    why = f"'{node.name}': the attention product contracts a channel axis"
+                    break
+                through_attention = True
+                value = node.outputs[0]
+                continue
+            if index != 0 or node.op_type not in _LAYOUT_OPS:
+                why = f"{node.op_type} '{node.name}' between v and o"
+                break
+            idx, why = _layout_step(node, idx, _static_dims(value), out_dims)
+            if idx is None:
+                break
+            value = node.outputs[0]
+        if site is not None:
+            sites.append(site)
+        elif through_attention and why:
+            refused.append((name, f"no v -> o scale move: {why}"))
+    return sites, refused
+
+
+def move_attention_scale(pair: AttentionPairSite, s_rows: np.ndarray) -> None:
+    """W_v -> W_v diag(1/s_v), W_o -> diag(s_rows) W_o, s_rows = s_v[channel_of_row] (both in place)."""
+    s_v = pair.up_scale(s_rows)
+    w_up, w_down = pair.up.inputs[1], pair.down.inputs[1]
+    w_up.const_value = _scaled_lazy(w_up.const_value, s_v, w_up.name, rows=False)
+    w_down.const_value = _scaled_lazy(w_down.const_value, np.asarray(s_rows, np.float64), w_down.name)

@@ -92,10 +92,34 @@ def _block_errors(weight: np.ndarray, back: np.ndarray, channel_weight: np.ndarr
     return d.reshape(blocks, block, n).sum(axis=1)
 
 
+def _block_output_errors(weight: np.ndarray, back: np.ndarray, moments: np.ndarray, block: int) -> np.ndarray:
+    """[blocks, N]: d^T C_b d for each block b and column n, d = (weight - back) over the block's rows,
+    C_b = ``moments[b]`` the second-moment matrix of the block's input channels: the block's share of
+    the column's output error E[(x . d)^2] (correlations inside the block included)."""
+    k, n = weight.shape
+    d = np.asarray(weight, np.float32) - back
+    blocks = moments.shape[0]
+    if blocks * block != k:
+        d = np.pad(d, ((0, blocks * block - k), (0, 0)))
+    d = d.reshape(blocks, block, n)
+    return np.einsum("bkn,bkn->bn", d, np.matmul(moments.astype(np.float32), d))
+
+
+def moved_moments(moments: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The block second moments of X / s, given those of X ([blocks, B, B]; s padded with ones)."""
+    blocks, block, _ = moments.shape
+    inv = np.ones(blocks * block)
+    inv[:s.size] = 1.0 / np.asarray(s, np.float64)
+    inv = inv.reshape(blocks, block)
+    return moments * inv[:, :, None] * inv[:, None, :]
+
+
 def choose_clips(weight: np.ndarray, channel_weight: np.ndarray, spec: QuantSpec,
-                 clips=CLIPS, unclipped: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 clips=CLIPS, unclipped: list | None = None,
+                 moments: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ratios [blocks, N], dequantized weight [K, N]): each block's clip ratio from ``clips``
-    minimising its error weighted by ``channel_weight`` (E[x^2] of the input channels).
+    minimising its error weighted by ``channel_weight`` (E[x^2] of the input channels), or, given
+    ``moments`` (the input's block second-moment matrices [blocks, B, B]), its output error d^T C_b d.
     ``unclipped``: a list that receives the plain round-to-nearest weight (ratio 1.0)."""
     weight = np.asarray(weight, dtype=np.float32)
     k, n = weight.shape
@@ -105,7 +129,10 @@ def choose_clips(weight: np.ndarray, channel_weight: np.ndarray, spec: QuantSpec
         if c == 1.0 and unclipped is not None:
             unclipped.append(back)
         backs.append(back)
-        errors.append(_block_errors(weight, back, channel_weight, spec.block_size))
+        if moments is not None:
+            errors.append(_block_output_errors(weight, back, moments, spec.block_size))
+        else:
+            errors.append(_block_errors(weight, back, channel_weight, spec.block_size))
     best = np.argmin(np.stack(errors), axis=0)  # first minimum: 1.0 wins ties
     ratios = np.asarray(clips, dtype=np.float32)[best]
     pick = np.repeat(best, spec.block_size, axis=0)[:k]
@@ -153,12 +180,14 @@ def scaled(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 
 def choose_scale(name: str, weights: list[np.ndarray], g: np.ndarray, mean_abs: np.ndarray, mean_sq: np.ndarray,
-                 rows: np.ndarray, spec: QuantSpec, alphas=ALPHAS, clips=CLIPS) -> NormChoice:
+                 rows: np.ndarray, spec: QuantSpec, alphas=ALPHAS, clips=CLIPS,
+                 moments: np.ndarray | None = None) -> NormChoice:
     """The scale placement (and its readers' clip ratios) minimising :func:`output_error`.
 
     ``weights``: the norm's readers' weights [K, N_j] as they are in the model; ``g`` the norm's
     scale, ``mean_abs``/``mean_sq`` the per-channel statistics of the norm's output X, ``rows``
-    calibration rows of X [R, K]."""
+    calibration rows of X [R, K], ``moments`` (optional) the block second moments of X
+    [blocks, B, B] for the clip search (:func:`choose_clips`)."""
     rows = np.asarray(rows, dtype=np.float32)
     tried: list[tuple[str, float]] = []
     candidates: list[Candidate] = []
@@ -169,7 +198,8 @@ def choose_scale(name: str, weights: list[np.ndarray], g: np.ndarray, mean_abs: 
         unclipped: list = []
         if len(clips) > 1:
             channel = np.asarray(mean_sq, np.float64) / (np.asarray(s, np.float64) ** 2)
-            chosen = [choose_clips(w, channel, spec, clips, unclipped if reference else None) for w in moved]
+            mom = None if moments is None else moved_moments(moments, s)
+            chosen = [choose_clips(w, channel, spec, clips, unclipped if reference else None, mom) for w in moved]
             e = output_error(rows, weights, [b for _, b in chosen], s)
             candidates.append(Candidate(label, s, e, [r for r, _ in chosen]))
             tried.append((label, e))
