@@ -69,10 +69,10 @@ def fuse_gqa_legacy(model: ir.Model) -> tuple[int, list[str]]:
     and one line per refused ``Softmax`` saying why."""
     if not ort_honours_attention_bias():
         return 0, ["GroupQueryAttention not used: this onnxruntime ignores its attention_bias input"]
-    graph, fused, refusals = model.graph, 0, []
+    graph, fused, refusals, shared = model.graph, 0, [], _Lengths()
     for softmax in [n for n in graph if n.op_type == "Softmax" and n.domain == ""]:
         match = _match(softmax)
-        why = match if isinstance(match, str) else _check_and_rewrite(model, match)
+        why = match if isinstance(match, str) else _check_and_rewrite(model, match, shared)
         if why:
             refusals.append(f"{softmax.name}: {why}")
             logger.info("GroupQueryAttention not fused at %s: %s", softmax.name, why)
@@ -83,6 +83,8 @@ def fuse_gqa_legacy(model: ir.Model) -> tuple[int, list[str]]:
         import onnx_ir.passes.common as common_passes
 
         common_passes.RemoveUnusedNodesPass()(model)
+        # the layers' masks now read one length: their copies (Slice, Where, Max) become one
+        common_passes.CommonSubexpressionEliminationPass()(model)
         model.opset_imports.setdefault("com.microsoft", 1)
     return fused, refusals
 
@@ -377,9 +379,41 @@ def _dim_of(value: ir.Value, axis: int) -> ir.Value | None:
 
 def _flat(new: _Nodes, x: ir.Value) -> ir.Value:
     """x as [B, S, -1] (x itself where its rank is known to be 3)."""
-    if x.shape is not None and x.shape.rank() == 3:
+    if _rank(x) == 3:
         return x
     return new("Reshape", [x, new.const([0, 0, -1])])
+
+
+#: Operators whose first output has the shape of their first input (ORT's fused norms: output 0;
+#: their Skip forms' output 3 too, the residual sum).
+_SAME_SHAPE = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+               "SkipLayerNormalization", "Cast", "Sigmoid", "Relu", "Gelu", "FastGelu", "QuickGelu", "Neg",
+               "RotaryEmbedding", "Identity"}
+_ELEMENTWISE = {"Add", "Mul", "Sub", "Div"}
+
+
+def _rank(value: ir.Value, depth: int = 0) -> int | None:
+    """``value``'s rank: its shape's, or where ORT's contrib operators kept ONNX's shape inference
+    from reaching it, followed through the nodes computing it (norms, elementwise ops, a MatMul by a
+    2-D weight, the embedding Gather)."""
+    if value.shape is not None:
+        return value.shape.rank()
+    node = value.producer()
+    if node is None or depth > 300:
+        return None
+    if node.op_type in _SAME_SHAPE and value.index() in (0, 3):
+        return _rank(node.inputs[0], depth + 1)
+    if node.op_type in _ELEMENTWISE:
+        ranks = [_rank(i, depth + 1) for i in node.inputs]
+        return max(ranks) if None not in ranks else None
+    weight = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 else None
+    if node.op_type == "MatMul" and weight is not None and len(weight.shape) == 2:
+        return _rank(node.inputs[0], depth + 1)
+    if node.op_type == "Gather" and weight is None and node.attributes.get_int("axis", 0) == 0:
+        data = ir.convenience.get_const_tensor(node.inputs[0])
+        indices = _rank(node.inputs[1], depth + 1)
+        return None if data is None or indices is None else len(data.shape) - 1 + indices
+    return None
 
 
 def _bsd(new: _Nodes, value: ir.Value, heads: int, head: int) -> ir.Value:
@@ -451,7 +485,35 @@ def _key_length(node: ir.Node, key_lengths: dict) -> int | None:
     return index.numpy().ndim if start + (i % (end - start)) == axis else -1
 
 
-def _check_and_rewrite(model: ir.Model, m: _Match) -> str | None:
+class _Lengths:
+    """T = past + S (int64 [1] and scalar), ``seqlens_k`` = T - 1 per row, ``total_sequence_length``
+    = T (int32) and the ``If`` condition (batch > 1, S > 1, past > 0), from shapes, computed once for
+    the model from the first fused layer's query and past: the layers of a decoder share one cache
+    (every past input has the same length; the export's own mask is built from the first layer's).
+    Computed per layer they cost about a dozen small nodes each, a few percent of a decode step."""
+
+    def __init__(self):
+        self.values: dict[str, ir.Value] = {}
+
+    def of(self, new: _Nodes, q: ir.Value, past_key: ir.Value) -> dict[str, ir.Value]:
+        if self.values:
+            return self.values
+        past_len = new("Shape", [past_key], start=2, end=3)
+        seq, batch = new("Shape", [q], start=1, end=2), new("Shape", [q], start=0, end=1)
+        total = new("Add", [past_len, seq])
+        total_scalar = new("Squeeze", [total])
+        one, zero = new.const([1]), new.const([0])
+        multi = new("And", [new("Greater", [batch, one]), new("Greater", [seq, one])])
+        self.values = {
+            "total": total, "total_scalar": total_scalar,
+            "seqlens": new("Cast", [new("Expand", [new("Sub", [total, one]), batch])], to=ir.DataType.INT32),
+            "total_i32": new("Cast", [total_scalar], to=ir.DataType.INT32),
+            "cond": new("And", [multi, new("Greater", [past_len, zero])]),
+        }
+        return self.values
+
+
+def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | None:
     """None once ``m`` is replaced (see the module docstring), else why it was left as it is."""
     heads = _heads(m)
     if isinstance(heads, str):
@@ -468,29 +530,23 @@ def _check_and_rewrite(model: ir.Model, m: _Match) -> str | None:
     new = _Nodes(f"{m.softmax.name or m.out.name}/gqa")
     q, k, v = (_bsd(new, m.q, num_heads, head), _bsd(new, m.k_new, kv_heads, head),
                _bsd(new, m.v_new, kv_heads, head))
-    past_len = new("Shape", [m.past_key], start=2, end=3)
-    seq, batch = new("Shape", [q], start=1, end=2), new("Shape", [q], start=0, end=1)
-    total = new("Add", [past_len, seq])
-    total_scalar = new("Squeeze", [total])
+    t = shared.of(new, q, m.past_key)
     for value, rank in lengths:  # the mask's key length, from shapes (the keys now come out of the node)
-        ir.convenience.replace_all_uses_with(value, total_scalar if rank == 0 else total)
-    one, zero = new.const([1]), new.const([0])
-    seqlens = new("Cast", [new("Expand", [new("Sub", [total, one]), batch])], to=ir.DataType.INT32)
+        ir.convenience.replace_all_uses_with(value, t["total_scalar"] if rank == 0 else t["total"])
     dtype = m.past_key.dtype
     bias = new("Max", [m.bias, new.const([np.finfo(dtype.numpy()).min], dtype)])
-    multi = new("And", [new("Greater", [batch, one]), new("Greater", [seq, one])])
-    cond = new("And", [multi, new("Greater", [past_len, zero])])
     fused = _Nodes(f"{new.prefix}/fused")
     attention = (q, k, v, m.past_key, m.past_value)
-    fused("GroupQueryAttention", [*attention, seqlens, new("Cast", [total_scalar], to=ir.DataType.INT32),
-                                  None, None, None, bias], num_outputs=3, domain="com.microsoft",
-          num_heads=num_heads, kv_num_heads=kv_heads, scale=m.scale, do_rotary=0)
+    fused("GroupQueryAttention", [*attention, t["seqlens"], t["total_i32"], None, None, None, bias],
+          num_outputs=3, domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads, scale=m.scale,
+          do_rotary=0)
     plain = _Nodes(f"{new.prefix}/decomposed")
     branches = [_branch(plain, _decomposed(plain, *attention, bias, num_heads, kv_heads, head, m.scale)),
                 _branch(fused, fused.nodes[-1].outputs)]
-    outs = new("If", [cond], num_outputs=3, then_branch=branches[0], else_branch=branches[1])
-    for out in outs:
-        out.dtype = m.past_key.dtype
+    outs = new("If", [t["cond"]], num_outputs=3, then_branch=branches[0], else_branch=branches[1])
+    for out, shape in zip(outs, ([None, None, num_heads * head], [None, kv_heads, None, head],
+                                 [None, kv_heads, None, head])):
+        out.dtype, out.shape = dtype, ir.Shape(shape)
     model.graph.insert_before(m.out.producer(), new.nodes)
     for old, out in zip((m.out, m.present_key, m.present_value), outs):
         _replace(model.graph, old, out)
