@@ -1,6 +1,6 @@
 """GroupQueryAttention on optimum's with-past export (flashnorm_onnx/fusions/gqa_legacy.py, issue 24).
 
-On the tiny Llama optimum export with a KV cache (4 query heads, 2 KV heads, 2 layers):
+On the tiny Llama and Qwen3 optimum exports with a KV cache (4 query heads, 2 KV heads, 2 layers):
 ``--for-ort`` writes one ``GroupQueryAttention`` per layer (inside an ``If`` whose other branch
 runs the multi-token step on a cache at batch > 1, which ORT's CPU kernel refuses), and the
 logits and present keys/values equal the export's at every position the mask keeps: a batch with
@@ -41,10 +41,11 @@ def _ops(path: Path) -> Counter:
     return out
 
 
-@pytest.fixture(scope="module")
-def fused(build_fixture, tmp_path_factory):
-    """(export, --for-ort output, report)"""
-    source = build_fixture("llama_optimum_past")
+@pytest.fixture(scope="module", params=["llama_optimum_past", "qwen3_optimum_past"])
+def fused(request, build_fixture, tmp_path_factory):
+    """(export, --for-ort output, report); Qwen3's per-head Q/K norms sit between the projection and
+    the rotary (Q and K go back to [B, S, N*H] through a Transpose there)."""
+    source = build_fixture(request.param)
     folder = tmp_path_factory.mktemp("gqa_legacy")
     out, report = folder / "m.onnx", folder / "r.json"
     assert main(["optimize", str(source), "-o", str(out), "--for-ort", "--report", str(report), "-q"]) == 0

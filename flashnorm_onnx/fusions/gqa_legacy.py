@@ -44,6 +44,7 @@ from flashnorm_onnx.fusions.gqa import _mask_is_causal, ort_honours_attention_bi
 logger = logging.getLogger(__name__)
 
 _I64 = ir.DataType.INT64
+_NO_SCORES = "the scores are not a scaled MatMul(q, k^T)"
 
 
 @dataclass
@@ -181,12 +182,14 @@ def _match(softmax: ir.Node) -> _Match | str:
     if add is None or add.op_type != "Add":
         return "the Softmax does not read Add(scores, mask)"
     nodes.add(id(add))
+    reasons = []
     for scores, bias in ((add.inputs[0], add.inputs[1]), (add.inputs[1], add.inputs[0])):
         scored = _scores(scores, nodes)
         if not isinstance(scored, str):
             break
-    if isinstance(scored, str):
-        return scored
+        reasons.append(scored)
+    if isinstance(scored, str):  # the side that was a MatMul says more
+        return next((r for r in reasons if r != _NO_SCORES), _NO_SCORES)
     q, k_new, past_key, present_key, scale, lengths = scored
     v_lengths: dict = {}
     values = _cache(_strip_repeat_kv(pv.inputs[1], nodes, v_lengths), nodes, v_lengths)
@@ -239,7 +242,7 @@ def _scores(scores: ir.Value, nodes: set):
     source, scale, _ = _strip_scales(scores, found)
     matmul = source.producer()
     if matmul is None or matmul.op_type != "MatMul":
-        return "the scores are not a scaled MatMul(q, k^T)"
+        return _NO_SCORES
     found.add(id(matmul))
     q, q_scale, _ = _strip_scales(matmul.inputs[0], found)
     lengths: dict = {}
@@ -282,10 +285,7 @@ def _heads(m: _Match) -> tuple[int, int, int] | str:
         else (None, None)
     if not isinstance(kv, int) or not isinstance(head, int):
         return "the past's head count or head size is not static"
-    rotary = m.q.producer()
-    unrotated = rotary.inputs[0] if rotary is not None and rotary.op_type == "RotaryEmbedding" else m.q
-    source = _bsd_source(unrotated, head)
-    width = _width(source) if source is not None else None
+    width = _query_width(m.q)
     heads = width // head if width is not None else (m.q.shape[1] if m.q.shape and m.q.shape.rank() == 4
                                                      else None)
     if not isinstance(heads, int):
@@ -295,6 +295,23 @@ def _heads(m: _Match) -> tuple[int, int, int] | str:
     if _dtype(m.bias) != m.past_key.dtype or _dtype(m.q) != m.past_key.dtype:
         return "the mask, query and cache dtypes differ (or are unknown)"
     return heads, kv, head
+
+
+def _query_width(q: ir.Value) -> int | None:
+    """N*H of the query [B, N, S, H]: the width of the projection it was split from, found up
+    through its rotary, the [0, 2, 1, 3] Transpose and same-shape nodes (a per-head norm) to the
+    Reshape."""
+    for _ in range(8):
+        node = q.producer()
+        if node is None:
+            return None
+        if node.op_type == "Reshape":
+            return _width(node.inputs[0])
+        if not (node.op_type in _SAME_SHAPE or node.op_type == "Transpose" and
+                list(node.attributes.get_ints("perm", [])) == [0, 2, 1, 3]):
+            return None
+        q = node.inputs[0]
+    return None
 
 
 def _dtype(value: ir.Value | None, depth: int = 8) -> ir.DataType | None:
