@@ -283,3 +283,86 @@ def _probe_feeds(specs: list[ir.Value], batch: int, seq: int, past: int, rng) ->
         else:
             feeds[v.name] = np.zeros(dims, dtype=dtype)
     return feeds
+
+
+# -- what a value is, where ONNX shape inference stopped (ORT contrib operators) -------------------
+
+
+def scalar_value(value: ir.Value | None) -> float | None:
+    """The float constant of one element ``value`` holds, else None."""
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+    if tensor is None or tensor.size != 1 or not np.issubdtype(tensor.numpy().dtype, np.floating):
+        return None
+    return float(tensor.numpy().reshape(()))
+
+
+def value_dtype(value: ir.Value | None, depth: int = 8) -> ir.DataType | None:
+    """``value``'s element type, or where shape inference did not reach it, that of the first
+    float input of the nodes computing it (a Cast's target)."""
+    if value is None or value.dtype is not None or depth == 0:
+        return None if value is None else value.dtype
+    node = value.producer()
+    if node is None:
+        return None
+    if node.op_type == "Cast":
+        return ir.DataType(node.attributes.get_int("to", 0))
+    for source in node.inputs[1:] if node.op_type == "Where" else node.inputs:
+        dtype = value_dtype(source, depth - 1)
+        if dtype is not None and dtype.is_floating_point():
+            return dtype
+    return None
+
+
+def last_dim(x: ir.Value) -> int | None:
+    """The last dimension of ``x``: from its shape, or from the weight of the MatMul (+ bias) that
+    computes it (ORT's contrib norms keep ONNX's shape inference from reaching it)."""
+    if x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int):
+        return x.shape[-1]
+    node = x.producer()
+    if node is not None and node.op_type == "Add":
+        node = next((i.producer() for i in node.inputs if i is not None and i.producer() is not None
+                     and i.producer().op_type == "MatMul"), None)
+    if node is None or node.op_type != "MatMul":
+        return None
+    weight = ir.convenience.get_const_tensor(node.inputs[1])
+    return int(weight.shape[-1]) if weight is not None and len(weight.shape) == 2 else None
+
+
+#: Operators whose first output has the shape of their first input (ORT's fused norms: output 0;
+#: their Skip forms' output 3 too, the residual sum).
+SAME_SHAPE = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
+              "SkipLayerNormalization", "Cast", "Sigmoid", "Relu", "Gelu", "FastGelu", "QuickGelu", "Neg",
+              "RotaryEmbedding", "Identity"}
+ELEMENTWISE = {"Add", "Mul", "Sub", "Div"}
+
+
+def value_rank(value: ir.Value, depth: int = 0, memo: dict | None = None) -> int | None:
+    """``value``'s rank: its shape's, or where ORT's contrib operators kept ONNX's shape inference
+    from reaching it, followed through the nodes computing it (norms, elementwise ops, a MatMul by a
+    2-D weight, the embedding Gather); each value visited once."""
+    memo = {} if memo is None else memo
+    if value.shape is not None:
+        return value.shape.rank()
+    if id(value) in memo:
+        return memo[id(value)]
+    memo[id(value)] = None
+    node = value.producer()
+    if node is None or depth > 300:
+        return None
+    ranks = None
+    if node.op_type in SAME_SHAPE and value.index() in (0, 3):
+        ranks = [value_rank(node.inputs[0], depth + 1, memo)]
+    elif node.op_type in ELEMENTWISE:
+        ranks = [value_rank(i, depth + 1, memo) for i in node.inputs]
+    elif node.op_type == "MatMul":
+        weight = ir.convenience.get_const_tensor(node.inputs[1])
+        if weight is not None and len(weight.shape) == 2:
+            ranks = [value_rank(node.inputs[0], depth + 1, memo)]
+    elif node.op_type == "Gather" and node.attributes.get_int("axis", 0) == 0:
+        table = ir.convenience.get_const_tensor(node.inputs[0])
+        indices = value_rank(node.inputs[1], depth + 1, memo)
+        if table is not None and indices is not None:
+            ranks = [len(table.shape) - 1 + indices]
+    rank = max(ranks) if ranks and None not in ranks else None
+    memo[id(value)] = rank
+    return rank

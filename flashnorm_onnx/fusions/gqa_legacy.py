@@ -39,7 +39,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from flashnorm_onnx.fusions.gqa import _mask_is_causal, ort_honours_attention_bias
+from flashnorm_onnx.fusions.gqa import (
+    SAME_SHAPE,
+    _mask_is_causal,
+    last_dim,
+    ort_honours_attention_bias,
+    scalar_value,
+    value_dtype,
+    value_rank,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,25 +101,18 @@ def fuse_gqa_legacy(model: ir.Model) -> tuple[int, list[str]]:
 # -- match -------------------------------------------------------------------------------------------
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
-    if tensor is None or tensor.size != 1 or not np.issubdtype(tensor.numpy().dtype, np.floating):
-        return None
-    return float(tensor.numpy().reshape(()))
-
-
-def _strip_scales(value: ir.Value, nodes: set, lengths: dict | None = None, axis: int = 0):
+def _strip_scales(value: ir.Value, nodes: set, lengths: dict | None = None):
     """``value`` past scalar Mul/Div (and, with ``lengths``, one [0, 1, 3, 2] Transpose); returns
     (source, scale, transposed)."""
     scale, transposed = 1.0, False
     while (node := value.producer()) is not None:
         if lengths is not None:
             lengths[id(value)] = (value, 2 if transposed else 3, 4)  # walking up: T last until the Transpose
-        if node.op_type == "Mul" and node.domain == "" and (c := _scalar(node.inputs[1])) is not None:
+        if node.op_type == "Mul" and node.domain == "" and (c := scalar_value(node.inputs[1])) is not None:
             scale, value = scale * c, node.inputs[0]
-        elif node.op_type == "Mul" and node.domain == "" and (c := _scalar(node.inputs[0])) is not None:
+        elif node.op_type == "Mul" and node.domain == "" and (c := scalar_value(node.inputs[0])) is not None:
             scale, value = scale * c, node.inputs[1]
-        elif node.op_type == "Div" and node.domain == "" and (c := _scalar(node.inputs[1])) is not None:
+        elif node.op_type == "Div" and node.domain == "" and (c := scalar_value(node.inputs[1])) is not None:
             scale, value = scale / c, node.inputs[0]
         elif (lengths is not None and not transposed and node.op_type == "Transpose"
               and list(node.attributes.get_ints("perm", [])) == [0, 1, 3, 2]):
@@ -168,6 +169,10 @@ def _match(softmax: ir.Node) -> _Match | str:
     readers = [u.node for u in probs.uses()]
     if len(readers) == 2 and {n.op_type for n in readers} == {"IsNaN", "Where"}:  # the NaN guard
         where = next(n for n in readers if n.op_type == "Where")
+        isnan = next(n for n in readers if n.op_type == "IsNaN")
+        if where.inputs[0] is not isnan.outputs[0] or where.inputs[2] is not probs or \
+                scalar_value(where.inputs[1]) != 0.0:
+            return "the Softmax is followed by a Where that is not the guard Where(IsNaN(p), 0, p)"
         nodes.update(id(n) for n in readers)
         probs = where.outputs[0]
         readers = [u.node for u in probs.uses()]
@@ -211,29 +216,29 @@ def _output(pv: ir.Node, nodes: set) -> ir.Value | str:
     reshape = uses[0].node if len(uses) == 1 else None
     if reshape is None or reshape.op_type != "Reshape":
         return "the attention output is not reshaped to [B, S, N*H]"
-    if _shape_length(reshape.inputs[1]) != 3:
-        return "the attention output's Reshape is not to rank 3"
+    if not _merges_heads(reshape.inputs[1]):
+        return "the attention output's Reshape is not the merge of its heads to [B, S, N*H]"
     nodes.update({id(transpose), id(reshape)})
     return reshape.outputs[0]
 
 
-def _shape_length(target: ir.Value) -> int | None:
-    """How many dimensions a Reshape to ``target`` has: its static shape, or a constant's size, or a
-    Concat of one-element pieces (``Unsqueeze`` of a scalar, constants)."""
-    if target.shape is not None and target.shape.rank() == 1 and isinstance(target.shape[0], int):
-        return target.shape[0]
+def _merges_heads(target: ir.Value) -> bool:
+    """Is a Reshape of [B, S, N, H] to ``target`` the merge to [B, S, N*H]: a constant [0, 0, -1 or
+    a width], or ``Concat(dim 0 of y, dim 1 of y, -1 or a width)`` (the legacy exporter's)."""
+    def last_ok(values) -> bool:
+        return len(values) == 1 and (values[0] == -1 or values[0] > 0)
+
     const = ir.convenience.get_const_tensor(target)
     if const is not None:
-        return const.size
+        dims = const.numpy().reshape(-1).tolist()
+        return len(dims) == 3 and dims[:2] == [0, 0] and last_ok(dims[2:])
     concat = target.producer()
-    if concat is None or concat.op_type != "Concat":
-        return None
-    for piece in concat.inputs:
-        const = ir.convenience.get_const_tensor(piece)
-        node = piece.producer()
-        if not (const is not None and const.size == 1 or node is not None and node.op_type == "Unsqueeze"):
-            return None
-    return len(concat.inputs)
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 3:
+        return False
+    last = ir.convenience.get_const_tensor(concat.inputs[2])
+    y = _dim_of(concat.inputs[0], 0)
+    return (last is not None and last_ok(last.numpy().reshape(-1).tolist()) and y is not None
+            and _dim_of(concat.inputs[1], 1) is y)
 
 
 def _scores(scores: ir.Value, nodes: set):
@@ -285,19 +290,19 @@ def _heads(m: _Match) -> tuple[int, int, int] | str:
         else (None, None)
     if not isinstance(kv, int) or not isinstance(head, int):
         return "the past's head count or head size is not static"
-    width = _query_width(m.q)
+    width = _querylast_dim(m.q)
     heads = width // head if width is not None else (m.q.shape[1] if m.q.shape and m.q.shape.rank() == 4
                                                      else None)
     if not isinstance(heads, int):
         return "the query's head count is unknown"
     if heads % kv or head % 8:
         return f"{heads} query heads over {kv} KV heads of size {head}: not a GroupQueryAttention shape"
-    if _dtype(m.bias) != m.past_key.dtype or _dtype(m.q) != m.past_key.dtype:
+    if value_dtype(m.bias) != m.past_key.dtype or value_dtype(m.q) != m.past_key.dtype:
         return "the mask, query and cache dtypes differ (or are unknown)"
     return heads, kv, head
 
 
-def _query_width(q: ir.Value) -> int | None:
+def _querylast_dim(q: ir.Value) -> int | None:
     """N*H of the query [B, N, S, H]: the width of the projection it was split from, found up
     through its rotary, the [0, 2, 1, 3] Transpose and same-shape nodes (a per-head norm) to the
     Reshape."""
@@ -306,44 +311,12 @@ def _query_width(q: ir.Value) -> int | None:
         if node is None:
             return None
         if node.op_type == "Reshape":
-            return _width(node.inputs[0])
-        if not (node.op_type in _SAME_SHAPE or node.op_type == "Transpose" and
+            return last_dim(node.inputs[0])
+        if not (node.op_type in SAME_SHAPE or node.op_type == "Transpose" and
                 list(node.attributes.get_ints("perm", [])) == [0, 2, 1, 3]):
             return None
         q = node.inputs[0]
     return None
-
-
-def _dtype(value: ir.Value | None, depth: int = 8) -> ir.DataType | None:
-    """``value``'s element type, or where shape inference did not reach it, that of the first
-    float input of the nodes computing it (a Cast's target)."""
-    if value is None or value.dtype is not None or depth == 0:
-        return None if value is None else value.dtype
-    node = value.producer()
-    if node is None:
-        return None
-    if node.op_type == "Cast":
-        return ir.DataType(node.attributes.get_int("to", 0))
-    for source in node.inputs[1:] if node.op_type == "Where" else node.inputs:
-        dtype = _dtype(source, depth - 1)
-        if dtype is not None and dtype.is_floating_point():
-            return dtype
-    return None
-
-
-def _width(x: ir.Value) -> int | None:
-    """The last dimension of ``x``: from its shape, or from the weight of the MatMul (+ bias) that
-    computes it (ORT's contrib norms keep ONNX's shape inference from reaching it)."""
-    if x.shape is not None and x.shape.rank() and isinstance(x.shape[-1], int):
-        return x.shape[-1]
-    node = x.producer()
-    if node is not None and node.op_type == "Add":
-        node = next((i.producer() for i in node.inputs if i is not None and i.producer() is not None
-                     and i.producer().op_type == "MatMul"), None)
-    if node is None or node.op_type != "MatMul":
-        return None
-    weight = ir.convenience.get_const_tensor(node.inputs[1])
-    return int(weight.shape[-1]) if weight is not None and len(weight.shape) == 2 else None
 
 
 def _bsd_source(value: ir.Value, head: int) -> ir.Value | None:
@@ -396,41 +369,9 @@ def _dim_of(value: ir.Value, axis: int) -> ir.Value | None:
 
 def _flat(new: _Nodes, x: ir.Value) -> ir.Value:
     """x as [B, S, -1] (x itself where its rank is known to be 3)."""
-    if _rank(x) == 3:
+    if value_rank(x) == 3:
         return x
     return new("Reshape", [x, new.const([0, 0, -1])])
-
-
-#: Operators whose first output has the shape of their first input (ORT's fused norms: output 0;
-#: their Skip forms' output 3 too, the residual sum).
-_SAME_SHAPE = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "LayerNormalization",
-               "SkipLayerNormalization", "Cast", "Sigmoid", "Relu", "Gelu", "FastGelu", "QuickGelu", "Neg",
-               "RotaryEmbedding", "Identity"}
-_ELEMENTWISE = {"Add", "Mul", "Sub", "Div"}
-
-
-def _rank(value: ir.Value, depth: int = 0) -> int | None:
-    """``value``'s rank: its shape's, or where ORT's contrib operators kept ONNX's shape inference
-    from reaching it, followed through the nodes computing it (norms, elementwise ops, a MatMul by a
-    2-D weight, the embedding Gather)."""
-    if value.shape is not None:
-        return value.shape.rank()
-    node = value.producer()
-    if node is None or depth > 300:
-        return None
-    if node.op_type in _SAME_SHAPE and value.index() in (0, 3):
-        return _rank(node.inputs[0], depth + 1)
-    if node.op_type in _ELEMENTWISE:
-        ranks = [_rank(i, depth + 1) for i in node.inputs]
-        return max(ranks) if None not in ranks else None
-    weight = ir.convenience.get_const_tensor(node.inputs[1]) if len(node.inputs) > 1 else None
-    if node.op_type == "MatMul" and weight is not None and len(weight.shape) == 2:
-        return _rank(node.inputs[0], depth + 1)
-    if node.op_type == "Gather" and weight is None and node.attributes.get_int("axis", 0) == 0:
-        data = ir.convenience.get_const_tensor(node.inputs[0])
-        indices = _rank(node.inputs[1], depth + 1)
-        return None if data is None or indices is None else len(data.shape) - 1 + indices
-    return None
 
 
 def _bsd(new: _Nodes, value: ir.Value, heads: int, head: int) -> ir.Value:
