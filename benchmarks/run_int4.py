@@ -189,6 +189,8 @@ def main(argv=None) -> int:
                         help="smollm2 (default; RESULTS_int4.md) or gemma3-270m (RESULTS_int4_gemma3.md)")
     parser.add_argument("--ablate", nargs="*", default=[], choices=list(ABLATIONS),
                         help="the calibrated rows with these parts of --calibrate switched off, under their own names")
+    parser.add_argument("--label", default=None,
+                        help="a suffix for the calibrated rows' name (an experiment kept beside the default's rows)")
     parser.add_argument("--out", default=None, help="results .md (default by --model)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
@@ -214,7 +216,8 @@ def main(argv=None) -> int:
         return 0
     for part in args.ablate:
         setattr(activation_aware, ABLATIONS[part][0], False)
-    calibrated_name = "int4 calibrated" + "".join(f", {ABLATIONS[p][1]}" for p in args.ablate) + " {}"
+    calibrated_name = ("int4 calibrated" + "".join(f", {ABLATIONS[p][1]}" for p in args.ablate) +
+                       (f", {args.label}" if args.label else "") + " {}")
     lm = model_module(args.model)
     export = lm.export("dynamo")
     tok = Tokenizer.from_file(str(lm.hf_folder() / "tokenizer.json"))

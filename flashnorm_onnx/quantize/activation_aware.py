@@ -147,8 +147,11 @@ def plan(model: ir.Model, sites: list[ScaleSite], not_moved: list[tuple[str, str
         pair = isinstance(site, (PairSite, AttentionPairSite))
         mean_abs = site.tie(x.mean_abs) if isinstance(site, AttentionPairSite) else x.mean_abs
         moments = x.block_moments(spec.block_size) if CLIP_BY_COVARIANCE else None
+        second = x.second_moment
         choice = search.choose_scale(site.name, weights, None if pair else site.g, mean_abs, x.mean_sq,
-                                     x.row_matrix(), spec, alphas, clips, moments)
+                                     x.row_matrix() if second is None else np.zeros((0, 0), np.float32), spec,
+                                     alphas, clips, moments, second)
+        del second
         del weights, moments
         if pair:
             if isinstance(site, AttentionPairSite):

@@ -77,6 +77,11 @@ class ActivationStats:
         """Per channel: E[x^2] over the tokens."""
         return self.sq_sum / max(self.count, 1)
 
+    @property
+    def second_moment(self) -> np.ndarray | None:
+        """E[x x^T] [K, K] over every token, where it was kept (else None)."""
+        return None if self.gram is None else self.gram / max(self.count, 1)
+
     def block_moments(self, block: int) -> np.ndarray | None:
         """E[x_b x_b^T] for each block b of ``block`` consecutive channels: [blocks, block, block]
         (a last partial block zero-padded), over every token where the full matrix was kept, else over

@@ -102,7 +102,7 @@ def _block_output_errors(weight: np.ndarray, back: np.ndarray, moments: np.ndarr
     if blocks * block != k:
         d = np.pad(d, ((0, blocks * block - k), (0, 0)))
     d = d.reshape(blocks, block, n)
-    return np.einsum("bkn,bkn->bn", d, np.matmul(moments.astype(np.float32), d))
+    return np.einsum("bkn,bkn->bn", d, np.matmul(moments, d))
 
 
 def moved_moments(moments: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -123,6 +123,8 @@ def choose_clips(weight: np.ndarray, channel_weight: np.ndarray, spec: QuantSpec
     ``unclipped``: a list that receives the plain round-to-nearest weight (ratio 1.0)."""
     weight = np.asarray(weight, dtype=np.float32)
     k, n = weight.shape
+    if moments is not None:
+        moments = np.ascontiguousarray(moments, dtype=np.float32)
     backs, errors = [], []
     for c in clips:
         back = rtn_dequantized(weight, spec, None if c == 1.0 else c)
@@ -140,17 +142,24 @@ def choose_clips(weight: np.ndarray, channel_weight: np.ndarray, spec: QuantSpec
     return ratios, back
 
 
-def output_error(rows: np.ndarray, weights: list[np.ndarray], backs: list[np.ndarray], s: np.ndarray) -> float:
-    """sum_j ||R W_j - (R / s) back_j||^2 / rows: the readers' output error on the calibration rows."""
-    if rows.shape[0] == 0:
+def output_error(rows: np.ndarray, weights: list[np.ndarray], backs: list[np.ndarray], s: np.ndarray,
+                 second_moment: np.ndarray | None = None) -> float:
+    """sum_j ||R W_j - (R / s) back_j||^2 / rows: the readers' output error on the calibration rows;
+    given ``second_moment`` C = E[x x^T] (over every calibration token), the same as
+    sum_j trace(D_j^T C D_j) without the rows."""
+    if second_moment is None and rows.shape[0] == 0:
         return 0.0
     total = 0.0
     inv = (1.0 / s.astype(np.float64)).astype(np.float32)
+    c = None if second_moment is None else np.asarray(second_moment, np.float32)
     for w, back in zip(weights, backs):
         delta = np.asarray(w, np.float32) - back * inv[:, None]  # the error in the unscaled frame
+        if c is not None:
+            total += float(np.einsum("kn,kn->", delta, c @ delta, dtype=np.float64))
+            continue
         y = rows @ delta
-        total += float(np.einsum("ij,ij->", y, y, dtype=np.float64))
-    return total / rows.shape[0]
+        total += float(np.einsum("ij,ij->", y, y, dtype=np.float64)) / rows.shape[0]
+    return total
 
 
 def scale_family(mean_abs: np.ndarray, g: np.ndarray | None, alphas=ALPHAS) -> list[tuple[str, np.ndarray]]:
@@ -181,13 +190,14 @@ def scaled(weight: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 def choose_scale(name: str, weights: list[np.ndarray], g: np.ndarray, mean_abs: np.ndarray, mean_sq: np.ndarray,
                  rows: np.ndarray, spec: QuantSpec, alphas=ALPHAS, clips=CLIPS,
-                 moments: np.ndarray | None = None) -> NormChoice:
+                 moments: np.ndarray | None = None, second_moment: np.ndarray | None = None) -> NormChoice:
     """The scale placement (and its readers' clip ratios) minimising :func:`output_error`.
 
     ``weights``: the norm's readers' weights [K, N_j] as they are in the model; ``g`` the norm's
     scale, ``mean_abs``/``mean_sq`` the per-channel statistics of the norm's output X, ``rows``
     calibration rows of X [R, K], ``moments`` (optional) the block second moments of X
-    [blocks, B, B] for the clip search (:func:`choose_clips`)."""
+    [blocks, B, B] for the clip search (:func:`choose_clips`), ``second_moment`` (optional) E[x x^T]
+    over every calibration token, which the objective then uses in place of the rows."""
     rows = np.asarray(rows, dtype=np.float32)
     tried: list[tuple[str, float]] = []
     candidates: list[Candidate] = []
@@ -200,12 +210,12 @@ def choose_scale(name: str, weights: list[np.ndarray], g: np.ndarray, mean_abs: 
             channel = np.asarray(mean_sq, np.float64) / (np.asarray(s, np.float64) ** 2)
             mom = None if moments is None else moved_moments(moments, s)
             chosen = [choose_clips(w, channel, spec, clips, unclipped if reference else None, mom) for w in moved]
-            e = output_error(rows, weights, [b for _, b in chosen], s)
+            e = output_error(rows, weights, [b for _, b in chosen], s, second_moment)
             candidates.append(Candidate(label, s, e, [r for r, _ in chosen]))
             tried.append((label, e))
         if reference:  # exactly what quantize-first / fold-first write
             backs = unclipped if len(unclipped) == len(moved) else [rtn_dequantized(w, spec) for w in moved]
-            e = output_error(rows, weights, backs, s)
+            e = output_error(rows, weights, backs, s, second_moment)
             candidates.insert(0 if label == "alpha=0" else len(candidates),
                               Candidate(label + ", unclipped", s, e, None))
             tried.append((label + ", unclipped", e))
