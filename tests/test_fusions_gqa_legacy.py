@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -150,3 +151,17 @@ def test_refusals_say_why(build_fixture, monkeypatch):
     count, why = gqa_legacy.fuse_gqa_legacy(model)
     assert count == 0 and len(why) == 2 and all("later key" in w for w in why), why
     assert not any(n.op_type == "GroupQueryAttention" for n in model.graph)
+
+
+def test_a_mask_that_lets_queries_see_later_keys_is_refused_by_the_probe(build_fixture):
+    """The mask's condition negated (padding and future keys visible): the probe, run on the mask's
+    subgraph with the keys' length fed from shapes, refuses both layers."""
+    model = _optimized(build_fixture)
+    for node in [n for n in model.graph if n.op_type == "Softmax"]:
+        add = node.inputs[0].producer()
+        where = next(i.producer() for i in add.inputs if i.producer() is not None and i.producer().op_type == "Where")
+        negated = ir.node("Not", [where.inputs[0]], name=f"{where.name}/not")
+        model.graph.insert_before(where, negated)
+        where.replace_input_with(0, negated.outputs[0])
+    count, why = gqa_legacy.fuse_gqa_legacy(model)
+    assert count == 0 and len(why) == 2 and all("later key" in w for w in why), why

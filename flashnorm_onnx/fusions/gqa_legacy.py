@@ -163,7 +163,7 @@ def _cache(value: ir.Value, nodes: set, lengths: dict):
 def _match(softmax: ir.Node) -> _Match | str:
     """The attention around ``softmax`` (see the module docstring), or why it is not one."""
     if softmax.attributes.get_int("axis", -1) not in (-1, 3):
-        return "Softmax not over the last axis"
+        return "not an attention's Softmax (its axis is not the keys' axis, -1 or 3, of [B, N, S, T])"
     nodes: set = {id(softmax)}
     probs = softmax.outputs[0]
     readers = [u.node for u in probs.uses()]
