@@ -21,7 +21,9 @@ rule matches the attention by what its nodes compute, starting from each ``Softm
   total_sequence_length = T, attention_bias = the bias)``, T = past + S from shapes, ``scale`` the
   export's, ``do_rotary=0`` (the export's rotary stays: on Q/K in [B, S, N*H] where ORT's
   ``RotaryEmbedding`` is found, else the rotated [B, N, S, H] values transposed back); its
-  present outputs replace the export's ``Concat`` (same layout and length: past + S).
+  present outputs replace the export's ``Concat`` (same layout and length: past + S). T,
+  ``seqlens_k`` and the ``If`` condition are computed once per model (:class:`_Lengths`), so the
+  layers' masks become one computation (merged by common subexpression elimination).
 
 Two differences, both where nothing is compared: a query row whose every key is masked (a left
 pad) gets 0 in the export (the NaN guard) and an average of the values here; the bias is clamped to
