@@ -24,6 +24,11 @@ pattern and feeds the node so that it computes the export's function for any mas
 
 Used only where the installed ONNX Runtime honours ``attention_bias`` in
 ``GroupQueryAttention`` (:func:`ort_honours_attention_bias`: a probe run once per process).
+
+The legacy/optimum rule (:mod:`flashnorm_onnx.fusions.gqa_legacy`) shares the gate and the mask
+probe (with the key length fed from shapes: ``lengths``), and uses the helpers at the end of this
+module that read a value's dtype, rank or width where ORT's contrib operators stopped ONNX's shape
+inference.
 """
 
 from __future__ import annotations
