@@ -52,6 +52,9 @@ def test_gqa_equals_the_export_at_every_kept_position_on_padded_batches(tmp_path
     assert data["ort_fusions"]["group_query_attention"] == 2
     ops = _ops(out)
     assert ops["GroupQueryAttention"] == 2 and ops["MultiHeadAttention"] == 0 and ops["RotaryEmbedding"] == 0
+    # the lengths come from the mask every layer reads: one seqlens_k and one total for all layers
+    nodes = [n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "GroupQueryAttention"]
+    assert len({n.input[5] for n in nodes}) == 1 and len({n.input[6] for n in nodes}) == 1
     assert any(c.startswith("padded") for c in data["verification"]["cases"]), data["verification"]["cases"]
     a, b = _session(source), _session(out)
     rng = np.random.default_rng(3)
@@ -68,19 +71,19 @@ def test_gqa_equals_the_export_at_every_kept_position_on_padded_batches(tmp_path
 
 def test_gqa_without_the_mask_fails_verification(tmp_path, monkeypatch, capsys):
     """What onnxscript's rule does (no attention_bias): the padded cases catch it, nothing written."""
-    real = gqa._rule_class
+    from flashnorm_onnx.fusions import ort as ort_fusions
 
-    def dropping_mask():
-        cls = real()
+    real = ort_fusions.fuse_gqa
 
-        class Dropped(cls):
-            def rewrite(self, op, **kw):
-                kw["mask"] = None
-                return super().rewrite(op, **kw)
+    def dropping_mask(model):
+        n = real(model)
+        for node in model.graph:
+            if node.op_type == "GroupQueryAttention":
+                assert node.inputs[10] is not None  # the rule feeds the mask as attention_bias
+                node.replace_input_with(10, None)
+        return n
 
-        return Dropped
-
-    monkeypatch.setattr(gqa, "_rule_class", dropping_mask)
+    monkeypatch.setattr(ort_fusions, "fuse_gqa", dropping_mask)
     out = tmp_path / "m.onnx"
     code = main(["optimize", str(_llama()), "-o", str(out), "--for-ort"])
     text = capsys.readouterr()

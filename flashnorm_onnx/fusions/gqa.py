@@ -104,7 +104,7 @@ def _rule_class():
                 return result.fail("rotary interleaving differs between Q and K", [q_rope, k_rope])
             if mask is not None and mask.dtype != query_BSD.dtype:
                 return result.fail("the mask's dtype is not the query's", mask)
-            why = _mask_is_causal(context.model, mask, past_key)
+            why, self._batch_in_mask = _probe_mask(context.model, mask, past_key)
             if why:
                 return result.fail(why, mask)
             self.num_heads, self.kv_num_heads, self._interleaved = num_heads, kv_num_heads, interleaved
@@ -114,11 +114,11 @@ def _rule_class():
         def rewrite(self, op, query_BSD, key_BSDkv, value_BSDkv, past_key, past_value, position_ids, cos, sin,
                     mask, query_BHSDh_rope, key_BHkvSDh_rope, **_):
             i64 = ir.DataType.INT64
-            # T from the keys after the cache Concat: the past's length (0 without one) + S
-            seq = op.Shape(query_BSD, start=1, end=2)
-            total = seq if past_key is None else op.Add(op.Shape(past_key, start=2, end=3), seq)
+            # T: the mask's last axis ([B, 1, S, T] on every probe: the past's length + S); read
+            # from the mask every layer shares, so the layers' length nodes are one after CSE
+            total = op.Shape(mask, start=3, end=4)
             total_i32 = op.Cast(op.Squeeze(total), to=ir.DataType.INT32)
-            batch = op.Shape(query_BSD, start=0, end=1)
+            batch = op.Shape(mask if self._batch_in_mask else query_BSD, start=0, end=1)
             one = op.Constant(value=ir.tensor([1], dtype=i64))
             seqlens_k = op.Cast(op.Expand(op.Sub(total, one), batch), to=ir.DataType.INT32)
             if self._in_graph_positions:
@@ -174,31 +174,45 @@ def _mask_is_causal(model: ir.Model, mask: ir.Value | None, past_key: ir.Value |
     probe (see the module docstring); else why not (or why it could not be run alone).
     ``lengths``: values in the mask's computation that are the key length T (a scalar or [1]):
     fed past + S instead of computed."""
+    return _probe_mask(model, mask, past_key, lengths)[0]
+
+
+def _probe_mask(model: ir.Model, mask: ir.Value | None, past_key: ir.Value | None,
+                lengths=()) -> tuple[str | None, bool]:
+    """:func:`_mask_is_causal`'s answer, and whether the mask's first axis was the batch on every
+    probe (not a broadcast 1): then the batch size can be read from the mask's shape."""
     if mask is None:
-        return "no mask"
+        return "no mask", False
+    why, keeps_batch = _run_probes(model, mask, past_key, lengths)
+    return why, keeps_batch and why is None
+
+
+def _run_probes(model: ir.Model, mask: ir.Value, past_key: ir.Value | None, lengths) -> tuple[str | None, bool]:
     try:
         session, specs = _mask_session(model, mask, lengths)
     except Exception as e:  # noqa: BLE001 - a subgraph ORT cannot run alone: not fused
-        return f"the mask cannot be computed alone ({type(e).__name__})"
+        return f"the mask cannot be computed alone ({type(e).__name__})", False
     rng = np.random.default_rng(0)
     probes = ((2, 5, 0), (1, 4, 0)) + (((2, 1, 4), (2, 3, 4)) if past_key is not None else ())
+    keeps_batch = True
     for batch, seq, past in probes:  # prefill; with a cache: decode and a multi-token step on it
         feeds = _probe_feeds(specs, batch, seq, past, rng)
         feeds.update({v.name: np.full(v.shape.dims, past + seq, np.int64) for v in lengths})
         try:
             [got] = session.run(None, feeds)
         except Exception as e:  # noqa: BLE001
-            return f"the mask cannot be computed alone ({type(e).__name__})"
+            return f"the mask cannot be computed alone ({type(e).__name__})", False
         total = seq + past
         if got.ndim != 4 or got.shape[-2:] != (seq, total) or got.shape[1] != 1:
-            return f"the mask has shape {list(got.shape)}, not [B, 1, {seq}, {total}]"
+            return f"the mask has shape {list(got.shape)}, not [B, 1, {seq}, {total}]", False
+        keeps_batch = keeps_batch and got.shape[0] == batch
         query = np.arange(seq)[:, None] + past
         key = np.arange(total)[None, :]
         future = key > query  # what the kernel blocks whatever the bias
         blocked = np.asarray(got, np.float64) <= _BLOCKED
         if not np.all(blocked[:, :, future]):
-            return "the mask lets a query see a later key (not causal)"
-    return None
+            return "the mask lets a query see a later key (not causal)", False
+    return None, keeps_batch
 
 
 def _mask_session(model: ir.Model, mask: ir.Value, lengths=()):
