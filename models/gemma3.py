@@ -43,15 +43,14 @@ took. Run ``python -m models.gemma3 [FORM...]`` to build from the command line.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
+
+from models._build import atomic_folder, build_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
@@ -93,51 +92,8 @@ class Unavailable(RuntimeError):
     """Something this recipe needs is not installed here."""
 
 
-_lock_depth = 0
-
-
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """An exclusive lock on ``build/.gemma3.lock`` (re-entrant within a process: every export builds
-    the HF folder, which assembles the GGUF)."""
-    global _lock_depth
-    if _lock_depth:
-        _lock_depth += 1
-        try:
-            yield
-        finally:
-            _lock_depth -= 1
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        fcntl = None
-    BUILD.mkdir(parents=True, exist_ok=True)
-    with open(BUILD / ".gemma3.lock", "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        _lock_depth = 1
-        try:
-            yield
-        finally:
-            _lock_depth = 0
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _atomic_folder(target: Path) -> Iterator[Path]:
-    """An empty temporary folder beside ``target``, renamed to ``target`` if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _build_lock():
+    return build_lock(BUILD / ".gemma3.lock")
 
 
 def _is_hf_folder(folder: Path) -> bool:
@@ -445,7 +401,7 @@ def hf_folder() -> Path:
     with _build_lock():
         if not _is_hf_folder(HF_DIR):  # another process may have built it while we waited
             source = gguf_path()
-            with _atomic_folder(HF_DIR) as tmp:
+            with atomic_folder(HF_DIR) as tmp:
                 times = write_hf_folder(source, tmp)
                 (tmp / "build.json").write_text(json.dumps(
                     {"source": source.name, "seconds": {k: round(v, 2) for k, v in times.items()}}, indent=1) + "\n")
@@ -495,7 +451,7 @@ def export(form: str) -> Path:
     with _build_lock():
         if not target.exists():  # another process may have exported it while we waited
             hf_folder()
-            with _atomic_folder(out_dir) as tmp:
+            with atomic_folder(out_dir) as tmp:
                 start = time.perf_counter()
                 if form == "dynamo":
                     _torch_export(tmp / "model.onnx", opset=None)

@@ -36,9 +36,10 @@ import contextlib
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from models._build import atomic_folder, build_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
@@ -52,51 +53,8 @@ class Unavailable(RuntimeError):
     """A form that cannot be built here (missing package or environment)."""
 
 
-_lock_depth = 0
-
-
-@contextlib.contextmanager
-def _build_lock() -> Iterator[None]:
-    """An exclusive lock on ``build/.smollm2.lock`` (re-entrant within a process: export("ort_opt")
-    builds optimum_past, every export builds the HF folder)."""
-    global _lock_depth
-    if _lock_depth:
-        _lock_depth += 1
-        try:
-            yield
-        finally:
-            _lock_depth -= 1
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock (concurrent builds then race, as before)
-        fcntl = None
-    BUILD.mkdir(parents=True, exist_ok=True)
-    with open(BUILD / ".smollm2.lock", "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        _lock_depth = 1
-        try:
-            yield
-        finally:
-            _lock_depth = 0
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _atomic_folder(target: Path) -> Iterator[Path]:
-    """An empty temporary folder beside ``target``, renamed to ``target`` if the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+def _build_lock():
+    return build_lock(BUILD / ".smollm2.lock")
 
 
 def _is_hf_folder(folder: Path) -> bool:
@@ -128,7 +86,7 @@ def _build_hf_folder() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     gguf = gguf_path()
-    with _gguf_read_once(), _atomic_folder(HF_DIR) as tmp:
+    with _gguf_read_once(), atomic_folder(HF_DIR) as tmp:
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         config = loaded.config
         if hasattr(config, "quantization_config"):
@@ -200,7 +158,7 @@ def hf_folder_layers(layers: int) -> Path:
         model.config.num_hidden_layers = layers
         if getattr(model.config, "layer_types", None):
             model.config.layer_types = model.config.layer_types[:layers]
-        with _atomic_folder(out) as tmp:
+        with atomic_folder(out) as tmp:
             model.save_pretrained(str(tmp))
             for name in full.iterdir():  # tokenizer, generation config
                 if name.is_file() and not name.name.endswith(".safetensors") and name.name != "config.json":
@@ -289,7 +247,7 @@ def export(form: str) -> Path:
         return target
     with _build_lock():
         if not target.exists():  # another process may have exported it while we waited
-            with _atomic_folder(out_dir) as tmp:
+            with atomic_folder(out_dir) as tmp:
                 _export_into(form, tmp)
                 if not (tmp / "model.onnx").exists():
                     raise Unavailable(f"export of {form} produced no {target}")
