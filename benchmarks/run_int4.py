@@ -33,9 +33,10 @@ from "not measured"; the calibrated variant's ΔNLL against fp32 is also given a
 quantize-first's, with a paired bootstrap interval (the goal of issue 25: at most 0.7).
 Writes ``benchmarks/RESULTS_int4.md`` (SmolLM2) or ``RESULTS_int4_gemma3.md`` and ``.json``;
 ``--merge`` keeps the results of variants not run this time from the existing ``.json``.
-``--ablate diag-clip no-v-o`` makes the calibrated rows with a part of ``--calibrate`` switched off
-(clips by the E[x^2]-weighted error instead of the block's input covariance; no v -> o scale move),
-stored under their own names ("int4 calibrated, diag clip, no v-o b128 sym").
+``--ablate cov-clip no-v-o`` makes the calibrated rows with a part of ``--calibrate`` switched (each
+block clipped by its output error with the block's input covariance instead of the E[x^2]-weighted
+error, or ``diag-clip`` the other way; no v -> o scale move), stored under their own names
+("int4 calibrated, cov clip, no v-o b128 sym").
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ NAMES = {"rtn": "int4 {}", "fold-first": "int4 fold-first {}", "requantized": "i
 #: every row whose name starts so is an ablation of --calibrate, compared with RTN like it
 ABLATION_PREFIX = "int4 calibrated, "
 #: --ablate: what each switches off in flashnorm_onnx.quantize.activation_aware, and its row label
-ABLATIONS = {"diag-clip": ("CLIP_BY_COVARIANCE", "diag clip"), "no-v-o": ("V_TO_O", "no v-o")}
+ABLATIONS = {"diag-clip": ("CLIP_BY_COVARIANCE", False, "diag clip"),
+             "cov-clip": ("CLIP_BY_COVARIANCE", True, "cov clip"),
+             "no-v-o": ("V_TO_O", False, "no v-o")}
 #: --model: the module under models/, its results file, and how the results describe it
 MODELS = {
     "smollm2": dict(module="smollm2", out="RESULTS_int4.md", label="SmolLM2",
@@ -146,8 +149,9 @@ def g_spread(block: int = 32, model: str = "smollm2") -> dict[str, float]:
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").exists() else {}
     offset = 1.0 if "gemma" in str(config.get("model_type", "")) else 0.0
     gs = [np.abs(offset + v.astype(np.float64)) for k, v in tensors.items() if "norm" in k and v.ndim == 1]
-    within = [float(np.mean([g[i:i + block].max() / g[i:i + block].min() for i in range(0, g.size, block)]))
-              for g in gs]  # the last block may be partial, as in MatMulNBits
+    with np.errstate(divide="ignore"):  # a g of exactly 0 (Gemma has some) makes its block's ratio infinite
+        within = [float(np.mean([g[i:i + block].max() / g[i:i + block].min() for i in range(0, g.size, block)]))
+                  for g in gs]  # the last block may be partial, as in MatMulNBits
     overall = [float(g.max() / np.median(g)) for g in gs]
     return {"norms": len(gs), "block": block, "median_within_block_max_over_min": float(np.median(within)),
             "median_max_over_median": float(np.median(overall)), "largest_max_over_median": float(max(overall))}
@@ -188,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2", choices=list(MODELS),
                         help="smollm2 (default; RESULTS_int4.md) or gemma3-270m (RESULTS_int4_gemma3.md)")
     parser.add_argument("--ablate", nargs="*", default=[], choices=list(ABLATIONS),
-                        help="the calibrated rows with these parts of --calibrate switched off, under their own names")
+                        help="the calibrated rows with these parts of --calibrate switched, under their own names")
     parser.add_argument("--label", default=None,
                         help="a suffix for the calibrated rows' name (an experiment kept beside the default's rows)")
     parser.add_argument("--out", default=None, help="results .md (default by --model)")
@@ -215,8 +219,8 @@ def main(argv=None) -> int:
         write(args, saved["results"], ids, PACKAGE, {b: g_spread(b, args.model) for b in args.blocks})
         return 0
     for part in args.ablate:
-        setattr(activation_aware, ABLATIONS[part][0], False)
-    calibrated_name = ("int4 calibrated" + "".join(f", {ABLATIONS[p][1]}" for p in args.ablate) +
+        setattr(activation_aware, ABLATIONS[part][0], ABLATIONS[part][1])
+    calibrated_name = ("int4 calibrated" + "".join(f", {ABLATIONS[p][2]}" for p in args.ablate) +
                        (f", {args.label}" if args.label else "") + " {}")
     lm = model_module(args.model)
     export = lm.export("dynamo")
