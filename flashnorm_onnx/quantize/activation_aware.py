@@ -7,6 +7,7 @@ checks each result):
    norm's output (with rows kept) and the input of every int4 MatMul;
 2. :func:`plan` (after :func:`~flashnorm_onnx.quantize.calibrate.collect`): for each norm the
    scale placement and its readers' clip ratios (:func:`~flashnorm_onnx.quantize.search.choose_scale`),
+   the same for the scales between two linears (up -> down of a gated MLP, v -> o through attention),
    for every other int4 weight its clip ratios
    (:func:`~flashnorm_onnx.quantize.search.choose_clips`), and the scale moved in the float model
    (:func:`~flashnorm_onnx.quantize.scale_move.move_scale`).

@@ -16,6 +16,12 @@ The same move between two linears: in a gated MLP, ``down(act(gate(x)) * up(x))`
 ``W_up`` can take 1/s and the rows of ``W_down`` s (:func:`find_pairs`, :func:`move_pair_scale`):
 ``(A / s) @ (diag(s) W_down) == A @ W_down``. Scaling whole columns of ``W_up`` leaves its int4
 rounding as it was (each block of a column is scaled alike), so only ``W_down``'s changes.
+
+And through attention (:func:`find_attention_pairs`, :func:`move_attention_scale`): attention is
+linear in V per head, so ``W_v``'s columns take 1/s and ``W_o``'s rows s, each row of ``W_o`` with
+the s of the v channel it multiplies (grouped-query attention: several query heads read one kv
+head). That mapping is tracked from the graph's declared shapes through the layout ops between v
+and o; where it cannot be, the move is refused with the reason.
 """
 
 from __future__ import annotations

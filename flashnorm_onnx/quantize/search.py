@@ -20,9 +20,15 @@ quantize-first and fold-first write, so the chosen objective is never above eith
 down_proj), each block (column n, block b of input channels) takes the ratio c from
 :data:`CLIPS` (1.0 first: ties keep the unclipped block) minimising the error of that block
 weighted by the second moment of its input channels, ``sum_k E[x_k^2] (W[k,n] - Q_c(W)[k,n])^2``:
-the part of the output error that does not depend on correlations between channels. Quantizing
-with ratio c means clipping the block to c times its own range and rounding it with ORT's kernel
-(:func:`~flashnorm_onnx.quantize.int4.clip_blocks`).
+the part of the output error that does not depend on correlations between channels. Given the
+block second moments C_b = E[x_b x_b^T] (``moments``), the whole of the block's output error,
+``d^T C_b d`` with d the block's rounding error in column n, is minimised instead (AWQ's auto_clip
+objective in block form; off by default in :mod:`~flashnorm_onnx.quantize.activation_aware`: it was
+not better on held-out text). Quantizing with ratio c means clipping the block to c times its own
+range and rounding it with ORT's kernel (:func:`~flashnorm_onnx.quantize.int4.clip_blocks`).
+
+The objective can be computed from the calibration rows or, given ``second_moment`` C = E[x x^T]
+over every calibration token, as ``sum_j trace(D_j^T C D_j)`` (the same number without a row cap).
 """
 
 from __future__ import annotations
