@@ -42,8 +42,9 @@ from flashnorm_onnx.quantize.scale_move import (
 
 #: clip each block by its output error with the block's input covariance (d^T C_b d, AWQ's auto_clip
 #: objective in block form); False (the default): by the E[x^2]-weighted error (the diagonal of C_b).
-#: On SmolLM2's held-out text the covariance was not better: b128 sym ΔNLL +0.007 [-0.007, +0.021]
-#: against the diagonal (benchmarks/RESULTS_int4.md), so it stays a switch for the study.
+#: On SmolLM2's held-out text the covariance was not better (b128 sym ΔNLL +0.007 [-0.007, +0.021]
+#: against the diagonal); on Gemma-3-270M better at b128, worse at b32 (benchmarks/RESULTS_int4*.md):
+#: a switch for the study.
 CLIP_BY_COVARIANCE = False
 #: move scales between v_proj and o_proj through the attention (AttentionPairSite). A switch for
 #: the study's ablations.
