@@ -12,6 +12,15 @@ added. For each value, over every token of every run:
   channels) the second-moment matrix E[x x^T] over every token, whose diagonal blocks weigh the
   clip search's error by the block's input covariance.
 
+Models larger than memory stream: when the model's initializers take more than a cap (default
+:data:`MEMORY_FRACTION` of the memory available, from ``/proc/meminfo``), :func:`collect` runs the
+graph piece by piece (:mod:`flashnorm_onnx.quantize.pieces`): consecutive nodes holding at most the
+cap in weights each, one session at a time, every feed through it, the boundary values a later
+piece reads kept per feed. Each value's statistics are gathered as its piece computes it, feeds in
+the same order, so they equal the whole run's (to float rounding). Peak memory is about one piece's
+weights plus the boundary activations of all feeds (for a decoder: the hidden state and what the
+layers share, such as rotary tables and the attention mask).
+
 Token ids come from the caller (:func:`tokenize`): the text is the calibration corpus, never an
 evaluation text.
 """
@@ -19,6 +28,7 @@ evaluation text.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from pathlib import Path
@@ -33,6 +43,11 @@ MAX_ROWS = 2048
 #: The full second-moment matrix [K, K] is kept for row values of at most this many channels
 #: (float64: 32 MiB at 2048); wider values fall back to the kept rows' blocks.
 MAX_COV_CHANNELS = 2048
+#: Above this fraction of the memory available, the model's weights are not loaded at once: the
+#: calibration runs the graph piece by piece, each piece holding at most this many bytes of weights.
+MEMORY_FRACTION = 0.25
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -187,17 +202,45 @@ def windows(ids: np.ndarray, length: int) -> list[np.ndarray]:
     return [w for w in out if w.size >= 2] or [ids]
 
 
+def weight_bytes(proto) -> int:
+    """Bytes of the main graph's initializers (external or inline), read from the protos only."""
+    from flashnorm_onnx.quantize.pieces import tensor_bytes
+
+    return sum(tensor_bytes(t) for t in proto.graph.initializer) + sum(
+        tensor_bytes(t.values) for t in proto.graph.sparse_initializer)
+
+
+def piece_cap() -> int | None:
+    """The default weight bytes held at once: :data:`MEMORY_FRACTION` of the memory available now
+    (None where unknown: the whole model is run)."""
+    from flashnorm_onnx.quantize.pieces import available_memory
+
+    available = available_memory()
+    return None if available is None else int(available * MEMORY_FRACTION)
+
+
 def collect(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], values: dict[str, int],
-            rows: set[str] = frozenset(), max_rows: int = MAX_ROWS, threads: int | None = None) -> Calibration:
+            rows: set[str] = frozenset(), max_rows: int = MAX_ROWS, threads: int | None = None,
+            cap: int | None = None) -> Calibration:
     """Run the model at ``model_path`` on each feed dict with ``values`` (name -> ONNX element type)
     exposed as extra outputs, and gather their statistics (:class:`ActivationStats`); the values in
-    ``rows`` also keep up to ``max_rows`` rows of activations."""
+    ``rows`` also keep up to ``max_rows`` rows of activations.
+
+    When the model's initializers take more than ``cap`` bytes (default :func:`piece_cap`), the
+    graph is run piece by piece (:mod:`flashnorm_onnx.quantize.pieces`), each piece of at most
+    ``cap`` bytes of weights; the statistics are the same."""
     import onnx
-    import onnxruntime as ort
 
     start = time.perf_counter()
     path = Path(model_path)
     proto = onnx.load(str(path), load_external_data=False)
+    if cap is None:
+        cap = piece_cap()
+    if cap is not None and weight_bytes(proto) > cap:
+        del proto
+        return _collect_pieces(path, feeds, values, rows, max_rows, threads, cap, start)
+    import onnxruntime as ort
+
     declared = {o.name for o in proto.graph.output}
     names = [n for n in values if n not in declared]
     for name in names:
@@ -213,10 +256,27 @@ def collect(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], v
     del proto
     wanted = list(values)
     stats = {n: ActivationStats(n) for n in wanted}
-    tokens = 0
     for feed in feeds:
         outputs = session.run(wanted, feed)
         for name, x in zip(wanted, outputs):
             stats[name].add(x, max_rows if name in rows else 0)
-        tokens += int(max(v.size for k, v in feed.items() if v.dtype.kind in "iu")) if feed else 0
-    return Calibration(stats=stats, tokens=tokens, runs=len(feeds), seconds=time.perf_counter() - start)
+    return Calibration(stats=stats, tokens=_tokens(feeds), runs=len(feeds), seconds=time.perf_counter() - start)
+
+
+def _tokens(feeds: list[dict[str, np.ndarray]]) -> int:
+    return sum(int(max((v.size for v in feed.values() if v.dtype.kind in "iu"), default=0)) for feed in feeds)
+
+
+def _collect_pieces(path: Path, feeds, values, rows, max_rows, threads, cap, start) -> Calibration:
+    """:func:`collect` piece by piece: each value's statistics gathered as its piece computes it (for
+    each value, the feeds in the same order as the whole run)."""
+    from flashnorm_onnx.quantize import pieces
+
+    stats = {n: ActivationStats(n) for n in values}
+
+    def on_value(_feed: int, name: str, x: np.ndarray) -> None:
+        stats[name].add(x, max_rows if name in rows else 0)
+
+    logger.info("calibration: the model's weights exceed %.0f MB: running it piece by piece", cap / 2**20)
+    pieces.run(path, feeds, cap, list(values), on_value, threads=threads)
+    return Calibration(stats=stats, tokens=_tokens(feeds), runs=len(feeds), seconds=time.perf_counter() - start)
