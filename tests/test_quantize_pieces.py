@@ -87,6 +87,25 @@ def test_pieces_give_the_whole_runs_statistics(llama):
     assert whole.stats[next(iter(rows))].kept_rows == 10  # rows cut across the two feeds the same way
 
 
+def test_default_cap_is_a_fraction_of_available_memory(llama, monkeypatch, caplog):
+    """Without a cap, collect streams once the weights exceed MEMORY_FRACTION of the memory
+    available, with a message per piece; with room, it runs the whole model."""
+    import logging
+
+    values, rows, _, _ = activation_aware.calibration_values(ir.load(str(llama)))
+    feeds = _feeds(llama, runs=1)
+    total = calibrate.weight_bytes(onnx.load(str(llama), load_external_data=False))
+    with caplog.at_level(logging.INFO, logger="flashnorm_onnx.quantize"):
+        monkeypatch.setattr(pieces, "available_memory", lambda: 10 * total)
+        whole = calibrate.collect(llama, feeds, values, rows)
+        assert not [r for r in caplog.records if "piece" in r.getMessage()]
+        monkeypatch.setattr(pieces, "available_memory", lambda: total)  # cap: a quarter of the weights
+        piecewise = calibrate.collect(llama, feeds, values, rows)
+    messages = [r.getMessage() for r in caplog.records if "calibration piece" in r.getMessage()]
+    assert len(messages) >= 4 and messages[0].startswith("calibration piece 1/")
+    _assert_same_stats(whole, piecewise)
+
+
 def test_pieces_compute_the_graph_outputs(llama, llama_past):
     """Logits (and, with past, the present keys and values) computed piece by piece equal the whole
     model's in ONNX Runtime."""
@@ -138,9 +157,12 @@ def test_a_broken_partition_is_refused(llama):
         pieces.describe(graph, [groups[0][:-1]] + groups[1:])
     with pytest.raises(pieces.PieceError, match="in two"):
         pieces.describe(graph, [groups[0] + groups[1][:1]] + groups[1:])
-    # and the run refuses it too
+    # and the run refuses it too, as it refuses a feed without a graph input
     with pytest.raises(pieces.PieceError):
         pieces.run(llama, _feeds(llama, runs=1), 0, [], lambda *a: None, pieces=parts)
+    feed = {k: v for k, v in _feeds(llama, runs=1)[0].items() if k != "attention_mask"}
+    with pytest.raises(pieces.PieceError, match="graph input 'attention_mask' is not in feed 0"):
+        pieces.run(llama, [feed], 0, [], lambda *a: None, keep_outputs=True)
 
 
 def test_if_bodies_read_outer_values_across_pieces(tmp_path):

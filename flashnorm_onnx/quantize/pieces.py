@@ -332,6 +332,8 @@ def run(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], cap: 
         del model
         for f, env in enumerate(envs):
             missing = [n for n in piece.inputs if n not in env]
+            if missing and missing[0] in inputs:
+                raise PieceError(f"piece {piece.index}: graph input '{missing[0]}' is not in feed {f}")
             if missing:
                 raise PieceError(f"piece {piece.index}: value '{missing[0]}' is not available (read before any "
                                  "earlier piece produced it, or dropped after its last reader)")
