@@ -260,3 +260,22 @@ def test_decode_is_timed_only_when_both_models_take_a_cache(past_in):
         assert skip["shape"] == "decode" and "KV-cache" in skip["reason"]
         expected = {("A",): "model B has no", ("B",): "model A has no", (): "models A and B have no"}[past_in]
         assert skip["reason"].startswith(expected), skip["reason"]
+
+
+def test_each_model_gets_the_sizes_its_own_config_states(tmp_path):
+    """A genai folder's model names its cache's head size ``kv_cache_dim``, which only its
+    genai_config.json states: profiling it against another model must read it from its own folder
+    (without it the cache is generated 1 wide and ORT refuses it); --dim still wins."""
+    from flashnorm_onnx.profile.measure import ModelInfo, feeds_for
+    from flashnorm_onnx.verify.inputs import Case, InputSpec
+
+    genai, other = tmp_path / "genai", tmp_path / "other"
+    genai.mkdir()
+    other.mkdir()
+    (genai / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"head_size": 8}}}))
+    specs = [InputSpec("past_key_values.0.key", np.dtype(np.float32), ["batch", 2, "past_sequence", "kv_cache_dim"])]
+    case = Case("decode", 1, 1, 4)
+    shape = lambda info, dims=None: feeds_for(info, case, {}, dims, 0)["past_key_values.0.key"].shape  # noqa: E731
+    assert shape(ModelInfo("A", genai / "model.onnx", specs=specs)) == (1, 2, 4, 8)
+    assert shape(ModelInfo("B", other / "model.onnx", specs=specs)) == (1, 2, 4, 1)  # no config: nothing stated
+    assert shape(ModelInfo("A", genai / "model.onnx", specs=specs), {"kv_cache_dim": 16}) == (1, 2, 4, 16)

@@ -28,8 +28,12 @@ class ModelInfo:
     created: int = 0  # 0 for the session created first (see sessions.creation_order)
 
 
-def feeds_for(specs, case: Case, vocab: dict[str, int], dims: dict[str, int] | None, seed: int) -> dict:
-    return make_feeds(specs, case, dims=dims, vocab=vocab, seed=seed)
+def feeds_for(info: ModelInfo, case: Case, vocab: dict[str, int], dims: dict[str, int] | None, seed: int) -> dict:
+    """Generated inputs for one model: the sizes a runtime config beside it states (genai's
+    ``kv_cache_dim``, HF's ``head_dim``: each model its own), then ``dims`` (``--dim``) over them."""
+    from flashnorm_onnx.verify.inputs import dims_from_configs
+
+    return make_feeds(info.specs, case, dims={**dims_from_configs(info.path), **(dims or {})}, vocab=vocab, seed=seed)
 
 
 def measure_pair(
@@ -74,7 +78,7 @@ def measure_pair(
 def _runner(info: ModelInfo, case: Case, settings: Settings, vocab: dict[str, int],
             dims: dict[str, int] | None) -> Runner:
     """A model's :class:`Runner` on generated inputs; VerificationUnavailable when it does not run on them."""
-    feeds = feeds_for(info.specs, case, vocab, dims, settings.seed)
+    feeds = feeds_for(info, case, vocab, dims, settings.seed)
     try:
         return Runner(info.session, feeds, settings, info.path)
     except Exception as e:

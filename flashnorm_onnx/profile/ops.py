@@ -19,7 +19,7 @@ def profile_ops(info: ModelInfo, case: Case, settings: Settings, vocab: dict[str
     tmp = Path(tempfile.mkdtemp(prefix="flashnorm-prof-"))
     try:
         session = make_session(info.path, settings, profile_prefix=str(tmp / "ort"))
-        runner = Runner(session, feeds_for(info.specs, case, vocab, dims, settings.seed), settings, info.path)
+        runner = Runner(session, feeds_for(info, case, vocab, dims, settings.seed), settings, info.path)
         for _ in range(min(settings.warmup, 2)):
             runner.run()
         # the profile holds every run since the session started: leave out shape discovery and warm-up
