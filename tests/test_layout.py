@@ -24,7 +24,7 @@ LAYERS = {
     "profile": {"verify", "io", "passes"},
     "cli": {"pipeline", "profile", "io", "quantize"},
 }
-SHARED = {"errors", ""}  # the error types, and the package root (its __version__)
+SHARED = {"errors", "memory", ""}  # the error types, available memory, the package root (its __version__)
 
 
 def modules() -> dict[str, Path]:

@@ -15,6 +15,7 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from flashnorm_onnx import memory
 from flashnorm_onnx.quantize import activation_aware, calibrate, pieces
 
 RNG = np.random.default_rng(3)
@@ -96,10 +97,10 @@ def test_default_cap_is_a_fraction_of_available_memory(llama, monkeypatch, caplo
     feeds = _feeds(llama, runs=1)
     total = calibrate.weight_bytes(onnx.load(str(llama), load_external_data=False))
     with caplog.at_level(logging.INFO, logger="flashnorm_onnx.quantize"):
-        monkeypatch.setattr(pieces, "available_memory", lambda: 10 * total)
+        monkeypatch.setattr(memory, "available_memory", lambda: 10 * total)
         whole = calibrate.collect(llama, feeds, values, rows)
         assert not [r for r in caplog.records if "piece" in r.getMessage()]
-        monkeypatch.setattr(pieces, "available_memory", lambda: total)  # cap: a quarter of the weights
+        monkeypatch.setattr(memory, "available_memory", lambda: total)  # cap: a quarter of the weights
         piecewise = calibrate.collect(llama, feeds, values, rows)
     messages = [r.getMessage() for r in caplog.records if "calibration piece" in r.getMessage()]
     assert len(messages) >= 4 and messages[0].startswith("calibration piece 1/")

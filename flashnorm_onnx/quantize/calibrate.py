@@ -213,9 +213,9 @@ def weight_bytes(proto) -> int:
 def piece_cap() -> int | None:
     """The default weight bytes held at once: :data:`MEMORY_FRACTION` of the memory available now
     (None where unknown: the whole model is run)."""
-    from flashnorm_onnx.quantize.pieces import available_memory
+    from flashnorm_onnx import memory
 
-    available = available_memory()
+    available = memory.available_memory()
     return None if available is None else int(available * MEMORY_FRACTION)
 
 
@@ -245,13 +245,10 @@ def collect(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], v
     names = [n for n in values if n not in declared]
     for name in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, values[name], None))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.enable_cpu_mem_arena = False
-    if threads:
-        options.intra_op_num_threads = threads
+    from flashnorm_onnx.quantize.pieces import session_options
+
     # the copy is given as bytes: its external tensors are read from the input's folder
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    options = session_options(path.parent, threads)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del proto
     wanted = list(values)

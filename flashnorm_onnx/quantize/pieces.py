@@ -62,21 +62,6 @@ class Piece:
     weight_bytes: int = 0
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available now (MemAvailable of /proc/meminfo), None where unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def tensor_bytes(tensor) -> int:
     """Bytes of a TensorProto's data (external or inline) without reading it."""
     if tensor.data_location == _EXTERNAL:
@@ -318,15 +303,9 @@ def run(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], cap: 
         logger.info("calibration piece %d/%d: %d nodes, %.1f MB of weights, %d boundary inputs",
                     step + 1, len(run_pieces), len(piece.nodes), piece.weight_bytes / 2**20, len(piece.inputs))
         names = fetch[piece.index]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.enable_cpu_mem_arena = False
-        if threads:
-            options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         # prepacked MatMul weights are a second copy of the piece's weights: measured, a piece of
         # 32 MiB of weights peaked at 73 MiB with prepacking and 41 MiB without
-        options.add_session_config_entry("session.disable_prepacking", "1")
+        options = session_options(path.parent, threads, prepack=False)
         model = piece_model(proto, piece, types, envs[0] if envs else None)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         del model
@@ -350,3 +329,19 @@ def run(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], cap: 
     if not keep_outputs:
         return [{} for _ in feeds]
     return [{n: env[n] for n in graph_outputs if n in env} for env in envs]
+
+
+def session_options(folder: Path, threads: int | None, prepack: bool = True):
+    """ONNX Runtime options for a calibration run of a model given as bytes: its external tensors
+    read from ``folder`` (the input's own), no memory arena, quiet."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.enable_cpu_mem_arena = False
+    if threads:
+        options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options

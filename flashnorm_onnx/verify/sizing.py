@@ -8,28 +8,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from flashnorm_onnx.memory import available_memory
 from flashnorm_onnx.verify.inputs import Case, InputSpec, input_shapes
 
 
 #: Upper bound of the verification input cap (the smaller of this and available memory / 8).
 VERIFY_CAP_MAX_BYTES = 1 << 30
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available now: MemAvailable from /proc/meminfo, else os.sysconf; None if unknown."""
-    import os
-
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def verification_cap() -> int:
