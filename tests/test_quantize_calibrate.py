@@ -408,6 +408,8 @@ def test_calibrated_int4_model_runs_and_reports(llama, calibrated):
     assert "activation-aware" in text and "scales chosen:" in text and "kept g/s" in text
     assert 0.4 < q["max_step_ratio"] <= 1.001
     assert len(cal["pairs"]) == 4 and "between linears" in text  # up -> down, v -> o of 2 layers
+    moved = next(line for line in text.splitlines() if "between linears" in line)
+    assert "up -> down: " in moved and "v -> o: " in moved, moved  # each kind named with its choices
     pt = cal["pair_objective_totals"]
     assert pt["chosen"] <= pt["rtn"]
     # the norms keep g/s: not g, not ones

@@ -230,13 +230,15 @@ def _calibrated_reason(plan) -> str:
         "  scales chosen: " + ", ".join(f"{k} x{v}" for k, v in sorted(alphas.items())),
     ]
     if plan.pair_choices:
-        pairs: dict[str, int] = {}
+        kinds: dict[str, dict] = {}
         for c in plan.pair_choices:
-            pairs[c.alpha] = pairs.get(c.alpha, 0) + 1
+            counts = kinds.setdefault(plan.pair_kinds.get(c.name, "up -> down"), {})
+            counts[c.alpha] = counts.get(c.alpha, 0) + 1
         pt = plan.summary()["pair_objective_totals"]
-        lines.append(f"  {len(plan.pair_choices)} scale(s) moved between linears (up -> down): "
-                     + ", ".join(f"{k} x{v}" for k, v in sorted(pairs.items()))
-                     + f"; down's output error {pt['chosen']:.4g} (round-to-nearest {pt['rtn']:.4g})")
+        lines.append(f"  {len(plan.pair_choices)} scale(s) moved between linears: "
+                     + "; ".join(f"{kind}: " + ", ".join(f"{k} x{v}" for k, v in sorted(counts.items()))
+                                 for kind, counts in sorted(kinds.items()))
+                     + f"; the second linears' output error {pt['chosen']:.4g} (round-to-nearest {pt['rtn']:.4g})")
     lines += [
         f"  calibration objective (readers' output error): {totals['chosen']:.4g} chosen, "
         f"{totals['quantize_first']:.4g} quantize-first" + (f", {fold:.4g} fold-first" if fold is not None else ""),
