@@ -56,3 +56,14 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_causal_lm(folder: Path, class_name: str, attn: str | None = None):
+    """The fp32 transformers model ``class_name`` from ``folder``, without a cache, in eval mode."""
+    import torch
+    import transformers
+
+    extra = {"attn_implementation": attn} if attn else {}
+    model = getattr(transformers, class_name).from_pretrained(str(folder), dtype=torch.float32, **extra)
+    model.config.use_cache = False
+    return model.eval()

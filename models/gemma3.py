@@ -50,7 +50,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from models._build import atomic_folder, build_lock
+from models._build import atomic_folder, build_lock, load_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
@@ -413,13 +413,7 @@ def hf_folder() -> Path:
 
 
 def _load_model(attn: str | None = None):
-    import torch
-    from transformers import Gemma3ForCausalLM
-
-    extra = {"attn_implementation": attn} if attn else {}
-    model = Gemma3ForCausalLM.from_pretrained(str(hf_folder()), dtype=torch.float32, **extra)
-    model.config.use_cache = False
-    return model.eval()
+    return load_causal_lm(hf_folder(), "Gemma3ForCausalLM", attn)
 
 
 def _torch_export(target: Path, opset: int | None) -> None:

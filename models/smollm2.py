@@ -39,7 +39,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from models._build import atomic_folder, build_lock
+from models._build import atomic_folder, build_lock, load_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build"
@@ -167,13 +167,7 @@ def hf_folder_layers(layers: int) -> Path:
 
 
 def _load_model(attn: str | None = None):
-    import torch
-    from transformers import LlamaForCausalLM
-
-    extra = {"attn_implementation": attn} if attn else {}
-    model = LlamaForCausalLM.from_pretrained(str(hf_folder()), dtype=torch.float32, **extra)
-    model.config.use_cache = False
-    return model.eval()
+    return load_causal_lm(hf_folder(), "LlamaForCausalLM", attn)
 
 
 def _torch_export(target: Path, dynamo: bool, opset: int | None) -> None:

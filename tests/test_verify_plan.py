@@ -17,6 +17,7 @@ import pytest
 from flashnorm_onnx.pipeline import api
 from flashnorm_onnx import cli as cli
 from flashnorm_onnx.verify import plan as verify_plan
+from flashnorm_onnx.verify.declaration import declaration
 from flashnorm_onnx.passes import FlashNormFoldPass, flashnorm_fold
 from tests import graphs
 from tests.helpers import snapshot
@@ -33,7 +34,7 @@ def _folded(tmp_path: Path, model: onnx.ModelProto | None = None):
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
     ir.save(ir_model, str(out))
-    return src, out, verify_plan.declaration(result)
+    return src, out, declaration(result)
 
 
 def _edit(path: Path, edit) -> None:

@@ -346,7 +346,8 @@ def verify(info: model_io.InputInfo, written: Written, result: FlashNormPassResu
         verification = _pieces(written.check, info, written, result, rtol, options.verify_timeout)
     if policy.plan_diff_applies(fused=bool(report.fusions), requantized=False):
         # the output is the input plus the plan, and nothing else
-        from flashnorm_onnx.verify.plan import check_plan, declaration
+        from flashnorm_onnx.verify.declaration import declaration
+        from flashnorm_onnx.verify.plan import check_plan
 
         verification = with_plan(verification, check_plan(info.path, output, declaration(result), written.copied))
     return verification

@@ -183,23 +183,29 @@ def move_scale(model: ir.Model, site: ScaleSite, s: np.ndarray, suffix: str = ".
     return renamed
 
 
+class _SecondLinear:
+    """A pair's second linear ``down``: the value it reads and its weight."""
+
+    down: ir.Node
+
+    @property
+    def output(self) -> ir.Value:
+        """The value ``down`` reads."""
+        return self.down.inputs[0]
+
+    @property
+    def weights(self) -> list[ir.Value]:
+        return [self.down.inputs[1]]
+
+
 @dataclasses.dataclass
-class PairSite:
+class PairSite(_SecondLinear):
     """A linear ``down`` whose input is ``Mul(other, up(x))``: s moves from up's columns to down's rows."""
 
     name: str
     up: ir.Node
     mul: ir.Node
     down: ir.Node
-
-    @property
-    def output(self) -> ir.Value:
-        """The value ``down`` reads (A)."""
-        return self.down.inputs[0]
-
-    @property
-    def weights(self) -> list[ir.Value]:
-        return [self.down.inputs[1]]
 
 
 def _single_use(value: ir.Value | None, node: ir.Node) -> bool:
@@ -253,7 +259,7 @@ _LAYOUT_OPS = ("Reshape", "Transpose", "Unsqueeze", "Expand", "Identity")
 
 
 @dataclasses.dataclass
-class AttentionPairSite:
+class AttentionPairSite(_SecondLinear):
     """``o`` reads ``attention(P, V)`` with ``V`` = ``v(x)`` reshaped into heads: each row k of
     ``W_o`` multiplies the v channel ``channel_of_row[k]`` (grouped-query attention: one kv head
     feeds several query heads, so several rows share one channel). A scale s on ``W_v``'s columns
@@ -264,15 +270,6 @@ class AttentionPairSite:
     down: ir.Node
     channel_of_row: np.ndarray
     """[K_o]: the column of W_v each row of W_o multiplies (proved from the graph's shapes)."""
-
-    @property
-    def output(self) -> ir.Value:
-        """The value ``o`` reads (the heads' outputs, concatenated)."""
-        return self.down.inputs[0]
-
-    @property
-    def weights(self) -> list[ir.Value]:
-        return [self.down.inputs[1]]
 
     @property
     def channels(self) -> int:

@@ -3,7 +3,7 @@
 The other checks look at what the fold meant to change (each rewritten norm, each folded linear,
 each folded tensor). This one proves that nothing else changed, so that, taken together, they are
 the whole-model equality at any model size. It compares the two files (ONNX protos read without
-their tensor data) against the plan's declaration (:func:`declaration`: the rewrite sites and the
+their tensor data) against the plan's declaration (:func:`~flashnorm_onnx.verify.declaration.declaration`: the rewrite sites and the
 tensors written, ``FlashNormPassResult.sites`` / ``.written``). It never asks the pass's own
 analysis (``norm_patterns``, ``linear_consumers``): a bug there cannot also blind it.
 
@@ -46,7 +46,6 @@ names, and a branch reading an outer weight is one of that weight's readers like
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -56,6 +55,7 @@ import onnx
 from onnx import AttributeProto, TensorProto
 
 from flashnorm_onnx.passes.scopes import proto_scopes, step
+from flashnorm_onnx.verify.declaration import Declaration, LinearEdit, NormEdit
 from flashnorm_onnx.verify.proto_equal import copied_from_input, same_node, tensor_equal
 from flashnorm_onnx.verify.result import VerificationResult
 
@@ -74,48 +74,6 @@ SHAPE_OPS = frozenset({"Shape", "Size"})
 
 _ONNX_DOMAINS = ("", "ai.onnx")
 _MAX_REGION = 64
-
-
-@dataclasses.dataclass
-class NormEdit:
-    name: str
-    inputs: list[str]
-    before: str
-    after: str
-    g: np.ndarray | None = None
-
-
-@dataclasses.dataclass
-class LinearEdit:
-    norm: str
-    data: str
-    linear_before: str
-    linear_after: str
-    result_before: str
-    result_after: str
-
-
-@dataclasses.dataclass
-class Declaration:
-    """What the plan says it changed, by names in the two files."""
-
-    norms: list[NormEdit]
-    linears: list[LinearEdit]
-    written: dict[str, str]
-    """tensor name in the output -> the input constant it was computed from ("": a new bias)."""
-    scales: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    """written weight -> the scale folded into it (each linear must read its own norm's)."""
-
-
-def declaration(result) -> Declaration:
-    """The declaration of a ``FlashNormPassResult`` (its sites and the tensors it wrote)."""
-    norms, linears = [], []
-    for site in result.sites:
-        norms.append(NormEdit(site.norm, list(site.inputs), site.output_before, site.output_after_name, site.g))
-        for r in site.readers:
-            linears.append(LinearEdit(site.norm, r.data, r.linear_before, r.linear_after,
-                                      r.result_before, r.result_after_name))
-    return Declaration(norms, linears, dict(result.written), dict(getattr(result, "scales", {}) or {}))
 
 
 class _Graph:
