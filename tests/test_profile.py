@@ -279,3 +279,43 @@ def test_each_model_gets_the_sizes_its_own_config_states(tmp_path):
     assert shape(ModelInfo("A", genai / "model.onnx", specs=specs)) == (1, 2, 4, 8)
     assert shape(ModelInfo("B", other / "model.onnx", specs=specs)) == (1, 2, 4, 1)  # no config: nothing stated
     assert shape(ModelInfo("A", genai / "model.onnx", specs=specs), {"kv_cache_dim": 16}) == (1, 2, 4, 16)
+
+
+def test_subgraph_kernels_are_not_counted_twice(tmp_path):
+    """ORT times an If over its whole branch and the branch's nodes again: each counts once."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from flashnorm_onnx.profile.opgroups import parse_profile
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [256, 256], np.random.default_rng(0).random(65536).astype(
+        np.float32).ravel().tolist())
+    def branch(name, op):
+        return helper.make_graph([helper.make_node(op, ["x", "w"] if op == "MatMul" else ["x"], [f"{name}_y"])],
+                                 name, [], [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "MatMul"), else_branch=branch("else", "Relu"))],
+        "g", [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [64, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    path = tmp_path / "if.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), path)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "trace")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {"c": np.array(True), "x": np.ones((64, 256), np.float32)}
+    for _ in range(4):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    raw = [ev for ev in json.loads(trace.read_text()) if ev.get("cat") == "Node"
+           and ev["name"].endswith("_kernel_time")]
+    assert {ev["args"]["op_name"] for ev in raw} == {"If", "MatMul"}  # the branch's node has its own event
+    prof = parse_profile(trace, 4, set(), skip_runs=1)
+    whole_if = sum(float(ev["dur"]) for ev in raw if ev["args"]["op_name"] == "If") / 4 * 1e-3
+    matmul = prof["by_op_ms"]["MatMul"]
+    assert matmul > 0
+    # If keeps only its own time: what its raw duration holds beyond the MatMul nested in it
+    assert prof["by_op_ms"]["If"] < whole_if - 0.5 * matmul
+    assert prof["kernel_total_ms"] <= prof["run_total_ms"] * 1.05

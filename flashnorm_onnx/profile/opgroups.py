@@ -52,11 +52,35 @@ def op_group(op_type: str, node_name: str, input_shapes: list, norm_names: set[s
     return "other"
 
 
+def _self_times(kernels: list[dict]) -> list[float]:
+    """Each kernel event's own time: its duration less that of the events nested in it.
+
+    A control-flow node (``If``, ``Loop``, ``Scan``) is timed by ORT's profiler over its whole
+    subgraph run, and the subgraph's nodes are timed again as events of their own, inside its
+    interval on the same thread: summing both would count the subgraph twice. Direct children
+    are found by interval containment per thread (a stack over events sorted by start)."""
+    own = [float(ev.get("dur", 0)) for ev in kernels]
+    order = sorted(range(len(kernels)), key=lambda i: (kernels[i].get("tid"), float(kernels[i].get("ts", 0)),
+                                                        -own[i]))
+    stack: list[tuple[object, float, int]] = []  # (thread, end, index) of the open events
+    for i in order:
+        ev = kernels[i]
+        tid, start = ev.get("tid"), float(ev.get("ts", 0))
+        end = start + float(ev.get("dur", 0))
+        while stack and (stack[-1][0] != tid or stack[-1][1] < end):
+            stack.pop()
+        if stack:
+            own[stack[-1][2]] -= float(ev.get("dur", 0))
+        stack.append((tid, end, i))
+    return [max(t, 0.0) for t in own]
+
+
 def parse_profile(path: Path, runs: int, norm_names: set[str], skip_runs: int = 0) -> dict:
     """Kernel time per run by op type and group from an ORT profile (JSON trace events).
 
     Kernel events are assigned to the ``model_run`` that contains them; the first
-    ``skip_runs`` runs (shape discovery, warm-up) are left out; the rest are averaged.
+    ``skip_runs`` runs (shape discovery, warm-up) are left out; the rest are averaged. A
+    control-flow node counts only its own time, not its subgraph's nodes (:func:`_self_times`).
     """
     events = json.loads(Path(path).read_text())
     if isinstance(events, dict):
@@ -65,8 +89,7 @@ def parse_profile(path: Path, runs: int, norm_names: set[str], skip_runs: int = 
                      for ev in events if ev.get("cat") == "Session" and ev.get("name") == "model_run")
     measured = windows[skip_runs:] if len(windows) > skip_runs else windows
     starts = np.array([w[0] for w in measured])
-    by_op: dict[str, float] = {}
-    by_group = {g: 0.0 for g in GROUPS}
+    kernels = []
     for ev in events:
         name = ev.get("name", "")
         if ev.get("cat") != "Node" or not name.endswith("_kernel_time"):
@@ -76,16 +99,19 @@ def parse_profile(path: Path, runs: int, norm_names: set[str], skip_runs: int = 
             i = int(np.searchsorted(starts, ts, side="right")) - 1
             if i < 0 or ts > measured[i][1]:
                 continue  # a run that is not measured
+        kernels.append(ev)
+    by_op: dict[str, float] = {}
+    by_group = {g: 0.0 for g in GROUPS}
+    for ev, dur in zip(kernels, _self_times(kernels)):
         args = ev.get("args", {})
         op = args.get("op_name", "?")
-        node = name[: -len("_kernel_time")]
+        node = ev["name"][: -len("_kernel_time")]
         shapes = []
         for item in args.get("input_type_shape", []) or []:
             if isinstance(item, dict) and item:
                 shapes.append(list(item.values())[0])
             else:
                 shapes.append(None)
-        dur = float(ev.get("dur", 0))
         by_op[op] = by_op.get(op, 0.0) + dur
         by_group[op_group(op, node, shapes, norm_names)] += dur
     n_runs = len(measured) if measured else max(runs, 1)
