@@ -28,12 +28,15 @@ pytest.importorskip("onnxscript")
 
 
 def _ops(path: Path) -> Counter:
-    """Operators of the model at ``path``, subgraphs included."""
+    """Operators of the model at ``path``, subgraphs included (``packed GQA``: those reading Q, K
+    and V from their first input)."""
     out: Counter = Counter()
 
     def walk(graph):
         for node in graph.node:
             out[node.op_type] += 1
+            if node.op_type == "GroupQueryAttention" and node.input[1] == "" and node.input[2] == "":
+                out["packed GQA"] += 1
             for a in node.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g)
@@ -42,14 +45,17 @@ def _ops(path: Path) -> Counter:
     return out
 
 
-@pytest.fixture(scope="module", params=["llama_optimum_past", "qwen3_optimum_past"])
+@pytest.fixture(scope="module", params=["llama_optimum_past", "qwen3_optimum_past", "llama_optimum_past+pack"])
 def fused(request, build_fixture, tmp_path_factory):
     """(export, --for-ort output, report); Qwen3's per-head Q/K norms sit between the projection and
-    the rotary (Q and K go back to [B, S, N*H] through a Transpose there)."""
-    source = build_fixture(request.param)
+    the rotary (Q and K go back to [B, S, N*H] through a Transpose there); ``+pack``: with
+    ``--pack-linears``, the node with the rotary inside reads Q, K and V packed in one tensor."""
+    name, _, pack = request.param.partition("+")
+    source = build_fixture(name)
     folder = tmp_path_factory.mktemp("gqa_legacy")
     out, report = folder / "m.onnx", folder / "r.json"
-    assert main(["optimize", str(source), "-o", str(out), "--for-ort", "--report", str(report), "-q"]) == 0
+    args = ["optimize", str(source), "-o", str(out), "--for-ort", "--report", str(report), "-q"]
+    assert main(args + (["--pack-linears"] if pack else [])) == 0
     return source, out, json.loads(report.read_text())
 
 
@@ -86,10 +92,18 @@ def _compare(a, b, feeds: dict) -> dict:
 
 
 def test_one_gqa_per_layer_reported(fused):
-    _, out, report = fused
+    source, out, report = fused
     assert report["ort_fusions"]["group_query_attention"] == 2
+    # Llama's rotary goes inside the node (a second node, rotary outside, for a padded batch's first
+    # prompt); Qwen3's Q/K norms leave no [B, S, N*H] value before its rotary: outside
+    inside = report["ort_fusions"].get("group_query_attention_rotary_inside", 0)
+    assert inside == (2 if "llama" in str(source) and gqa_legacy.ort_rotary_reads_position_ids() else 0)
     ops = _ops(out)
-    assert ops["GroupQueryAttention"] == 2 and ops["If"] == 2 and ops["Softmax"] == 2  # Softmax: the fallbacks
+    assert ops["GroupQueryAttention"] == 2 + inside and ops["If"] == 2 + inside
+    assert ops["Softmax"] == 2  # the decomposed fallbacks
+    assert ops["RotaryEmbedding"] == 4  # outside, in the fallback branches or before the node
+    packed = report["ort_fusions"].get("group_query_attention_packed_qkv", 0)
+    assert packed == (2 if "packed_linears" in report["ort_fusions"] else 0) == ops["packed GQA"]
     assert report["verification"]["passed"]
     assert any(c.startswith("padded") for c in report["verification"]["cases"])
 
@@ -111,6 +125,10 @@ def test_equal_to_the_export_on_padded_batches_decode_and_multi_token_steps(fuse
     one_token[0, 5] = one_token[1, 0] = 1
     one_token[2] = 1
     _compare(a, b, _feeds(one_token, 6, None, rng))  # rows of one real token (left and right)
+    full = np.ones((2, 5), np.int64)  # an unpadded prompt: the rotary inside (Llama) on the first step too
+    first = _compare(a, b, _feeds(full, 5, None, rng))
+    past = {f"past_key_values.{i}.{kv}": first[f"present.{i}.{kv}"] for i in range(2) for kv in ("key", "value")}
+    _compare(a, b, _feeds(np.ones((2, 6), np.int64), 1, past, rng))
 
 
 def test_gqa_without_the_mask_fails_verification(build_fixture, tmp_path, monkeypatch, capsys):
@@ -165,3 +183,16 @@ def test_a_mask_that_lets_queries_see_later_keys_is_refused_by_the_probe(build_f
         where.replace_input_with(0, negated.outputs[0])
     count, why = gqa_legacy.fuse_gqa_legacy(model)
     assert count == 0 and len(why) == 2 and all("later key" in w for w in why), why
+
+
+def test_rotary_stays_outside_where_the_kernel_reads_positions_otherwise(build_fixture, monkeypatch):
+    """An ORT whose rotary probe disagrees (e.g. one that ignores position_ids): one node per layer,
+    the rotary outside, no second If."""
+    from flashnorm_onnx.fusions.gqa_rotary import count_rotary_inside
+
+    monkeypatch.setattr(gqa_legacy, "ort_rotary_reads_position_ids", lambda: False)
+    model = _optimized(build_fixture)
+    count, why = gqa_legacy.fuse_gqa_legacy(model)
+    assert count == 2 and not why and count_rotary_inside(model) == 0
+    assert sum(n.op_type == "If" for n in model.graph) == 2
+

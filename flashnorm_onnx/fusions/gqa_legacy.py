@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from flashnorm_onnx.fusions.gqa_rotary import ort_rotary_reads_position_ids, positions_condition, rotary_pair
 from flashnorm_onnx.fusions.gqa import (
     SAME_SHAPE,
     _mask_is_causal,
@@ -454,6 +455,16 @@ class _Lengths:
 
     def __init__(self):
         self.values: dict[str, ir.Value] = {}
+        self.inside: dict[int, ir.Value] = {}  # per position-ids value: the rotary-inside condition
+
+    def rotary_inside(self, new: _Nodes, positions: ir.Value) -> ir.Value:
+        """bool [1]: the node with the rotary inside computes the export's function on this step
+        (not the refused case, and :func:`~flashnorm_onnx.fusions.gqa_rotary.positions_condition`)."""
+        if id(positions) not in self.inside:
+            t = self.values
+            self.inside[id(positions)] = new("And", [new("Not", [t["cond"]]),
+                                                     positions_condition(new, positions, t["past_len"])])
+        return self.inside[id(positions)]
 
     def of(self, new: _Nodes, q: ir.Value, past_key: ir.Value) -> dict[str, ir.Value]:
         if self.values:
@@ -465,7 +476,7 @@ class _Lengths:
         one, zero = new.const([1]), new.const([0])
         multi = new("And", [new("Greater", [batch, one]), new("Greater", [seq, one])])
         self.values = {
-            "total": total, "total_scalar": total_scalar,
+            "past_len": past_len, "total": total, "total_scalar": total_scalar,
             "seqlens": new("Cast", [new("Expand", [new("Sub", [total, one]), batch])], to=ir.DataType.INT32),
             "total_i32": new("Cast", [total_scalar], to=ir.DataType.INT32),
             "cond": new("And", [multi, new("Greater", [past_len, zero])]),
@@ -488,29 +499,51 @@ def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | No
     if why:
         return why
     new = _Nodes(f"{m.softmax.name or m.out.name}/gqa")
-    q, k, v = (_bsd(new, m.q, num_heads, head), _bsd(new, m.k_new, kv_heads, head),
+    rotary = rotary_pair(m.q, m.k_new, head) if ort_rotary_reads_position_ids() else "not probed"
+    inside = not isinstance(rotary, str) and (_rotary_sources(new, m, num_heads, kv_heads, head) or None)
+    # with the rotary inside, the rotated Q and K are needed only off the fast path: made in that branch
+    outside = _Nodes(f"{new.prefix}/outside") if inside else new
+    q, k, v = (_bsd(outside, m.q, num_heads, head), _bsd(outside, m.k_new, kv_heads, head),
                _bsd(new, m.v_new, kv_heads, head))
-    t = shared.of(new, q, m.past_key)
+    t = shared.of(new, v, m.past_key)
     for value, rank in lengths:  # the mask's key length, from shapes (the keys now come out of the node)
         ir.convenience.replace_all_uses_with(value, t["total_scalar"] if rank == 0 else t["total"])
     dtype = m.past_key.dtype
     bias = new("Max", [m.bias, new.const([np.finfo(dtype.numpy()).min], dtype)])
+    gqa = dict(num_outputs=3, domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads, scale=m.scale)
     fused = _Nodes(f"{new.prefix}/fused")
     attention = (q, k, v, m.past_key, m.past_value)
-    fused("GroupQueryAttention", [*attention, t["seqlens"], t["total_i32"], None, None, None, bias],
-          num_outputs=3, domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads, scale=m.scale,
-          do_rotary=0)
+    fused("GroupQueryAttention", [*attention, t["seqlens"], t["total_i32"], None, None, None, bias], do_rotary=0, **gqa)
     plain = _Nodes(f"{new.prefix}/decomposed")
     branches = [_branch(plain, _decomposed(plain, *attention, bias, num_heads, kv_heads, head, m.scale)),
                 _branch(fused, fused.nodes[-1].outputs)]
-    outs = new("If", [t["cond"]], num_outputs=3, then_branch=branches[0], else_branch=branches[1])
-    for out, shape in zip(outs, ([None, None, num_heads * head], [None, kv_heads, None, head],
-                                 [None, kv_heads, None, head])):
-        out.dtype, out.shape = dtype, ir.Shape(shape)
+    outs = _typed(outside("If", [t["cond"]], num_outputs=3, then_branch=branches[0], else_branch=branches[1]),
+                  dtype, num_heads, kv_heads, head)
+    if inside:
+        fast = _Nodes(f"{new.prefix}/rotary_inside")
+        fast("GroupQueryAttention", [*inside, v, m.past_key, m.past_value, t["seqlens"], t["total_i32"], rotary.cos,
+                                     rotary.sin, rotary.positions, bias],
+             do_rotary=1, rotary_interleaved=rotary.interleaved, **gqa)
+        outs = _typed(new("If", [shared.rotary_inside(new, rotary.positions)], num_outputs=3,
+                          then_branch=_branch(fast, fast.nodes[-1].outputs), else_branch=_branch(outside, outs)),
+                      dtype, num_heads, kv_heads, head)
     model.graph.insert_before(m.out.producer(), new.nodes)
     for old, out in zip((m.out, m.present_key, m.present_value), outs):
         _replace(model.graph, old, out)
     return None
+
+
+def _rotary_sources(new: _Nodes, m: _Match, heads: int, kv_heads: int, head: int) -> tuple | None:
+    """(q, k) in [B, S, n*H] before their ``RotaryEmbedding``, where both are reshapes of 3-D values."""
+    q, k = (_bsd_source(x.producer().inputs[0], head) for x in (m.q, m.k_new))
+    return (_flat(new, q), _flat(new, k)) if q is not None and k is not None else None
+
+
+def _typed(outs, dtype: ir.DataType, heads: int, kv_heads: int, head: int):
+    for out, shape in zip(outs, ([None, None, heads * head], [None, kv_heads, None, head],
+                                 [None, kv_heads, None, head])):
+        out.dtype, out.shape = dtype, ir.Shape(shape)
+    return outs
 
 
 def _branch(nodes: _Nodes, outputs) -> ir.Graph:

@@ -56,6 +56,7 @@ import onnx_ir as ir
 from flashnorm_onnx.errors import first_line
 from flashnorm_onnx.fusions.gqa import fuse_gqa
 from flashnorm_onnx.fusions.gqa_legacy import fuse_gqa_legacy
+from flashnorm_onnx.fusions.gqa_rotary import count_rotary_inside
 
 logger = logging.getLogger(__name__)
 
@@ -169,8 +170,10 @@ def fuse_light(model: ir.Model) -> dict[str, int]:
 
         # ORT's optimizer writes no value_info: the position ids' rank comes from inference
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
-        counts = {"group_query_attention": fuse_gqa_legacy(model)[0]}
-        counts["position_ids_expanded"] = _expand_position_ids(model.graph)
+        # position ids first: the attention node then reads the [B, S] ids its rotary is given
+        counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
+        counts["group_query_attention"] = fuse_gqa_legacy(model)[0]
+        counts["group_query_attention_rotary_inside"] = count_rotary_inside(model)
         counts["fused_matmul"] = _fuse_matmuls(model)
     except Exception as e:  # noqa: BLE001
         raise _failed("light fusions", e) from e
@@ -262,7 +265,7 @@ def _expand_position_ids(graph: ir.Graph) -> int:
             for i, n in enumerate(nodes):
                 n.name = f"{pos.name}/flashnorm_expand_{i}"
                 n.outputs[0].name = f"{pos.name}.flashnorm_expand_{i}"
-            expand.outputs[0].dtype = pos.dtype
+            expand.outputs[0].dtype, expand.outputs[0].shape = pos.dtype, ir.Shape([None, pos.shape[1]])
             graph.insert_before(node, nodes)
             done[id(pos)] = expand.outputs[0]
         node.replace_input_with(1, done[id(pos)])

@@ -207,10 +207,12 @@ def fold(loaded: Loaded, info: model_io.InputInfo, options: FoldOptions,
         try:
             fusions = merge(fusions, fuse_after_fold(model))
             if options.pack_linears:
+                from flashnorm_onnx.fusions.gqa_rotary import pack_split_inputs
                 from flashnorm_onnx.fusions.packing import pack_linears
 
-                packed = pack_linears(model)
-                fusions = merge(fusions, {"packed_linears": packed} if packed else {})
+                packed = {"packed_linears": pack_linears(model)}
+                packed["group_query_attention_packed_qkv"] = pack_split_inputs(model)
+                fusions = merge(fusions, {k: n for k, n in packed.items() if n})
         except FusionFailed as e:  # the graph may be half rewritten: nothing of this run is kept
             raise FlashNormError(f"ORT fusions after the fold failed ({e}); rerun without --for-ort") from e
         if not fusions:
