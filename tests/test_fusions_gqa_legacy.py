@@ -196,3 +196,17 @@ def test_rotary_stays_outside_where_the_kernel_reads_positions_otherwise(build_f
     assert count == 2 and not why and count_rotary_inside(model) == 0
     assert sum(n.op_type == "If" for n in model.graph) == 2
 
+
+
+def test_rotary_inside_on_a_padded_prompt_fails_verification(build_fixture, tmp_path, monkeypatch, capsys):
+    """The kernel's rotary on a left-padded batch's first prompt (positions[0, 0] + s for every row)
+    writes other keys to the cache: a condition that always takes the rotary-inside node is caught."""
+    if not gqa_legacy.ort_rotary_reads_position_ids():
+        pytest.skip("this onnxruntime's rotary probe disagrees: the rotary stays outside")
+    monkeypatch.setattr(gqa_legacy, "positions_condition",
+                        lambda new, positions, past_len: new.const([True], ir.DataType.BOOL))
+    out = tmp_path / "m.onnx"
+    code = main(["optimize", str(build_fixture("llama_optimum_past")), "-o", str(out), "--for-ort"])
+    text = capsys.readouterr()
+    assert code == 5, text.out + text.err
+    assert "padded" in text.out + text.err and not out.exists()

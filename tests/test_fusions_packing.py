@@ -86,7 +86,7 @@ def test_the_folded_llama_packs_qkv_and_gate_up_per_layer(tmp_path):
 
     source = fixtures.build("llama_dynamo")
     folded = tmp_path / "f.onnx"
-    assert main(["optimize", str(source), "-o", str(folded), "--for-ort", "-q"]) == 0
+    assert main(["optimize", str(source), "-o", str(folded), "--for-ort", "--pack-linears", "none", "-q"]) == 0
     proto = onnx.load(str(folded))
     before = Counter(n.op_type for n in proto.graph.node)
     packed, count = _pack(proto)
@@ -114,6 +114,15 @@ def test_pack_linears_through_the_cli_is_verified_and_named(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["ort_fusions"]["packed_linears"] == 4 and data["verification"]["passed"]
     assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["Split"] == 4
+    capsys.readouterr()
+    # the default with --for-ort: only Q/K/V, which each GroupQueryAttention then reads packed
+    assert main(["optimize", str(source), "-o", str(out), "--for-ort", "--report", str(report), "-q",
+                 "--force"]) == 0
+    data = json.loads(report.read_text())
+    assert data["ort_fusions"]["packed_linears"] == 2 and data["verification"]["passed"]
+    assert data["ort_fusions"]["group_query_attention_packed_qkv"] == 2
+    gqa = [n for n in onnx.load(str(out)).graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 2 and all(n.input[1] == n.input[2] == "" for n in gqa)
     capsys.readouterr()
     assert main(["optimize", str(source), "-o", str(tmp_path / "x.onnx"), "--pack-linears"]) == 2
     assert "--pack-linears applies with --for-ort only" in capsys.readouterr().err

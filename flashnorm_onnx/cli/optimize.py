@@ -33,10 +33,12 @@ def register(sub) -> None:
                      "FusedMatMul), then fold the fused graph. The output uses com.microsoft operators (ONNX "
                      "Runtime only) and is verified as a whole against MODEL in ONNX Runtime, padded batches "
                      "included; the report lists the fusions applied")
-    opt.add_argument("--pack-linears", action="store_true",
-                     help="with --for-ort: pack the MatMuls that read one value (Q/K/V, gate/up) into one MatMul "
-                     "and a Split, as onnxruntime-genai's builder does; only weights no other node reads (nothing "
-                     "is copied). Off by default: no consistent gain measured on CPU (docs/for-ort.md)")
+    opt.add_argument("--pack-linears", nargs="?", const="all", default=None, choices=("attention", "all", "none"),
+                     help="with --for-ort: which MatMuls that read one value are packed into one MatMul and a Split, "
+                     "as onnxruntime-genai's builder does (only weights no other node reads: nothing is copied). "
+                     "'attention' (the default with --for-ort): the Q/K/V projections, which GroupQueryAttention "
+                     "then reads as one packed tensor; 'all' (the flag alone): also gate/up and every other "
+                     "group; 'none'. docs/for-ort.md has the measurements")
     _add_int4_options(opt)
     _add_verify_options(opt)
     opt.add_argument("--report", metavar="JSON", help="also write the report as JSON")
@@ -142,7 +144,7 @@ def run(args) -> int:
 
     options = FoldOptions(
         untie=not args.no_untie, keep_structure=args.keep_structure, for_ort=args.for_ort,
-        pack_linears=args.pack_linears,
+        pack_linears=args.pack_linears or "attention",
         verify=not args.no_verify, verify_mode=args.verify, dims=dims, rtol=rtol, verify_timeout=verify_timeout,
         quantize=spec, quantize_order=args.quantize_order, requantize=args.requantize,
         calibrate=args.calibrate, calibration_tokenizer=args.tokenizer, force_write=args.force_write, progress=_progress_factory(True),
@@ -168,7 +170,7 @@ def _quant_spec(args):
     if args.requantize and args.quantize:
         raise argparse.ArgumentTypeError("--requantize keeps the model's own int4 settings; do not combine it "
                                          "with --quantize")
-    if args.pack_linears and not args.for_ort:
+    if args.pack_linears is not None and not args.for_ort:
         raise argparse.ArgumentTypeError("--pack-linears applies with --for-ort only")
     if args.requantize and args.for_ort:
         raise argparse.ArgumentTypeError("--requantize and --for-ort cannot be combined")

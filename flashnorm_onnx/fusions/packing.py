@@ -24,21 +24,44 @@ import onnx_ir as ir
 from flashnorm_onnx.passes.graph_utils import opset_version, unique_name
 
 
-def pack_linears(model: ir.Model) -> int:
+def pack_linears(model: ir.Model, attention_only: bool = False) -> int:
     """Pack every group of 2+ MatMuls reading one value (see the module docstring), in every
-    graph of ``model``; returns how many groups were packed."""
+    graph of ``model``; returns how many groups were packed. ``attention_only``: only the Q, K and
+    V projections that a ``GroupQueryAttention`` reads as its first three inputs (packed in that
+    order), which the node can then read as one packed tensor
+    (:func:`flashnorm_onnx.fusions.gqa_rotary.pack_split_inputs`)."""
     if opset_version(model) < 13:  # Split's sizes as an input
         return 0
     packed = 0
     taken: set[str] = set()
     names = lambda base: unique_name(model.graph, base, taken)  # noqa: E731 - every graph's names
+    attention = _attention_inputs(model) if attention_only else None
     for graph in [model.graph, *model.graph.subgraphs()]:
         for value in _values(graph):
             group = _group(value)
+            if attention is not None:
+                group = _as_attention_inputs(group, attention)
             if len(group) >= 2:
                 _pack(model.graph, graph, value, group, names)
                 packed += 1
     return packed
+
+
+def _attention_inputs(model: ir.Model) -> list[tuple[ir.Value, ...]]:
+    """(q, k, v) of every ``GroupQueryAttention`` that reads them separately, subgraphs included."""
+    return [tuple(node.inputs[:3]) for graph in [model.graph, *model.graph.subgraphs()] for node in graph
+            if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" and len(node.inputs) >= 3
+            and all(x is not None for x in node.inputs[:3])]
+
+
+def _as_attention_inputs(group: list[ir.Node], attention: list[tuple[ir.Value, ...]]) -> list[ir.Node]:
+    """``group``'s MatMuls in (q, k, v) order when their outputs are exactly one attention's
+    (q, k, v); else none."""
+    by_output = {id(n.outputs[0]): n for n in group}
+    for qkv in attention:
+        if len(group) == 3 and {id(x) for x in qkv} == set(by_output):
+            return [by_output[id(x)] for x in qkv]
+    return []
 
 
 def _values(graph: ir.Graph) -> list[ir.Value]:

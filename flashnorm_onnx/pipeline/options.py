@@ -13,6 +13,7 @@ from flashnorm_onnx.verify.policy import VERIFY_MODES
 QUANTIZE_ORDERS = ("quantize-first", "fold-first")
 #: Measured on SmolLM2-135M (benchmarks/RESULTS_int4.md): see docs/int4.md.
 DEFAULT_QUANTIZE_ORDER = "quantize-first"
+PACK_LINEARS = ("attention", "all", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +27,10 @@ class FoldOptions:
     """Keep decomposed norm chains (scale set to ones) instead of one fused kernel per norm."""
     for_ort: bool = False
     """First apply onnxscript's exact ONNX Runtime fusions, then fold the fused graph."""
-    pack_linears: bool = False
-    """With ``for_ort``: pack the MatMuls reading one value (Q/K/V, gate/up) into one MatMul + Split."""
+    pack_linears: str = "attention"
+    """With ``for_ort``, one of :data:`PACK_LINEARS`: which MatMuls reading one value are packed into
+    one MatMul + Split. ``attention``: the Q/K/V projections a GroupQueryAttention then reads packed;
+    ``all``: also every other group (gate/up); ``none``. (True/False mean ``all``/``none``.)"""
 
     # -- verification
     verify: bool = True
@@ -64,7 +67,11 @@ class FoldOptions:
             raise ValueError(f"verify_mode must be one of {', '.join(VERIFY_MODES)}")
         if self.quantize is not None and self.requantize:
             raise ValueError("quantize and requantize exclude each other")
-        if self.pack_linears and not self.for_ort:
+        if isinstance(self.pack_linears, bool):
+            object.__setattr__(self, "pack_linears", "all" if self.pack_linears else "none")
+        if self.pack_linears not in PACK_LINEARS:
+            raise ValueError(f"pack_linears must be one of {', '.join(PACK_LINEARS)}")
+        if self.pack_linears == "all" and not self.for_ort:
             raise ValueError("pack_linears applies with for_ort only")
         if self.calibrate not in (None, False) and self.quantize is None:
             raise ValueError("calibrate applies with quantize only")

@@ -206,11 +206,11 @@ def fold(loaded: Loaded, info: model_io.InputInfo, options: FoldOptions,
 
         try:
             fusions = merge(fusions, fuse_after_fold(model))
-            if options.pack_linears:
+            if options.pack_linears != "none":
                 from flashnorm_onnx.fusions.gqa_rotary import pack_split_inputs
                 from flashnorm_onnx.fusions.packing import pack_linears
 
-                packed = {"packed_linears": pack_linears(model)}
+                packed = {"packed_linears": pack_linears(model, attention_only=options.pack_linears == "attention")}
                 packed["group_query_attention_packed_qkv"] = pack_split_inputs(model)
                 fusions = merge(fusions, {k: n for k, n in packed.items() if n})
         except FusionFailed as e:  # the graph may be half rewritten: nothing of this run is kept
