@@ -31,6 +31,10 @@ the lowest float so that such a row stays finite in every kernel. And ORT's CPU 
 multi-token step on a cache at batch > 1 ("batch_size must be 1 when sequence_length > 1 and past
 context is given"), so each node sits in an ``If``: that case runs the same attention decomposed
 (:func:`_decomposed`), every other case the fused node.
+
+Where the kernel's own rotary computes the export's (:mod:`flashnorm_onnx.fusions.gqa_rotary`), a
+second node applies it itself from the position ids, in an outer ``If`` taken wherever that holds;
+the rotary-outside node above (with its ``If``) is then the other branch.
 """
 
 from __future__ import annotations

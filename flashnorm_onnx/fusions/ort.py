@@ -172,8 +172,9 @@ def fuse_light(model: ir.Model) -> dict[str, int]:
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         # position ids first: the attention node then reads the [B, S] ids its rotary is given
         counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
+        inside = count_rotary_inside(model)  # a genai builder's nodes already have it
         counts["group_query_attention"] = fuse_gqa_legacy(model)[0]
-        counts["group_query_attention_rotary_inside"] = count_rotary_inside(model)
+        counts["group_query_attention_rotary_inside"] = count_rotary_inside(model) - inside
         counts["fused_matmul"] = _fuse_matmuls(model)
     except Exception as e:  # noqa: BLE001
         raise _failed("light fusions", e) from e
