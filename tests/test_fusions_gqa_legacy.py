@@ -210,3 +210,19 @@ def test_rotary_inside_on_a_padded_prompt_fails_verification(build_fixture, tmp_
     text = capsys.readouterr()
     assert code == 5, text.out + text.err
     assert "padded" in text.out + text.err and not out.exists()
+
+
+def test_the_report_says_why_an_attention_was_not_fused(build_fixture, tmp_path, monkeypatch):
+    monkeypatch.setattr(gqa_legacy, "_mask_is_causal", lambda *a, **k: "the mask lets a query see a later key")
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    assert main(["optimize", str(build_fixture("llama_optimum_past")), "-o", str(out), "--for-ort", "--report",
+                 str(report), "-q"]) == 0
+    data = json.loads(report.read_text())
+    assert "group_query_attention" not in data["ort_fusions"]
+    notes = [n for n in data["notes"] if n.startswith("GroupQueryAttention not used")]
+    assert len(notes) == 1 and "at 2 Softmax nodes" in notes[0] and notes[0].endswith("see a later key"), notes
+    monkeypatch.setattr(gqa_legacy, "ort_honours_attention_bias", lambda: False)
+    assert main(["optimize", str(build_fixture("llama_optimum_past")), "-o", str(out), "--for-ort", "--report",
+                 str(report), "-q", "--force"]) == 0
+    assert "GroupQueryAttention not used: this onnxruntime ignores its attention_bias input" in \
+        json.loads(report.read_text())["notes"]

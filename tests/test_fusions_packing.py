@@ -126,3 +126,18 @@ def test_pack_linears_through_the_cli_is_verified_and_named(tmp_path, capsys):
     capsys.readouterr()
     assert main(["optimize", str(source), "-o", str(tmp_path / "x.onnx"), "--pack-linears"]) == 2
     assert "--pack-linears applies with --for-ort only" in capsys.readouterr().err
+
+
+def test_pack_linears_settings():
+    import pytest
+
+    from flashnorm_onnx.pipeline.options import FoldOptions
+
+    assert FoldOptions(for_ort=True).pack_linears == "attention"
+    assert FoldOptions(for_ort=True, pack_linears=True).pack_linears == "all"
+    assert FoldOptions(for_ort=True, pack_linears=False).pack_linears == "none"
+    assert FoldOptions().pack_linears == "attention"  # no effect without for_ort
+    with pytest.raises(ValueError, match="for_ort only"):
+        FoldOptions(pack_linears="all")
+    with pytest.raises(ValueError, match="must be one of"):
+        FoldOptions(for_ort=True, pack_linears="qkv")

@@ -161,7 +161,7 @@ def written_by_dynamo(model: ir.Model) -> bool:
     return False
 
 
-def fuse_light(model: ir.Model) -> dict[str, int]:
+def fuse_light(model: ir.Model, refusals: list[str] | None = None) -> dict[str, int]:
     """onnxscript's FusedMatMul/softmax rules and the position-id fix only: for a graph ORT's
     transformers optimizer already fused (the full onnxscript pipeline takes minutes on such
     graphs and finds nothing more)."""
@@ -173,7 +173,9 @@ def fuse_light(model: ir.Model) -> dict[str, int]:
         # position ids first: the attention node then reads the [B, S] ids its rotary is given
         counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
         inside = count_rotary_inside(model)  # a genai builder's nodes already have it
-        counts["group_query_attention"] = fuse_gqa_legacy(model)[0]
+        counts["group_query_attention"], why = fuse_gqa_legacy(model)
+        if refusals is not None:
+            refusals.extend(why)  # "Softmax name: reason", for the report
         counts["group_query_attention_rotary_inside"] = count_rotary_inside(model) - inside
         counts["fused_matmul"] = _fuse_matmuls(model)
     except Exception as e:  # noqa: BLE001

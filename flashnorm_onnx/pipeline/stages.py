@@ -44,6 +44,9 @@ class Loaded:
     fusions: dict[str, int] | None = None
     """``--for-ort``: the fusions applied before the fold."""
     fusion_note: str = ""
+    """``--for-ort``: why the fusions failed (the model was folded without them)."""
+    fusion_refusals: list[str] = dataclasses.field(default_factory=list)
+    """``--for-ort``: one line per attention a rule saw and left as it was, with the reason."""
 
 
 @dataclasses.dataclass
@@ -125,7 +128,7 @@ def load(info: model_io.InputInfo, options: FoldOptions) -> Loaded:
             raise ValueError("--requantize and --for-ort exclude each other")
         loaded.dequantized = dequantize_for_fold(model)
     if options.for_ort:
-        loaded.model, loaded.fusions, loaded.fusion_note = _fuse(info, model, options)
+        loaded.model, loaded.fusions, loaded.fusion_note = _fuse(info, model, options, loaded.fusion_refusals)
     if loaded.rtol is None and _has_16bit_floats(loaded.model):
         # 16-bit floats anywhere: a norm computed in 16 bits rounds g * norm(x) to 16 bits and the
         # folded model does not; a 16-bit weight (behind a Cast) rounds g * W to 16 bits. Either moves
@@ -136,8 +139,9 @@ def load(info: model_io.InputInfo, options: FoldOptions) -> Loaded:
     return loaded
 
 
-def _fuse(info: model_io.InputInfo, model: ir.Model, options: FoldOptions):
-    """``--for-ort``: (model, fusions applied, note). A failure reloads the model, unfused."""
+def _fuse(info: model_io.InputInfo, model: ir.Model, options: FoldOptions, refusals: list[str]):
+    """``--for-ort``: (model, fusions applied, note); ``refusals`` gets the reasons of attentions left
+    unfused. A failure reloads the model, unfused."""
     from flashnorm_onnx.fusions.ort import (
         FusionFailed,
         fuse_for_ort,
@@ -161,7 +165,7 @@ def _fuse(info: model_io.InputInfo, model: ir.Model, options: FoldOptions):
         try:
             optimized = ort_transformers_optimizer(info.path)
             counts = {f"ort_transformers_optimizer:{op}": n for op, n in new_ops(model, optimized).items()}
-            return optimized, {**counts, **fuse_light(optimized)}, ""
+            return optimized, {**counts, **fuse_light(optimized, refusals)}, ""
         except FusionFailed as e:
             note = f"ORT's transformers optimizer failed ({e}); used onnxscript's fusions"
             model = model_io.load(info)
@@ -170,6 +174,19 @@ def _fuse(info: model_io.InputInfo, model: ir.Model, options: FoldOptions):
     except FusionFailed as e:
         return model_io.load(info), {}, f"ORT fusions failed ({e}); folded without them"
     return fused, counts, note
+
+
+def refusal_notes(refusals: list[str]) -> list[str]:
+    """``NAME: reason`` lines as one note per reason: how many attentions, the first one named."""
+    by_reason: dict[str, list[str]] = {}
+    notes = [line for line in refusals if line.startswith("GroupQueryAttention ")]  # about the whole model
+    for line in refusals:
+        if line in notes:
+            continue
+        name, _, why = line.partition(": ")
+        by_reason.setdefault(why or name, []).append(name)
+    return notes + [f"GroupQueryAttention not used at {len(names)} Softmax node{'s' if len(names) > 1 else ''} "
+            f"({names[0]}{', ...' if len(names) > 1 else ''}): {why}" for why, names in by_reason.items()]
 
 
 def _has_16bit_floats(model: ir.Model) -> bool:
@@ -225,6 +242,7 @@ def fold(loaded: Loaded, info: model_io.InputInfo, options: FoldOptions,
         report.fusions = fusions
         if loaded.fusion_note:
             report.notes.append(loaded.fusion_note)
+        report.notes += refusal_notes(loaded.fusion_refusals)
     return Folded(model=model, result=result, report=report, fusions=fusions,
                   modified=result.modified or bool(fusions), requantized=loaded.dequantized is not None,
                   vocab=loaded.vocab, rtol=loaded.rtol)
