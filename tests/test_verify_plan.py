@@ -202,3 +202,33 @@ def test_a_constant_in_external_data_with_other_bytes_is_named(tmp_path, monkeyp
     code = cli.main(["optimize", str(src), "-o", str(tmp_path / "out" / "model.onnx"), "--verify", "subgraph"])
     text = capsys.readouterr()
     assert code == 5 and "Constant 'ext_c' has another value of attribute 'value'" in text.out + text.err, text
+
+
+def _constant_weight_model() -> onnx.ModelProto:
+    """The tied decoder with q_proj's weight held by a Constant node instead of an initializer."""
+    model = graphs.tied_decoder()
+    w = next(i for i in model.graph.initializer if i.name == "Wq")
+    model.graph.initializer.remove(w)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["Wq"], value=w, name="wq_const"))
+    return model
+
+
+def test_a_weight_held_by_a_constant_node_is_traced_to_it(tmp_path):
+    """The fold writes the folded copy from the Constant's value; the check traces the declared
+    linear's weight to that Constant and passes, and a linear rewired to another Constant (a
+    weight the plan did not write) is named."""
+    src, out, declared = _folded(tmp_path, _constant_weight_model())
+    assert "Wq" in declared.written.values()
+    result = verify_plan.check_plan(src, out, declared)
+    assert result.passed, result.message
+
+    def rewire(p):
+        w = next(n for n in onnx.load(str(src)).graph.node if n.op_type == "Constant").attribute[0].t
+        other = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 2, "Wq_other")
+        p.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["Wq_other"], value=other, name="other"))
+        _node(p, "q_proj").input[1] = "Wq_other"
+
+    _edit(out, rewire)
+    result = verify_plan.check_plan(src, out, declared)
+    assert not result.passed
+    assert any("q_proj" in o["reason"] for o in result.outputs), [o["reason"] for o in result.outputs]
