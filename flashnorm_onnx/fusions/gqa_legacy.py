@@ -519,8 +519,8 @@ def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | No
     attention = (q, k, v, m.past_key, m.past_value)
     fused("GroupQueryAttention", [*attention, t["seqlens"], t["total_i32"], None, None, None, bias], do_rotary=0, **gqa)
     plain = _Nodes(f"{new.prefix}/decomposed")
-    branches = [_branch(plain, _decomposed(plain, *attention, bias, num_heads, kv_heads, head, m.scale)),
-                _branch(fused, fused.nodes[-1].outputs)]
+    branches = [_branch(plain, _decomposed(plain, *attention, bias, num_heads, kv_heads, head, m.scale), dtype),
+                _branch(fused, fused.nodes[-1].outputs, dtype)]
     outs = _typed(outside("If", [t["cond"]], num_outputs=3, then_branch=branches[0], else_branch=branches[1]),
                   dtype, num_heads, kv_heads, head)
     if inside:
@@ -529,7 +529,8 @@ def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | No
                                      rotary.sin, rotary.positions, bias],
              do_rotary=1, rotary_interleaved=rotary.interleaved, **gqa)
         outs = _typed(new("If", [shared.rotary_inside(new, rotary.positions)], num_outputs=3,
-                          then_branch=_branch(fast, fast.nodes[-1].outputs), else_branch=_branch(outside, outs)),
+                          then_branch=_branch(fast, fast.nodes[-1].outputs, dtype),
+                          else_branch=_branch(outside, outs, dtype)),
                       dtype, num_heads, kv_heads, head)
     model.graph.insert_before(m.out.producer(), new.nodes)
     for old, out in zip((m.out, m.present_key, m.present_value), outs):
@@ -550,9 +551,11 @@ def _typed(outs, dtype: ir.DataType, heads: int, kv_heads: int, head: int):
     return outs
 
 
-def _branch(nodes: _Nodes, outputs) -> ir.Graph:
+def _branch(nodes: _Nodes, outputs, dtype: ir.DataType) -> ir.Graph:
+    """A branch of ``nodes`` whose outputs (the attention's output and present key/value) are of
+    the cache's ``dtype`` (float16 in a float16 export)."""
     for out in outputs:
-        out.dtype = ir.DataType.FLOAT if out.dtype is None else out.dtype
+        out.dtype = dtype if out.dtype is None else out.dtype
     return ir.Graph([], list(outputs), nodes=nodes.nodes, name=nodes.prefix)
 
 
