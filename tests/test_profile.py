@@ -319,3 +319,15 @@ def test_subgraph_kernels_are_not_counted_twice(tmp_path):
     # If keeps only its own time: what its raw duration holds beyond the MatMul nested in it
     assert prof["by_op_ms"]["If"] < whole_if - 0.5 * matmul
     assert prof["kernel_total_ms"] <= prof["run_total_ms"] * 1.05
+
+
+def test_a_claimed_difference_under_the_session_effect_is_flagged():
+    from flashnorm_onnx.profile.run import session_effect_note
+
+    def result(shape, estimate, verdict):
+        return {"shape": shape, "provider": "cpu", "ratio": {"estimate": estimate, "verdict": verdict}}
+
+    assert session_effect_note([result("p", 0.90, "B faster"), result("d", 1.01, "no significant difference")]) is None
+    note = session_effect_note([result("p", 0.97, "B faster"), result("d", 1.03, "B slower"),
+                                result("x", 1.2, "B slower")])
+    assert note is not None and "p (cpu), d (cpu):" in note and "x (cpu)" not in note

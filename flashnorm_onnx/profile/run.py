@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from flashnorm_onnx.errors import FlashNormError, ProviderUnavailable, VerificationUnavailable, first_line
 from flashnorm_onnx.verify.inputs import Case, has_past, specs_from_session
 from flashnorm_onnx.profile.machine import machine_info
@@ -199,7 +201,28 @@ def _profile_here(
     for settings, models, case in todo:
         _measure_case(report, settings, models, case, vocab, dims, ops=ops, ops_runs=ops_runs,
                       skip_failing=skip_failing, log=log, tick=tick)
+    note = session_effect_note(report["results"])
+    if note:
+        report["notes"].append(note)
+        log(f"note: {note}")
     return report
+
+
+SESSION_EFFECT = 0.05
+"""How far apart two sessions of one file ran on a quiet machine (docs/profile.md): a claimed
+difference smaller than this is flagged as not resolved by one run."""
+
+
+def session_effect_note(results: list[dict]) -> str | None:
+    """A note for the shapes whose verdict claims a difference smaller than :data:`SESSION_EFFECT`."""
+    small = [f"{r['shape']} ({r['provider']})" for r in results
+             if r["ratio"]["verdict"] != "no significant difference"
+             and abs(np.log(r["ratio"]["estimate"])) < np.log1p(SESSION_EFFECT)]
+    if not small:
+        return None
+    return (f"B/A within {SESSION_EFFECT:.0%} of 1 at {', '.join(small)}: two sessions of one file differed in "
+            "speed by a few percent on a quiet machine, by their order of creation (docs/profile.md), more than "
+            "one run's interval sees; confirm a difference this small with repeated runs")
 
 
 def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple[dict[str, Path], dict[str, int]]:
