@@ -361,7 +361,7 @@ class Bench:
         try:
             rep = profile(a, b, shapes=shapes, providers=tuple(providers), runs=args.runs, warmup=args.warmup,
                           target=args.target / 100, budget_s=args.budget, progress=not args.no_progress, dims=dims,
-                          skip_failing=True, threads=args.threads)
+                          skip_failing=True, threads=args.threads, rounds=args.rounds)
         except Exception as e:
             self.notes.append(f"{label} {comparison}: not measured ({_first(e)})")
             print(f"[bench] {label} {comparison}: not measured: {_first(e)}", flush=True)
@@ -491,7 +491,8 @@ def write_results(bench: Bench) -> None:
         f"onnxruntime {m['onnxruntime']}; GPU: {m['gpu']['name'] + ' driver ' + m['gpu']['driver'] if m['gpu'] else 'none'}.",
         f"- CUDA: {'measured' if any(r['provider'] == 'cuda' for r in rows) else 'not measured: ' + ('no GPU on this machine (the CUDA provider does not load)' if m['cuda'] == 'listed' else m['cuda'])}.",
         f"- Method: `flashnorm_onnx.profile.profile` -- A and B in one process on one shared intra-op thread "
-        f"pool, {args.warmup} warm-up runs each, then interleaved pairs (A B / B A alternating); IO binding; "
+        f"pool, {args.rounds} round{'s' if args.rounds > 1 else ''} per shape on fresh session pairs (created in "
+        f"alternating order), {args.warmup} warm-up runs each, then interleaved pairs (A B / B A alternating); IO binding; "
         f"B/A: {method}. Pairs run until the "
         f"interval's half-width is within {args.target:g}% or {args.budget:g} s per shape"
         + (f" (fixed {args.runs} pairs)" if args.runs else "") + ". Ratio < 1: B is faster.",
@@ -546,7 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: " + ", ".join(CROSS) + ")")
     p.add_argument("--full-forms", default="dynamo",
                    help="forms that get every comparison; the others get " + ", ".join(CORE))
-    p.add_argument("--runs", type=int, help="a fixed number of pairs per shape (default: adaptive)")
+    p.add_argument("--runs", type=int, help="a fixed number of pairs per round (default: adaptive)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="fresh session pairs per shape (profile's --rounds; default 4)")
     p.add_argument("--target", type=float, default=3.0, help="interval half-width to reach, percent (default 3)")
     p.add_argument("--budget", type=float, default=90.0, help="seconds per shape at most (default 90)")
     p.add_argument("--threads", type=int, help="intra-op threads (default: ORT's, one per physical core)")

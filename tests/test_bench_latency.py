@@ -111,7 +111,7 @@ def test_cross_rows_each_model_fed_its_own_signature(tmp_path, fake_exports):
     assert got == {("export@optimum_past / genai", "p1"), ("export@optimum_past / genai", "p8"),
                    ("export@optimum_past / genai", "d16"), ("export@dynamo / genai", "p1"),
                    ("export@dynamo / genai", "p8")}
-    assert all(r["form"] == "cross" and r["pairs"] == 2 for r in rows)
+    assert all(r["form"] == "cross" and r["pairs"] == 2 * 4 for r in rows)  # --runs 2 in each of 4 rounds
     assert any("d16 not timed" in n and "dynamo has none" in n for n in summary["notes"])
     assert not any("not measured" in n or "skipped" in n for n in summary["notes"]), summary["notes"]
     # the anchor is A; one JSON report per comparison, with every sample
@@ -120,7 +120,7 @@ def test_cross_rows_each_model_fed_its_own_signature(tmp_path, fake_exports):
     assert rep["models"]["B"]["path"] == str(fake_exports["optimum_past"])
     assert rep["settings"]["dims"] == {"kv_cache_dim": 4}
     assert {r["shape"] for r in rep["results"]} == {"p1", "p8", "d16"}
-    assert all(len(r[k]["samples_ms"]) == 2 for r in rep["results"] for k in "AB")
+    assert all(len(r[k]["samples_ms"]) == 2 * 4 for r in rep["results"] for k in "AB")
     assert "| smollm2 | cross | export@optimum_past / genai | d16 (1x1 past 16) | cpu |" in table
     assert "| load |" in table and "Load average (1, 5, 15 min) at the start" in table
 

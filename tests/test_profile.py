@@ -54,7 +54,7 @@ def test_json_has_all_fields(report):
             s = r[label]
             for key in ("median_ms", "p90_ms", "p99_ms", "mean_ms", "tokens_per_s", "runs", "samples_ms"):
                 assert key in s
-            assert s["runs"] == 6 and len(s["samples_ms"]) == 6
+            assert s["runs"] == 6 * 4 and len(s["samples_ms"]) == 6 * 4  # --runs per round, 4 rounds
             assert all(v > 0 and math.isfinite(v) for v in s["samples_ms"])
             assert s["median_ms"] <= s["p90_ms"] <= s["p99_ms"]
         ratio = r["ratio"]
@@ -62,6 +62,11 @@ def test_json_has_all_fields(report):
         assert math.isfinite(ratio["median"]) and ratio["median"] > 0
         assert 0 < lo <= hi and math.isfinite(hi)
         assert ratio["verdict"] in ("no significant difference", "B faster", "B slower")
+        # each round on a fresh session pair, created in the opposite order to the round before
+        rounds = r["rounds"]
+        assert len(rounds) == ratio["rounds"] == 4 and all(x["pairs"] == 6 for x in rounds)
+        assert [x["created_first"] for x in rounds] == [rounds[0]["created_first"], rounds[1]["created_first"]] * 2
+        assert rounds[0]["created_first"] != rounds[1]["created_first"]
 
 
 def test_decode_without_cache_is_skipped_with_reason(report):
@@ -190,14 +195,21 @@ def test_adaptive_length_stops_at_the_target(pair):
     from flashnorm_onnx.profile import profile
 
     source, folded = pair
-    rep = profile(source, source, shapes=[parse_shape("p=1x4")], warmup=1, target=0.5, min_runs=4, max_runs=200)
+    rep = profile(source, source, shapes=[parse_shape("p=1x4")], warmup=1, target=0.5, min_runs=4, max_runs=200,
+                  rounds=1)
     (r,) = rep["results"]
     assert r["stopped"].startswith("interval half-width") and r["ratio"]["half_width"] <= 0.5
     assert 4 <= r["pairs"] < 200 and r["A"]["runs"] == r["pairs"]
+    # in rounds (the default), each round stops by its own interval, within target * sqrt(rounds)
+    rep = profile(source, source, shapes=[parse_shape("p=1x4")], warmup=1, target=0.25, min_runs=4, max_runs=200)
+    (r,) = rep["results"]
+    assert r["stopped"] == "4 rounds on fresh session pairs, stopped by their interval x4"
+    assert all(x["pairs"] >= 8 for x in r["rounds"]) and r["A"]["runs"] == r["pairs"] < 200
     rep = profile(source, folded, shapes=[parse_shape("p=1x4")], warmup=0, target=1e-6, budget_s=0.05,
                   min_runs=3, max_runs=100000)
     (r,) = rep["results"]
-    assert r["stopped"].startswith("time budget") and r["pairs"] < 100000
+    assert r["stopped"].startswith("2 rounds on fresh session pairs, stopped by the time budget")
+    assert r["pairs"] < 100000  # the budget counts all rounds: after the second, no new round starts
     assert set(r["load"]) >= {"load_before", "load_after", "other_cores_busy", "competed"}
     assert rep["settings"]["threading"]["pool"] == "one pool shared by both sessions"
 
@@ -331,3 +343,6 @@ def test_a_claimed_difference_under_the_session_effect_is_flagged():
     note = session_effect_note([result("p", 0.97, "B faster"), result("d", 1.03, "B slower"),
                                 result("x", 1.2, "B slower")])
     assert note is not None and "p (cpu), d (cpu):" in note and "x (cpu)" not in note
+    rounds = result("p", 0.97, "B faster")
+    rounds["ratio"]["rounds"] = 4  # the interval of 4 rounds on fresh sessions holds the session effect
+    assert session_effect_note([rounds]) is None

@@ -218,6 +218,7 @@ def test_cli_defaults_are_the_tested_ones():
     from flashnorm_onnx.profile import sessions
 
     assert cli.DEFAULT_MIN_RUNS == sessions.DEFAULT_MIN_RUNS == Settings().min_runs == 32
+    assert cli.DEFAULT_ROUNDS == sessions.DEFAULT_ROUNDS == Settings().rounds
     assert sessions.DEFAULT_TARGET == 0.02 and sessions.DEFAULT_BUDGET_S == 120.0
 
 
@@ -294,3 +295,35 @@ def test_small_samples(n):
         assert (lo, hi) == (0.0, np.inf) and r["verdict"] == "no significant difference"
     else:
         assert 0 < lo <= r["median"] <= hi and np.isfinite(hi)
+
+
+def test_rounds_hold_the_session_effect_that_one_round_cannot_see():
+    """Simulated A/A with a session effect (each session pair's speed ratio off by N(0, 4%), fixed
+    for the pair's life, as measured on the project's VM): one round's interval claims a difference
+    most of the time; four rounds on fresh pairs keep the false claims under 1 in 10."""
+    from flashnorm_onnx.profile.stats import bootstrap_ratio, rounds_ratio
+
+    rng = np.random.default_rng(11)
+    one = four = 0
+    runs = 200
+    for _ in range(runs):
+        rounds = []
+        for _ in range(4):
+            effect = rng.normal(0, 0.04)
+            a = np.exp(rng.normal(0, 0.02, 24))
+            rounds.append((a, a * np.exp(effect + rng.normal(0, 0.02, 24))))
+        one += bootstrap_ratio(*rounds[0], resamples=300)["verdict"] != "no significant difference"
+        four += rounds_ratio(rounds, resamples=300)["verdict"] != "no significant difference"
+    assert one / runs > 0.5
+    assert four / runs <= 0.10
+
+
+def test_rounds_ratio_finds_a_real_difference_and_one_round_is_its_own_interval():
+    from flashnorm_onnx.profile.stats import bootstrap_ratio, rounds_ratio
+
+    rng = np.random.default_rng(3)
+    rounds = [(a, a * 0.85 * np.exp(rng.normal(0, 0.02, 32))) for a in np.exp(rng.normal(0, 0.02, (4, 32)))]
+    r = rounds_ratio(rounds)
+    assert r["verdict"] == "B faster" and r["rounds"] == 4 and r["ci95"][0] < 0.85 < r["ci95"][1]
+    single = rounds_ratio(rounds[:1])
+    assert single["ci95"] == bootstrap_ratio(*rounds[0])["ci95"] and single["rounds"] == 1

@@ -12,6 +12,7 @@ from flashnorm_onnx.errors import FlashNormError
 # flashnorm_onnx.profile.sessions.DEFAULT_MIN_RUNS (not imported: the CLI imports the profiler only
 # when it runs; tests/test_profile_stats.py checks that the two agree)
 DEFAULT_MIN_RUNS = 32
+DEFAULT_ROUNDS = 4  # flashnorm_onnx.profile.sessions.DEFAULT_ROUNDS
 
 DESCRIPTION = """\
 Time MODEL (B, usually MODEL.flashnorm.onnx) against --baseline (A) in one process: after
@@ -25,10 +26,13 @@ is a t interval whose standard error comes from a circular block bootstrap over 
 within a pair are accounted for. By default at least --min-runs pairs run; then the interval
 is checked at pair counts growing 1.5x (32, 48, 72, ...), and timing stops when its
 half-width is within --target (2%), or after --budget seconds per shape pass; the output
-says which stopped it. A model timed against itself claimed a difference in 7% of 125 runs
-at these defaults on a loaded machine, but in 10 of 12 on a quiet one, where two sessions of one
-file differ in speed by a few percent (by their order of creation): read a difference under
-about 5% as unresolved (see docs/profile.md). Other processes' CPU use while
+says which stopped it. Two sessions of one file differ in speed by a few percent (with their
+order of creation), which no interval from one session pair can see: a model timed against
+itself then claimed a difference in 10 of 12 runs on a quiet machine. So each shape is timed in
+--rounds rounds (4), each on a fresh pair of sessions created in the opposite order to the round
+before, and B/A and its interval come from the rounds (t on rounds - 1 degrees of freedom; the
+budget, minimum and maximum are shared among them, and a round stops at target x sqrt(rounds)):
+0 false claims in 20 such runs (docs/profile.md). Other processes' CPU use while
 measuring is reported, with a warning when it competed. Inputs are generated as optimize's
 verification does; a shape with past=N times one step on a KV cache of N tokens (models with
 cache inputs only). Inputs, outputs and the cache are bound on the device (IO binding).
@@ -62,8 +66,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--shape", action="append", metavar="NAME=BxT[,past=N]",
                    help="a shape to time, e.g. prefill=1x512 or decode=1x1,past=1024 (repeatable; "
                    "default: prefill=1x128 and decode=1x1,past=256)")
-    p.add_argument("--runs", type=int, help="a fixed number of interleaved pairs per shape (default: adaptive, "
-                   "see --target and --budget); under 32 the interval is rough, under 6 there is none")
+    p.add_argument("--runs", type=int, help="a fixed number of interleaved pairs per round (default: adaptive, "
+                   "see --target and --budget); under 32 in all the interval is rough, under 6 a round has none")
+    p.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                   help=f"fresh session pairs per shape (default {DEFAULT_ROUNDS}): two sessions of one file differ in "
+                   "speed by a few percent, so B/A and its interval come from rounds on new sessions, created in "
+                   "alternating order; 1 = one session pair (faster; its interval cannot see that difference)")
     p.add_argument("--target", type=float, default=2.0, metavar="PCT",
                    help="stop when the 95%% interval of B/A is within +-PCT%% of it (default 2)")
     p.add_argument("--budget", type=float, default=120.0, metavar="SECONDS",
@@ -104,6 +112,7 @@ def run(args) -> int:
         ops=args.ops, ops_runs=args.ops_runs, cuda_graph=args.cuda_graph, fallback_cpu=args.fallback_cpu,
         threads=args.threads, dims=parse_dims(args.dim), seed=args.seed, progress=not args.no_progress, log=log,
         target=args.target / 100, budget_s=args.budget, min_runs=args.min_runs, max_runs=args.max_runs,
+        rounds=args.rounds,
     )
     report["command"] = ["flashnorm-onnx"] + sys.argv[1:] if sys.argv and "flashnorm" in sys.argv[0] else None
     _print(report, args)
@@ -121,6 +130,8 @@ def _checked(args):
         raise argparse.ArgumentTypeError(str(e)) from None
     if args.runs is not None and args.runs < 2:
         raise argparse.ArgumentTypeError("--runs must be at least 2")
+    if args.rounds < 1:
+        raise argparse.ArgumentTypeError("--rounds must be at least 1")
     if not (0 < args.target < 100):
         raise argparse.ArgumentTypeError("--target is a percentage between 0 and 100, e.g. 2")
     if not (args.budget > 0):
@@ -158,8 +169,9 @@ def _print(report: dict, args) -> None:
           + (f"; GPU {gpu['name']}, driver {gpu['driver']}" if gpu else ""))
     threading = report["settings"]["threading"]
     print(f"threads: {threading['intra_op_threads']}, {threading['pool']}")
-    length = (f"{args.runs} interleaved pairs" if args.runs else
+    length = (f"{args.runs} interleaved pairs per round" if args.runs else
               f"interleaved pairs until the interval is within +-{args.target:g}% or {args.budget:g} s per shape")
+    length = f"{args.rounds} round{'s' if args.rounds > 1 else ''} on fresh session pairs, {length}"
     print(f"{length}, after {args.warmup} warm-up runs each; B/A < 1 means B is faster\n")
     for note in report["notes"]:
         print(f"note: {note}")

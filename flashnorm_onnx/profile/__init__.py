@@ -27,8 +27,14 @@ Used by ``flashnorm-onnx profile``. The method:
   resample; neighbouring pairs may be correlated); "no significant difference" when it holds 1.
   A model against itself claims a difference 4.5-7% of the time on simulated machines and 7% on
   real models under load (``benchmarks/RESULTS_aa.md``). Units are ordered at random afresh in
-  every run, the two sessions are created in random order, and the garbage collector is off
-  while timing, so that nothing favours one model in every run.
+  every run and the garbage collector is off while timing, so that nothing favours one model in
+  every run.
+* Rounds (:mod:`flashnorm_onnx.profile.rounds`): two sessions of one file differ in speed by a
+  few percent with their order of creation, fixed for their life, which the pairs of one session
+  pair cannot show (on a quiet machine a model against itself then claimed a difference in 10 of
+  12 runs). Each shape is timed in ``rounds`` (4) rounds, each on a fresh session pair created in
+  the opposite order to the one before, and B/A with its interval comes from the rounds
+  (:func:`~flashnorm_onnx.profile.stats.rounds_ratio`): 0 false claims in 20 such runs.
 * Length: by default at least ``min_runs`` (32) pairs, then the interval is looked at when the
   pair count has grown 1.5x (32, 48, 72, ...), and pairs run until its half-width is at most
   ``target`` (2% of the ratio), or the time budget per shape runs out (checked after every two

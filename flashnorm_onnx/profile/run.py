@@ -12,12 +12,14 @@ import numpy as np
 from flashnorm_onnx.errors import FlashNormError, ProviderUnavailable, VerificationUnavailable, first_line
 from flashnorm_onnx.verify.inputs import Case, has_past, specs_from_session
 from flashnorm_onnx.profile.machine import machine_info
-from flashnorm_onnx.profile.measure import CHECK_GROWTH, ModelInfo, measure_pair
+from flashnorm_onnx.profile.measure import CHECK_GROWTH, ModelInfo
 from flashnorm_onnx.profile.ops import profile_ops
+from flashnorm_onnx.profile.rounds import measure_rounds
 from flashnorm_onnx.profile.sessions import (
     DEFAULT_BUDGET_S,
     DEFAULT_MAX_RUNS,
     DEFAULT_MIN_RUNS,
+    DEFAULT_ROUNDS,
     DEFAULT_TARGET,
     Settings,
     creation_order,
@@ -25,7 +27,7 @@ from flashnorm_onnx.profile.sessions import (
     threading_description,
 )
 from flashnorm_onnx.profile.shapes import DEFAULT_SHAPES, parse_shape
-from flashnorm_onnx.profile.stats import BOOTSTRAP_RESAMPLES, ESTIMATOR
+from flashnorm_onnx.profile.stats import BOOTSTRAP_RESAMPLES, ESTIMATOR, ROUNDS_ESTIMATOR
 
 
 def profile(
@@ -49,12 +51,15 @@ def profile(
     budget_s: float = DEFAULT_BUDGET_S,
     min_runs: int = DEFAULT_MIN_RUNS,
     max_runs: int = DEFAULT_MAX_RUNS,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> dict:
     """Measure A (baseline) against B (candidate); returns the report as a JSON-ready dict.
 
-    ``runs``: a fixed number of interleaved pairs per shape; None (default) runs pairs until
-    the 95% interval of B/A has a half-width of at most ``target`` (relative), or ``budget_s``
-    seconds per shape have passed, between ``min_runs`` and ``max_runs`` pairs.
+    Each shape is timed in ``rounds`` rounds, each on a fresh pair of sessions
+    (:mod:`flashnorm_onnx.profile.rounds`). ``runs``: a fixed number of interleaved pairs per
+    round; None (default) runs pairs until the 95% interval of B/A has a half-width of at most
+    ``target`` (relative), or ``budget_s`` seconds per shape have passed, between ``min_runs`` and
+    ``max_runs`` pairs (all three shared among the rounds).
 
     The sessions live in a fresh process (``spawn``): ORT's shared thread pool, which keeps the
     two sessions from taking each other's cores, is process-wide, and once it exists every
@@ -65,10 +70,12 @@ def profile(
     log = log or (lambda _msg: None)
     _check_arguments(runs=runs, target=target, budget_s=budget_s, min_runs=min_runs, max_runs=max_runs,
                      warmup=warmup)
+    if rounds < 1:
+        raise ValueError("need at least 1 round")
     kwargs = dict(baseline=str(baseline), candidate=str(candidate), shapes=shapes, providers=tuple(providers),
                   runs=runs, warmup=warmup, ops=ops, ops_runs=ops_runs, cuda_graph=cuda_graph,
                   fallback_cpu=fallback_cpu, threads=threads, dims=dims, seed=seed, skip_failing=skip_failing,
-                  target=target, budget_s=budget_s, min_runs=min_runs, max_runs=max_runs)
+                  target=target, budget_s=budget_s, min_runs=min_runs, max_runs=max_runs, rounds=rounds)
     return _run_in_worker(kwargs, log, progress)
 
 
@@ -169,6 +176,7 @@ def _profile_here(
     budget_s: float = DEFAULT_BUDGET_S,
     min_runs: int = DEFAULT_MIN_RUNS,
     max_runs: int = DEFAULT_MAX_RUNS,
+    rounds: int = DEFAULT_ROUNDS,
 ) -> dict:
     """:func:`profile`'s work, in the measuring process. ``tick(kind, value)`` reports progress:
     ("total", pairs or None), ("postfix", text), ("update", pairs)."""
@@ -176,13 +184,13 @@ def _profile_here(
     paths, vocab = _model_paths_and_vocab(baseline, candidate)
     report = _new_report(paths, providers=providers, runs=runs, warmup=warmup, cuda_graph=cuda_graph,
                          threads=threads, seed=seed, dims=dims, target=target, budget_s=budget_s, min_runs=min_runs,
-                         max_runs=max_runs)
+                         max_runs=max_runs, rounds=rounds)
     sessions = []
     todo = []
     for provider in providers:
         settings = Settings(provider=provider, runs=runs, warmup=warmup, cuda_graph=cuda_graph and provider == "cuda",
                             threads=threads, seed=seed, target=target, budget_s=budget_s, min_runs=min_runs,
-                            max_runs=max_runs)
+                            max_runs=max_runs, rounds=rounds)
         report["settings"]["threading"] = threading_description(settings)
         opened = _open_pair(paths, settings, providers, fallback_cpu, report, log)
         if opened is None:
@@ -214,15 +222,16 @@ difference smaller than this is flagged as not resolved by one run."""
 
 
 def session_effect_note(results: list[dict]) -> str | None:
-    """A note for the shapes whose verdict claims a difference smaller than :data:`SESSION_EFFECT`."""
+    """A note for the shapes timed on one session pair (``rounds`` 1) whose verdict claims a
+    difference smaller than :data:`SESSION_EFFECT` (with more rounds the interval holds it)."""
     small = [f"{r['shape']} ({r['provider']})" for r in results
-             if r["ratio"]["verdict"] != "no significant difference"
+             if r["ratio"]["verdict"] != "no significant difference" and r["ratio"].get("rounds", 1) == 1
              and abs(np.log(r["ratio"]["estimate"])) < np.log1p(SESSION_EFFECT)]
     if not small:
         return None
     return (f"B/A within {SESSION_EFFECT:.0%} of 1 at {', '.join(small)}: two sessions of one file differed in "
-            "speed by a few percent on a quiet machine, by their order of creation (docs/profile.md), more than "
-            "one run's interval sees; confirm a difference this small with repeated runs")
+            "speed by a few percent on a quiet machine, by their order of creation (docs/profile.md), which one "
+            "session pair's interval cannot see: use --rounds 4 (the default) or more")
 
 
 def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple[dict[str, Path], dict[str, int]]:
@@ -240,7 +249,7 @@ def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple
 
 def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int | None, warmup: int,
                 cuda_graph: bool, threads: int | None, seed: int, dims: dict[str, int] | None, target: float,
-                budget_s: float, min_runs: int, max_runs: int) -> dict:
+                budget_s: float, min_runs: int, max_runs: int, rounds: int = DEFAULT_ROUNDS) -> dict:
     """The report before anything is measured: tool, models, settings, and empty result lists."""
     from flashnorm_onnx import __version__
 
@@ -253,10 +262,11 @@ def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int
         "settings": {"runs": runs if runs is not None else "adaptive", "target_half_width": target,
                      "budget_s_per_shape": budget_s, "min_runs": min_runs, "max_runs": max_runs, "warmup": warmup,
                      "providers": list(providers), "cuda_graph": cuda_graph, "io_binding": True, "threads": threads,
-                     "seed": seed,
+                     "seed": seed, "rounds": rounds,
                      "order": ("interleaved in units of two pairs, A B + B A or B A + A B, at random and afresh in "
-                               "every run; sessions created in random order; garbage collector off"),
-                     "estimator": ESTIMATOR, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
+                               "every run; each round on a fresh pair of sessions, created in the opposite order to "
+                               "the round before (the first at random); garbage collector off"),
+                     "estimator": ROUNDS_ESTIMATOR if rounds > 1 else ESTIMATOR, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
                      "stopping": f"target checked at pair counts growing {CHECK_GROWTH:g}x from min_runs; budget "
                                  "checked after every ABBA unit from min_runs on", "dims": dims or {}},
         "machine": None,
@@ -267,10 +277,11 @@ def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int
     }
 
 
-def _load_pair(paths: dict[str, Path], settings: Settings) -> list[ModelInfo]:
-    """Sessions of A and B on ``settings.provider``, created in :func:`creation_order`; returned as [A, B]."""
+def _load_pair(paths: dict[str, Path], settings: Settings, order: tuple[str, str] | None = None) -> list[ModelInfo]:
+    """Sessions of A and B on ``settings.provider``, created in ``order`` (default:
+    :func:`creation_order`, at random); returned as [A, B]."""
     models = {}
-    for rank, label in enumerate(creation_order()):
+    for rank, label in enumerate(order or creation_order()):
         session = make_session(paths[label], settings)
         models[label] = ModelInfo(label, paths[label], session, specs_from_session(session), created=rank)
     return [models["A"], models["B"]]
@@ -318,9 +329,11 @@ def _measure_case(report: dict, settings: Settings, models: list[ModelInfo], cas
                   log: Callable[[str], None], tick: Callable[[str, object], None]) -> None:
     """Time A against B on one shape (and with ``ops``, profile their op types) into ``report``."""
     tick("postfix", f"{case.name} {settings.provider}")
+    paths = {m.label: m.path for m in models}
     try:
-        result = measure_pair(models[0], models[1], case, settings, vocab, dims,
-                              progress=lambda n: tick("update", n))
+        result = measure_rounds(models, case, settings, vocab, dims,
+                                lambda order: _load_pair(paths, settings, order),
+                                progress=lambda n: tick("update", n))
     except VerificationUnavailable as e:
         if not skip_failing:
             raise

@@ -15,6 +15,7 @@ DEFAULT_TARGET = 0.02
 DEFAULT_BUDGET_S = 120.0
 DEFAULT_MIN_RUNS = 32
 DEFAULT_MAX_RUNS = 1000
+DEFAULT_ROUNDS = 4  # fresh session pairs per shape (flashnorm_onnx/profile/rounds.py)
 
 
 @dataclasses.dataclass
@@ -30,6 +31,7 @@ class Settings:
     budget_s: float = DEFAULT_BUDGET_S
     min_runs: int = DEFAULT_MIN_RUNS
     max_runs: int = DEFAULT_MAX_RUNS
+    rounds: int = DEFAULT_ROUNDS
 
 
 def creation_order() -> tuple[str, str]:

@@ -158,3 +158,44 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_RES
 def half_width(point: float, lo: float, hi: float) -> float:
     """The interval's half-width relative to the estimate (0.02 = +-2%)."""
     return (hi - lo) / 2 / point if point > 0 else float("inf")
+
+
+def rounds_ratio(rounds: list[tuple[np.ndarray, np.ndarray]], resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> dict:
+    """B/A over several rounds, each timed on a fresh pair of sessions (``rounds``: each round's
+    (a, b) pair times).
+
+    Two sessions of one file differ in speed by a few percent, with their order of creation
+    (docs/profile.md): a session effect that stays fixed through a round, so no interval computed
+    within one round can see it. Each round's estimate is :func:`bootstrap_ratio`'s (its 25%-trimmed
+    mean of log ratios); the combined estimate is their mean (in logs), its standard error the
+    larger of the spread between rounds (which holds the session effect) and the rounds' own
+    bootstrap errors averaged, and the interval a t interval on (rounds - 1) degrees of freedom.
+    One round: that round's own interval (the session effect then is not in it)."""
+    per = [bootstrap_ratio(a, b, resamples=resamples, seed=seed + k) for k, (a, b) in enumerate(rounds)]
+    if len(per) == 1:
+        return {**per[0], "rounds": 1, "round_estimates": [per[0]["estimate"]]}
+    centers = np.log([r["estimate"] for r in per])
+    count = len(per)
+    center = float(centers.mean())
+    between = float(centers.std(ddof=1)) / math.sqrt(count)
+    within = math.sqrt(sum(r["se_log"] ** 2 for r in per)) / count
+    se = max(between, within)
+    t = t_quantile(1 - (1 - CONFIDENCE) / 2, count - 1)
+    point = math.exp(center)
+    lo, hi = (math.exp(center - t * se), math.exp(center + t * se)) if math.isfinite(se) else (0.0, math.inf)
+    if lo <= 1.0 <= hi:
+        verdict = "no significant difference"
+    elif hi < 1.0:
+        verdict = "B faster"
+    else:
+        verdict = "B slower"
+    return {"median": point, "estimate": point, "ci95": [lo, hi], "half_width": half_width(point, lo, hi),
+            "verdict": verdict, "estimator": ROUNDS_ESTIMATOR, "resamples": resamples,
+            "pairs": sum(r["pairs"] for r in per), "units": sum(r["units"] for r in per), "block": 0,
+            "t": round(t, 4), "se_log": se, "rounds": count, "round_estimates": [r["estimate"] for r in per]}
+
+
+ROUNDS_ESTIMATOR = ("mean over rounds (each on a fresh pair of sessions) of each round's 25%-trimmed mean of "
+                    "per-pair log ratios; standard error the larger of the spread between rounds and the rounds' "
+                    "block-bootstrap errors; t interval on (rounds - 1) degrees of freedom")
