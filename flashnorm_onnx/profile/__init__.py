@@ -39,7 +39,7 @@ Used by ``flashnorm-onnx profile``. The method:
   pair count has grown 1.5x (32, 48, 72, ...), and pairs run until its half-width is at most
   ``target`` (2% of the ratio), or the time budget per shape runs out (checked after every two
   pairs once the minimum is done), or ``max_runs``; the report says which stopped it. A fixed
-  ``runs`` measures exactly that many pairs.
+  ``runs`` measures exactly that many pairs in each round.
 * Other load: the 1-minute load average before and after, and the CPU time other processes
   used during the measurement (``/proc/stat`` minus this process); a warning when other work
   competed for the cores.
