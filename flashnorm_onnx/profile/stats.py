@@ -143,16 +143,18 @@ def bootstrap_ratio(a: np.ndarray, b: np.ndarray, resamples: int = BOOTSTRAP_RES
     se = float(np.std(estimates, ddof=1)) * math.sqrt(k / (k - 1))
     t = t_quantile(1 - (1 - CONFIDENCE) / 2, k - 1)
     lo, hi = math.exp(center - t * se), math.exp(center + t * se)
-    if lo <= 1.0 <= hi:
-        verdict = "no significant difference"
-    elif hi < 1.0:
-        verdict = "B faster"
-    else:
-        verdict = "B slower"
+    verdict = verdict_of(lo, hi)
     return {"median": point, "estimate": point, "ci95": [lo, hi], "half_width": half_width(point, lo, hi),
             "verdict": verdict,
             "estimator": ESTIMATOR, "resamples": resamples, "pairs": 2 * m, "units": m, "block": block,
             "t": round(t, 4), "se_log": se}
+
+
+def verdict_of(lo: float, hi: float) -> str:
+    """"no significant difference" when the interval [lo, hi] holds 1; else which model is faster."""
+    if lo <= 1.0 <= hi:
+        return "no significant difference"
+    return "B faster" if hi < 1.0 else "B slower"
 
 
 def half_width(point: float, lo: float, hi: float) -> float:
@@ -184,12 +186,7 @@ def rounds_ratio(rounds: list[tuple[np.ndarray, np.ndarray]], resamples: int = B
     t = t_quantile(1 - (1 - CONFIDENCE) / 2, count - 1)
     point = math.exp(center)
     lo, hi = (math.exp(center - t * se), math.exp(center + t * se)) if math.isfinite(se) else (0.0, math.inf)
-    if lo <= 1.0 <= hi:
-        verdict = "no significant difference"
-    elif hi < 1.0:
-        verdict = "B faster"
-    else:
-        verdict = "B slower"
+    verdict = verdict_of(lo, hi)
     return {"median": point, "estimate": point, "ci95": [lo, hi], "half_width": half_width(point, lo, hi),
             "verdict": verdict, "estimator": ROUNDS_ESTIMATOR, "resamples": resamples,
             "pairs": sum(r["pairs"] for r in per), "units": sum(r["units"] for r in per), "block": 0,
