@@ -327,3 +327,14 @@ def test_rounds_ratio_finds_a_real_difference_and_one_round_is_its_own_interval(
     assert r["verdict"] == "B faster" and r["rounds"] == 4 and r["ci95"][0] < 0.85 < r["ci95"][1]
     single = rounds_ratio(rounds[:1])
     assert single["ci95"] == bootstrap_ratio(*rounds[0])["ci95"] and single["rounds"] == 1
+
+
+def test_rounds_fall_back_to_one_pair_where_two_pairs_do_not_fit():
+    from flashnorm_onnx.profile.rounds import rounds_that_fit
+
+    gib = 2**30
+    settings = Settings()
+    assert rounds_that_fit(settings, 1 * gib, 64 * gib) == (settings, None)
+    one, note = rounds_that_fit(settings, 16 * gib, 40 * gib)  # two pairs of 16 GiB models: ~48 GiB
+    assert one.rounds == 1 and "one session pair" in note and "unresolved" in note
+    assert rounds_that_fit(settings, 16 * gib, None) == (settings, None)  # unknown: as asked

@@ -27,6 +27,25 @@ from flashnorm_onnx.profile.stats import rounds_ratio, summarize
 from flashnorm_onnx.verify.inputs import Case
 
 
+#: a CPU session holds about its model's weights once (prepacked); with margin for the arenas
+SESSION_BYTES_PER_WEIGHT_BYTE = 1.5
+
+
+def rounds_that_fit(settings: Settings, weight_bytes: int, available: int | None) -> tuple[Settings, str | None]:
+    """``settings`` with one round, and why, when a second pair of CPU sessions (A and B,
+    ``weight_bytes`` together) would not fit beside the first in ``available`` bytes (a round
+    after the first opens its pair while the first stays open for the other shapes)."""
+    if settings.rounds <= 1 or settings.provider != "cpu" or available is None:
+        return settings, None
+    need = 2 * SESSION_BYTES_PER_WEIGHT_BYTE * weight_bytes
+    if need <= 0.9 * available:
+        return settings, None
+    note = (f"timed on one session pair, not in {settings.rounds} rounds: two pairs of sessions would need about "
+            f"{need / 2**30:.1f} GiB, {available / 2**30:.1f} GiB is available; the interval cannot see the speed "
+            "difference between two sessions of one file (a few percent): read a difference under 5% as unresolved")
+    return dataclasses.replace(settings, rounds=1), note
+
+
 def round_settings(settings: Settings) -> Settings:
     """One round's share: ``runs`` pairs (when fixed) in each round; otherwise the budget, the
     minimum (at least 8 pairs) and the maximum divided among the rounds, and a round stops once its

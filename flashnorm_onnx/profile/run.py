@@ -14,7 +14,8 @@ from flashnorm_onnx.verify.inputs import Case, has_past, specs_from_session
 from flashnorm_onnx.profile.machine import machine_info
 from flashnorm_onnx.profile.measure import CHECK_GROWTH, ModelInfo
 from flashnorm_onnx.profile.ops import profile_ops
-from flashnorm_onnx.profile.rounds import measure_rounds
+from flashnorm_onnx.profile.rounds import measure_rounds, rounds_that_fit
+from flashnorm_onnx.memory import available_memory
 from flashnorm_onnx.profile.sessions import (
     DEFAULT_BUDGET_S,
     DEFAULT_MAX_RUNS,
@@ -196,6 +197,10 @@ def _profile_here(
         if opened is None:
             continue
         settings, models = opened
+        settings, note = rounds_that_fit(settings, _weight_bytes(paths), available_memory())
+        if note:
+            report["notes"].append(note)
+            log(f"note: {note}")
         for m in models:
             sessions.append(m.session)
             report["models"][m.label].setdefault("providers", {})[settings.provider] = m.session.get_providers()
@@ -232,6 +237,13 @@ def session_effect_note(results: list[dict]) -> str | None:
     return (f"B/A within {SESSION_EFFECT:.0%} of 1 at {', '.join(small)}: two sessions of one file differed in "
             "speed by a few percent on a quiet machine, by their order of creation (docs/profile.md), which one "
             "session pair's interval cannot see: use --rounds 4 (the default) or more")
+
+
+def _weight_bytes(paths: dict[str, Path]) -> int:
+    """The tensor bytes of A and B together (their protos read without tensor data)."""
+    from flashnorm_onnx.io.model_io import check_input
+
+    return sum(check_input(path).tensor_bytes for path in paths.values())
 
 
 def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple[dict[str, Path], dict[str, int]]:
