@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from flashnorm_onnx.fusions.gqa_rotary import ort_rotary_reads_position_ids, positions_condition, rotary_pair
 from flashnorm_onnx.fusions.gqa import (
     SAME_SHAPE,
     _mask_is_causal,
@@ -55,6 +54,7 @@ from flashnorm_onnx.fusions.gqa import (
     value_dtype,
     value_rank,
 )
+from flashnorm_onnx.fusions.gqa_rotary import ort_rotary_reads_position_ids, positions_condition, rotary_pair
 
 logger = logging.getLogger(__name__)
 
@@ -503,8 +503,7 @@ def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | No
     if why:
         return why
     new = _Nodes(f"{m.softmax.name or m.out.name}/gqa")
-    rotary = rotary_pair(m.q, m.k_new, head) if ort_rotary_reads_position_ids() else "not probed"
-    inside = not isinstance(rotary, str) and (_rotary_sources(new, m, num_heads, kv_heads, head) or None)
+    inside = _rotary_inside(new, m, head)
     # with the rotary inside, the rotated Q and K are needed only off the fast path: made in that branch
     outside = _Nodes(f"{new.prefix}/outside") if inside else new
     q, k, v = (_bsd(outside, m.q, num_heads, head), _bsd(outside, m.k_new, kv_heads, head),
@@ -524,9 +523,10 @@ def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | No
     outs = _typed(outside("If", [t["cond"]], num_outputs=3, then_branch=branches[0], else_branch=branches[1]),
                   dtype, num_heads, kv_heads, head)
     if inside:
+        rotary, q_source, k_source = inside
         fast = _Nodes(f"{new.prefix}/rotary_inside")
-        fast("GroupQueryAttention", [*inside, v, m.past_key, m.past_value, t["seqlens"], t["total_i32"], rotary.cos,
-                                     rotary.sin, rotary.positions, bias],
+        fast("GroupQueryAttention", [q_source, k_source, v, m.past_key, m.past_value, t["seqlens"], t["total_i32"],
+                                     rotary.cos, rotary.sin, rotary.positions, bias],
              do_rotary=1, rotary_interleaved=rotary.interleaved, **gqa)
         outs = _typed(new("If", [shared.rotary_inside(new, rotary.positions)], num_outputs=3,
                           then_branch=_branch(fast, fast.nodes[-1].outputs, dtype),
@@ -538,10 +538,19 @@ def _check_and_rewrite(model: ir.Model, m: _Match, shared: _Lengths) -> str | No
     return None
 
 
-def _rotary_sources(new: _Nodes, m: _Match, heads: int, kv_heads: int, head: int) -> tuple | None:
-    """(q, k) in [B, S, n*H] before their ``RotaryEmbedding``, where both are reshapes of 3-D values."""
-    q, k = (_bsd_source(x.producer().inputs[0], head) for x in (m.q, m.k_new))
-    return (_flat(new, q), _flat(new, k)) if q is not None and k is not None else None
+def _rotary_inside(new: _Nodes, m: _Match, head: int) -> tuple | None:
+    """(the rotary pair, Q and K before it in [B, S, n*H]) where the node can apply the rotary itself
+    (:mod:`~flashnorm_onnx.fusions.gqa_rotary`); else None, with the reason logged."""
+    if not ort_rotary_reads_position_ids():
+        return None
+    rotary = rotary_pair(m.q, m.k_new, head)
+    sources = () if isinstance(rotary, str) else \
+        [_bsd_source(x.producer().inputs[0], head) for x in (m.q, m.k_new)]
+    if isinstance(rotary, str) or None in sources:
+        logger.info("rotary kept outside GroupQueryAttention at %s: %s", m.softmax.name,
+                    rotary if isinstance(rotary, str) else "Q or K is not a reshape of a [B, S, n*H] value")
+        return None
+    return rotary, _flat(new, sources[0]), _flat(new, sources[1])
 
 
 def _typed(outs, dtype: ir.DataType, heads: int, kv_heads: int, head: int):

@@ -141,27 +141,31 @@ def pack_split_inputs(model: ir.Model) -> int:
     reads the three from x as the Split would give them. Only with the rotary inside (an outside
     rotary sits between the Split and the node). Returns how many nodes now read x."""
     done = 0
-    for graph in [model.graph, *model.graph.subgraphs()]:
-        for node in graph:
-            if node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft" or len(node.inputs) < 3:
-                continue
-            q, k, v = node.inputs[:3]
-            split = q.producer() if q is not None else None
-            if split is None or split.op_type != "Split" or len(split.outputs) != 3 or \
-                    [q, k, v] != list(split.outputs):
-                continue
-            shape = split.inputs[0].shape or q.shape
-            axis = split.attributes.get_int("axis", 0)
-            if axis != -1 and (shape is None or axis != shape.rank() - 1):
-                continue
-            node.replace_input_with(0, split.inputs[0])
-            node.replace_input_with(1, None)
-            node.replace_input_with(2, None)
-            done += 1
+    for node in gqa_nodes(model):
+        if len(node.inputs) < 3:
+            continue
+        q, k, v = node.inputs[:3]
+        split = q.producer() if q is not None else None
+        if split is None or split.op_type != "Split" or len(split.outputs) != 3 or \
+                any(x is not out for x, out in zip((q, k, v), split.outputs)):
+            continue
+        shape = split.inputs[0].shape or q.shape
+        axis = split.attributes.get_int("axis", 0)
+        if axis != -1 and (shape is None or axis != shape.rank() - 1):
+            continue
+        node.replace_input_with(0, split.inputs[0])
+        node.replace_input_with(1, None)
+        node.replace_input_with(2, None)
+        done += 1
     return done
+
+
+def gqa_nodes(model: ir.Model):
+    """Every ``com.microsoft.GroupQueryAttention`` node of ``model``, subgraphs included."""
+    return [node for graph in [model.graph, *model.graph.subgraphs()] for node in graph
+            if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"]
 
 
 def count_rotary_inside(model: ir.Model) -> int:
     """How many ``GroupQueryAttention`` nodes (subgraphs included) apply the rotary themselves."""
-    return sum(1 for graph in [model.graph, *model.graph.subgraphs()] for node in graph
-               if node.op_type == "GroupQueryAttention" and node.attributes.get_int("do_rotary", 0))
+    return sum(1 for node in gqa_nodes(model) if node.attributes.get_int("do_rotary", 0))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from flashnorm_onnx.fusions.gqa_rotary import gqa_nodes
 from flashnorm_onnx.passes.graph_utils import opset_version, unique_name
 
 
@@ -49,9 +50,8 @@ def pack_linears(model: ir.Model, attention_only: bool = False) -> int:
 
 def _attention_inputs(model: ir.Model) -> list[tuple[ir.Value, ...]]:
     """(q, k, v) of every ``GroupQueryAttention`` that reads them separately, subgraphs included."""
-    return [tuple(node.inputs[:3]) for graph in [model.graph, *model.graph.subgraphs()] for node in graph
-            if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft" and len(node.inputs) >= 3
-            and all(x is not None for x in node.inputs[:3])]
+    return [tuple(node.inputs[:3]) for node in gqa_nodes(model)
+            if len(node.inputs) >= 3 and all(x is not None for x in node.inputs[:3])]
 
 
 def _as_attention_inputs(group: list[ir.Node], attention: list[tuple[ir.Value, ...]]) -> list[ir.Node]:

@@ -179,9 +179,10 @@ def _fuse(info: model_io.InputInfo, model: ir.Model, options: FoldOptions, refus
 def refusal_notes(refusals: list[str]) -> list[str]:
     """``NAME: reason`` lines as one note per reason: how many attentions, the first one named."""
     by_reason: dict[str, list[str]] = {}
-    notes = [line for line in refusals if line.startswith("GroupQueryAttention ")]  # about the whole model
+    notes = []
     for line in refusals:
-        if line in notes:
+        if line.startswith("GroupQueryAttention "):  # about the whole model, not one Softmax
+            notes.append(line)
             continue
         name, _, why = line.partition(": ")
         by_reason.setdefault(why or name, []).append(name)

@@ -50,7 +50,7 @@ def round_settings(settings: Settings) -> Settings:
     """One round's share: ``runs`` pairs (when fixed) in each round; otherwise the budget, the
     minimum (at least 8 pairs) and the maximum divided among the rounds, and a round stops once its
     own interval is within ``target`` * sqrt(rounds) (the rounds' mean is that much tighter)."""
-    rounds = max(1, settings.rounds)
+    rounds = settings.rounds
     if settings.runs is not None or rounds == 1:
         return settings
     least = max(8, 2 * math.ceil(settings.min_runs / rounds / 2))
@@ -71,7 +71,7 @@ def measure_rounds(first: list[ModelInfo], case: Case, settings: Settings, vocab
     results = []
     pair = first
     order = tuple(m.label for m in sorted(first, key=lambda m: m.created))
-    for k in range(max(1, settings.rounds)):
+    for k in range(settings.rounds):
         if k:
             order = order[::-1]
             pair = reopen(order)
@@ -83,23 +83,21 @@ def measure_rounds(first: list[ModelInfo], case: Case, settings: Settings, vocab
                 gc.collect()
         if k >= 1 and settings.runs is None and time.perf_counter() - start >= settings.budget_s:
             break
-    return combine(results, settings)
+    return combine(results)
 
 
-def combine(results: list[dict], settings: Settings) -> dict:
+def combine(results: list[dict]) -> dict:
     """One result record from the rounds' records: samples pooled, the ratio over the rounds."""
     if len(results) == 1:
         return {**results[0], "rounds": [_round_entry(results[0])]}
     first = results[0]
-    a = [np.array(r["A"]["samples_ms"]) / 1e3 for r in results]
-    b = [np.array(r["B"]["samples_ms"]) / 1e3 for r in results]
-    ratio = rounds_ratio(list(zip(a, b)), seed=settings.seed)
+    ratio = rounds_ratio([r["ratio"] for r in results])
     loads = [r["load"] for r in results]
     busy = [x["other_cores_busy"] for x in loads if x.get("other_cores_busy") is not None]
     return {
         **{k: first[k] for k in ("shape", "batch", "sequence", "past", "tokens", "provider")},
-        "A": summarize(np.concatenate(a), first["tokens"]),
-        "B": summarize(np.concatenate(b), first["tokens"]),
+        **{label: summarize(np.concatenate([r[label]["samples_ms"] for r in results]) / 1e3, first["tokens"])
+           for label in "AB"},
         "ratio": ratio,
         "pairs": sum(r["pairs"] for r in results),
         "stopped": f"{len(results)} rounds on fresh session pairs, stopped by " + ", ".join(

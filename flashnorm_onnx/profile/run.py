@@ -10,12 +10,12 @@ from typing import Callable
 import numpy as np
 
 from flashnorm_onnx.errors import FlashNormError, ProviderUnavailable, VerificationUnavailable, first_line
+from flashnorm_onnx.memory import available_memory
 from flashnorm_onnx.verify.inputs import Case, has_past, specs_from_session
 from flashnorm_onnx.profile.machine import machine_info
 from flashnorm_onnx.profile.measure import CHECK_GROWTH, ModelInfo
 from flashnorm_onnx.profile.ops import profile_ops
 from flashnorm_onnx.profile.rounds import measure_rounds, rounds_that_fit
-from flashnorm_onnx.memory import available_memory
 from flashnorm_onnx.profile.sessions import (
     DEFAULT_BUDGET_S,
     DEFAULT_MAX_RUNS,
@@ -182,7 +182,7 @@ def _profile_here(
     """:func:`profile`'s work, in the measuring process. ``tick(kind, value)`` reports progress:
     ("total", pairs or None), ("postfix", text), ("update", pairs)."""
     shapes = shapes or [parse_shape(s) for s in DEFAULT_SHAPES]
-    paths, vocab = _model_paths_and_vocab(baseline, candidate)
+    paths, vocab, weight_bytes = _model_paths_and_vocab(baseline, candidate)
     report = _new_report(paths, providers=providers, runs=runs, warmup=warmup, cuda_graph=cuda_graph,
                          threads=threads, seed=seed, dims=dims, target=target, budget_s=budget_s, min_runs=min_runs,
                          max_runs=max_runs, rounds=rounds)
@@ -197,7 +197,7 @@ def _profile_here(
         if opened is None:
             continue
         settings, models = opened
-        settings, note = rounds_that_fit(settings, _weight_bytes(paths), available_memory())
+        settings, note = rounds_that_fit(settings, weight_bytes, available_memory())
         if note:
             report["notes"].append(note)
             log(f"note: {note}")
@@ -239,24 +239,15 @@ def session_effect_note(results: list[dict]) -> str | None:
             "session pair's interval cannot see: use --rounds 4 (the default) or more")
 
 
-def _weight_bytes(paths: dict[str, Path]) -> int:
-    """The tensor bytes of A and B together (their protos read without tensor data)."""
-    from flashnorm_onnx.io.model_io import check_input
-
-    return sum(check_input(path).tensor_bytes for path in paths.values())
-
-
-def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple[dict[str, Path], dict[str, int]]:
-    """The checked paths of A and B, and the vocabulary sizes read from A."""
+def _model_paths_and_vocab(baseline: str | Path, candidate: str | Path) -> tuple[dict[str, Path], dict[str, int], int]:
+    """The checked paths of A and B, the vocabulary sizes read from A, and the tensor bytes of A and
+    B together (what a pair of sessions holds)."""
     from flashnorm_onnx.io import model_io
     from flashnorm_onnx.verify.inputs import vocab_sizes
 
-    paths = {}
-    for label, p in (("A", baseline), ("B", candidate)):
-        info = model_io.check_input(p)
-        paths[label] = info.path
-    vocab = vocab_sizes(model_io.load(model_io.check_input(paths["A"])))
-    return paths, vocab
+    infos = {label: model_io.check_input(p) for label, p in (("A", baseline), ("B", candidate))}
+    vocab = vocab_sizes(model_io.load(infos["A"]))
+    return {label: info.path for label, info in infos.items()}, vocab, sum(i.tensor_bytes for i in infos.values())
 
 
 def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int | None, warmup: int,
@@ -279,8 +270,9 @@ def _new_report(paths: dict[str, Path], *, providers: tuple[str, ...], runs: int
                                "every run; each round on a fresh pair of sessions, created in the opposite order to "
                                "the round before (the first at random); garbage collector off"),
                      "estimator": ROUNDS_ESTIMATOR if rounds > 1 else ESTIMATOR, "bootstrap_resamples": BOOTSTRAP_RESAMPLES,
-                     "stopping": f"target checked at pair counts growing {CHECK_GROWTH:g}x from min_runs; budget "
-                                 "checked after every ABBA unit from min_runs on", "dims": dims or {}},
+                     "stopping": f"in each round: target checked at pair counts growing {CHECK_GROWTH:g}x from "
+                                 "its min_runs; budget checked after every ABBA unit from there (rounds share "
+                                 "budget, min_runs and max_runs)", "dims": dims or {}},
         "machine": None,
         "results": [],
         "skipped": [],

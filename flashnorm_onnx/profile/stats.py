@@ -162,10 +162,9 @@ def half_width(point: float, lo: float, hi: float) -> float:
     return (hi - lo) / 2 / point if point > 0 else float("inf")
 
 
-def rounds_ratio(rounds: list[tuple[np.ndarray, np.ndarray]], resamples: int = BOOTSTRAP_RESAMPLES,
-                 seed: int = 0) -> dict:
-    """B/A over several rounds, each timed on a fresh pair of sessions (``rounds``: each round's
-    (a, b) pair times).
+def rounds_ratio(per: list[dict]) -> dict:
+    """B/A over several rounds, each timed on a fresh pair of sessions (``per``: each round's
+    :func:`bootstrap_ratio` record).
 
     Two sessions of one file differ in speed by a few percent, with their order of creation
     (docs/profile.md): a session effect that stays fixed through a round, so no interval computed
@@ -174,7 +173,6 @@ def rounds_ratio(rounds: list[tuple[np.ndarray, np.ndarray]], resamples: int = B
     larger of the spread between rounds (which holds the session effect) and the rounds' own
     bootstrap errors averaged, and the interval a t interval on (rounds - 1) degrees of freedom.
     One round: that round's own interval (the session effect then is not in it)."""
-    per = [bootstrap_ratio(a, b, resamples=resamples, seed=seed + k) for k, (a, b) in enumerate(rounds)]
     if len(per) == 1:
         return {**per[0], "rounds": 1, "round_estimates": [per[0]["estimate"]]}
     centers = np.log([r["estimate"] for r in per])
@@ -188,7 +186,7 @@ def rounds_ratio(rounds: list[tuple[np.ndarray, np.ndarray]], resamples: int = B
     lo, hi = (math.exp(center - t * se), math.exp(center + t * se)) if math.isfinite(se) else (0.0, math.inf)
     verdict = verdict_of(lo, hi)
     return {"median": point, "estimate": point, "ci95": [lo, hi], "half_width": half_width(point, lo, hi),
-            "verdict": verdict, "estimator": ROUNDS_ESTIMATOR, "resamples": resamples,
+            "verdict": verdict, "estimator": ROUNDS_ESTIMATOR, "resamples": per[0]["resamples"],
             "pairs": sum(r["pairs"] for r in per), "units": sum(r["units"] for r in per), "block": 0,
             "t": round(t, 4), "se_log": se, "rounds": count, "round_estimates": [r["estimate"] for r in per]}
 

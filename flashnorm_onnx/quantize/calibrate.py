@@ -35,7 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from flashnorm_onnx import memory
 from flashnorm_onnx.errors import FlashNormError
+from flashnorm_onnx.quantize import pieces
 
 #: Rows of activations kept per value for the output-error objective (tokens beyond are counted
 #: in the per-channel statistics only).
@@ -204,17 +206,13 @@ def windows(ids: np.ndarray, length: int) -> list[np.ndarray]:
 
 def weight_bytes(proto) -> int:
     """Bytes of the main graph's initializers (external or inline), read from the protos only."""
-    from flashnorm_onnx.quantize.pieces import tensor_bytes
-
-    return sum(tensor_bytes(t) for t in proto.graph.initializer) + sum(
-        tensor_bytes(t.values) for t in proto.graph.sparse_initializer)
+    return sum(pieces.tensor_bytes(t) for t in proto.graph.initializer) + sum(
+        pieces.tensor_bytes(t.values) for t in proto.graph.sparse_initializer)
 
 
 def piece_cap() -> int | None:
     """The default weight bytes held at once: :data:`MEMORY_FRACTION` of the memory available now
     (None where unknown: the whole model is run)."""
-    from flashnorm_onnx import memory
-
     available = memory.available_memory()
     return None if available is None else int(available * MEMORY_FRACTION)
 
@@ -245,10 +243,8 @@ def collect(model_path: str | os.PathLike, feeds: list[dict[str, np.ndarray]], v
     names = [n for n in values if n not in declared]
     for name in names:
         proto.graph.output.append(onnx.helper.make_tensor_value_info(name, values[name], None))
-    from flashnorm_onnx.quantize.pieces import session_options
-
     # the copy is given as bytes: its external tensors are read from the input's folder
-    options = session_options(path.parent, threads)
+    options = pieces.session_options(path.parent, threads)
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     del proto
     wanted = list(values)
@@ -267,8 +263,6 @@ def _tokens(feeds: list[dict[str, np.ndarray]]) -> int:
 def _collect_pieces(path: Path, feeds, values, rows, max_rows, threads, cap, start) -> Calibration:
     """:func:`collect` piece by piece: each value's statistics gathered as its piece computes it (for
     each value, the feeds in the same order as the whole run)."""
-    from flashnorm_onnx.quantize import pieces
-
     stats = {n: ActivationStats(n) for n in values}
 
     def on_value(_feed: int, name: str, x: np.ndarray) -> None:
