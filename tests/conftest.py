@@ -10,7 +10,9 @@ calling test is skipped. ``fixture_info(name)`` returns its fixture.json as a di
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,22 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# What a run of the whole suite writes under the temporary directory at most (measured: 5.5 GB
+# with every directory kept); a disk with less room free fails tests at random places.
+SUITE_TEMP_BYTES = 6 * 1024**3
+
+
+def pytest_sessionstart(session):
+    """Say, before any test runs, when the disk has less room than the suite may write."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < SUITE_TEMP_BYTES:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        line = (f"WARNING: {free / 1024**3:.1f} GiB free under {tempfile.gettempdir()}, less than "
+                f"the {SUITE_TEMP_BYTES / 1024**3:.0f} GiB this suite may write: tests may fail "
+                "for want of disk")
+        if reporter is not None:
+            reporter.write_line(line, yellow=True, bold=True)
 
 
 @pytest.fixture(scope="session")
