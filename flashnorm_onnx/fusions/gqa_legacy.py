@@ -473,6 +473,7 @@ class _Lengths:
     def of(self, new: _Nodes, q: ir.Value, past_key: ir.Value) -> dict[str, ir.Value]:
         if self.values:
             return self.values
+        q.type, q.shape = q.type or past_key.type, q.shape or ir.Shape([None] * 3)  # GQA reads [B, S, D]
         past_len = new("Shape", [past_key], start=2, end=3)
         seq, batch = new("Shape", [q], start=1, end=2), new("Shape", [q], start=0, end=1)
         total = new("Add", [past_len, seq])

@@ -231,6 +231,11 @@ def fold(loaded: Loaded, info: model_io.InputInfo, options: FoldOptions,
                 packed = {"packed_linears": pack_linears(model, attention_only=options.pack_linears == "attention")}
                 packed["group_query_attention_packed_qkv"] = pack_split_inputs(model)
                 fusions = merge(fusions, {k: n for k, n in packed.items() if n})
+            if fusions:
+                from flashnorm_onnx.fusions.sink import sink_into_branches
+
+                moved = sink_into_branches(model)  # and removes what nothing reads now
+                fusions = merge(fusions, {"moved_into_if_branches": moved} if moved else {})
         except FusionFailed as e:  # the graph may be half rewritten: nothing of this run is kept
             raise FlashNormError(f"ORT fusions after the fold failed ({e}); rerun without --for-ort") from e
         if not fusions:
