@@ -120,6 +120,29 @@ def test_legacy_export_goes_through_ort_transformers_optimizer(tmp_path):
     _run_both(source, out, Case("b3", batch=3, sequence=6))
 
 
+def test_fp16_legacy_export_loads_with_its_rotary_cache_in_fp16(tmp_path):
+    """ORT's transformers optimizer writes the fused RotaryEmbedding's cos/sin caches as float32
+    in an fp16 model, which ORT then refuses to load (one type for the input and the caches):
+    the caches are cast to the input's dtype, and the output computes the export's function."""
+    from models import fixtures
+
+    source = Path(fixtures.build("llama_legacy_fp16"))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    assert data["verification"]["passed"] and data["ort_fusions"]["rotary_cache_in_input_dtype"] == 2
+    model = onnx.load(str(out), load_external_data=False)
+    inits = {t.name: t.data_type for t in model.graph.initializer}
+    caches = {i for n in model.graph.node if n.op_type == "RotaryEmbedding" for i in n.input[2:4]}
+    assert caches and all(inits[c] == onnx.TensorProto.FLOAT16 for c in caches)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    a = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    feeds = make_feeds(specs_from_session(a), Case("b2", batch=2, sequence=5), seed=5)
+    want, got = a.run(None, feeds)[0].astype(np.float32), b.run(None, feeds)[0].astype(np.float32)
+    assert float(np.abs(want - got).max()) / float(np.abs(want).max()) < 5e-3
+
+
 @pytest.mark.genai
 def test_genai_builder_output_is_the_fold_alone_when_nothing_fuses(tmp_path):
     """The genai builder already writes ORT's fused ops: no fusion applies, and the --for-ort

@@ -171,7 +171,8 @@ def fuse_light(model: ir.Model, refusals: list[str] | None = None) -> dict[str, 
         # ORT's optimizer writes no value_info: the position ids' rank comes from inference
         common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
         # position ids first: the attention node then reads the [B, S] ids its rotary is given
-        counts = {"position_ids_expanded": _expand_position_ids(model.graph)}
+        counts = {"position_ids_expanded": _expand_position_ids(model.graph),
+                  "rotary_cache_in_input_dtype": _rotary_cache_dtype(model.graph)}
         inside = count_rotary_inside(model)  # a genai builder's nodes already have it
         counts["group_query_attention"], why = fuse_gqa_legacy(model)
         if refusals is not None:
@@ -273,6 +274,39 @@ def _expand_position_ids(graph: ir.Graph) -> int:
             done[id(pos)] = expand.outputs[0]
         node.replace_input_with(1, done[id(pos)])
     return len(done)
+
+
+def _rotary_cache_dtype(graph: ir.Graph) -> int:
+    """Give every ``RotaryEmbedding``'s cos/sin cache its input's dtype.
+
+    ORT's transformers optimizer writes the caches it fuses as float32 whatever the model's
+    dtype, and ORT's kernel binds the input and both caches to one type, so an fp16 model's fused
+    graph does not load. The unfused graph rounded cos/sin to the activations' dtype before
+    using them; the cache cast to that dtype is that rounding. Returns the number of caches
+    cast (each shared cache once)."""
+    cast: dict[tuple[int, ir.DataType], ir.Value] = {}
+    for node in graph:
+        if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.inputs) < 4:
+            continue
+        dtype = node.inputs[0].dtype if node.inputs[0] is not None else None
+        if dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            continue
+        for i in (2, 3):
+            cache = node.inputs[i]
+            if cache is None or not cache.is_initializer() or cache.const_value is None or cache.dtype == dtype:
+                continue
+            key = (id(cache), dtype)
+            if key not in cast:
+                name = f"{cache.name}.{dtype.name.lower()}"
+                array = cache.const_value.numpy().astype(dtype.numpy())
+                cast[key] = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
+                graph.register_initializer(cast[key])
+            node.replace_input_with(i, cast[key])
+    for cache_id, _ in cast:
+        for value in list(graph.initializers.values()):
+            if id(value) == cache_id and not list(value.uses()):
+                graph.initializers.pop(value.name)
+    return len(cast)
 
 
 def describe(counts: dict[str, int]) -> str:
