@@ -143,6 +143,36 @@ def test_fp16_legacy_export_loads_with_its_rotary_cache_in_fp16(tmp_path):
     assert float(np.abs(want - got).max()) / float(np.abs(want).max()) < 5e-3
 
 
+def test_fp16_optimum_with_past_takes_the_rotary_inside_grouped_query_attention(tmp_path):
+    """optimum's with-past Llama converted to fp16 (ORT's own float16 converter): the rotary
+    caches are cast to fp16 with their shapes, so GroupQueryAttention takes the rotary inside and
+    the packed Q/K/V as in fp32; the whole-model check (padded prompt and padded decode included)
+    passes, and a batch-2 decode step matches the fp16 export."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from models import fixtures
+
+    source = tmp_path / "fp16" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(convert_float_to_float16(onnx.load(fixtures.build("llama_optimum_past")), keep_io_types=False),
+              str(source))
+    out = tmp_path / "model.onnx"
+    data = _optimize(source, out)
+    fused = data["ort_fusions"]
+    assert data["verification"]["passed"] and fused["rotary_cache_in_input_dtype"] == 2
+    assert fused["group_query_attention"] == fused["group_query_attention_rotary_inside"] == 2
+    assert fused["group_query_attention_packed_qkv"] == 2
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    a = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    feeds = make_feeds(specs_from_session(a), Case("decode", batch=2, sequence=1, past=7), seed=5)
+    names = [o.name for o in a.get_outputs()]
+    for name, x, y in zip(names, a.run(None, feeds), b.run(names, feeds)):
+        x, y = x.astype(np.float32), y.astype(np.float32)
+        assert float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-6) < 5e-3, name
+
+
 @pytest.mark.genai
 def test_genai_builder_output_is_the_fold_alone_when_nothing_fuses(tmp_path):
     """The genai builder already writes ORT's fused ops: no fusion applies, and the --for-ort

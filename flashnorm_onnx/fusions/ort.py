@@ -299,7 +299,8 @@ def _rotary_cache_dtype(graph: ir.Graph) -> int:
             if key not in cast:
                 name = f"{cache.name}.{dtype.name.lower()}"
                 array = cache.const_value.numpy().astype(dtype.numpy())
-                cast[key] = ir.Value(name=name, const_value=ir.tensor(array, dtype=dtype, name=name))
+                cast[key] = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(array.shape),
+                                     const_value=ir.tensor(array, dtype=dtype, name=name))
                 graph.register_initializer(cast[key])
             node.replace_input_with(i, cast[key])
     for cache_id, _ in cast:
