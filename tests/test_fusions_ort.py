@@ -143,19 +143,48 @@ def test_fp16_legacy_export_loads_with_its_rotary_cache_in_fp16(tmp_path):
     assert float(np.abs(want - got).max()) / float(np.abs(want).max()) < 5e-3
 
 
-def test_fp16_optimum_with_past_takes_the_rotary_inside_grouped_query_attention(tmp_path):
-    """optimum's with-past Llama converted to fp16 (ORT's own float16 converter): the rotary
-    caches are cast to fp16 with their shapes, so GroupQueryAttention takes the rotary inside and
-    the packed Q/K/V as in fp32; the whole-model check (padded prompt and padded decode included)
-    passes, and a batch-2 decode step matches the fp16 export."""
+def _upcast_softmax(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Each attention's softmax in float32, as an fp16 export of an eager attention writes it:
+    Add(Cast(scores, f32), Cast(mask, f32)) -> Softmax -> Cast(p, f16)."""
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    del graph.value_info[:]
+    nodes: list = []
+    for node in list(graph.node):
+        if node.op_type != "Softmax":
+            nodes.append(node)
+            continue
+        add = producer[node.input[0]]
+        i = 0 if getattr(producer.get(add.input[0]), "op_type", "") == "MatMul" else 1
+        up = [onnx.helper.make_node("Cast", [add.input[j]], [add.input[j] + ".f32"], to=onnx.TensorProto.FLOAT)
+              for j in (i, 1 - i)]
+        at = nodes.index(add)
+        nodes[at:at] = up
+        add.input[i], add.input[1 - i] = up[0].output[0], up[1].output[0]
+        p = node.output[0]
+        node.output[0] = p + ".f32"
+        nodes += [node, onnx.helper.make_node("Cast", [node.output[0]], [p], to=onnx.TensorProto.FLOAT16)]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model
+
+
+@pytest.mark.parametrize("upcast", [False, True], ids=["fp16-softmax", "fp32-softmax"])
+def test_fp16_optimum_with_past_takes_the_rotary_inside_grouped_query_attention(tmp_path, upcast):
+    """optimum's with-past Llama converted to fp16 (ORT's own float16 converter), its softmax in
+    fp16 or, as an eager fp16 export writes it, in float32 between two Casts: the rotary caches
+    are cast to fp16 with their shapes (and the float32 mask to fp16), so GroupQueryAttention takes
+    the rotary inside and the packed Q/K/V as in fp32; the whole-model check (padded prompt and
+    padded decode included) passes, and a batch-2 decode step and a batch-2 multi-token step on a
+    cache (the decomposed branch) match the fp16 export."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     from models import fixtures
 
     source = tmp_path / "fp16" / "model.onnx"
     source.parent.mkdir()
-    onnx.save(convert_float_to_float16(onnx.load(fixtures.build("llama_optimum_past")), keep_io_types=False),
-              str(source))
+    fp16 = convert_float_to_float16(onnx.load(fixtures.build("llama_optimum_past")), keep_io_types=False)
+    onnx.save(_upcast_softmax(fp16) if upcast else fp16, str(source))
     out = tmp_path / "model.onnx"
     data = _optimize(source, out)
     fused = data["ort_fusions"]
@@ -166,11 +195,12 @@ def test_fp16_optimum_with_past_takes_the_rotary_inside_grouped_query_attention(
     options.log_severity_level = 3
     a = ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    feeds = make_feeds(specs_from_session(a), Case("decode", batch=2, sequence=1, past=7), seed=5)
     names = [o.name for o in a.get_outputs()]
-    for name, x, y in zip(names, a.run(None, feeds), b.run(names, feeds)):
-        x, y = x.astype(np.float32), y.astype(np.float32)
-        assert float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-6) < 5e-3, name
+    for case in (Case("decode", batch=2, sequence=1, past=7), Case("chunk", batch=2, sequence=3, past=4)):
+        feeds = make_feeds(specs_from_session(a), case, seed=5)
+        for name, x, y in zip(names, a.run(None, feeds), b.run(names, feeds)):
+            x, y = x.astype(np.float32), y.astype(np.float32)
+            assert float(np.abs(x - y).max()) / max(float(np.abs(x).max()), 1e-6) < 5e-3, (case.name, name)
 
 
 @pytest.mark.genai

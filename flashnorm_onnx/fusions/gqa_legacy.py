@@ -12,7 +12,9 @@ rule matches the attention by what its nodes compute, starting from each ``Softm
   ``Reshape(Transpose(., [0, 2, 1, 3]))`` to [B, S, N*H]; ``scores = MatMul(q, k_rep^T)`` with
   scalar ``Mul`` / ``Div`` scales anywhere on either side (their product is the scale);
   ``k_rep`` / ``v_rep``: ``repeat_kv`` (``Reshape(Expand(Unsqueeze(x, 2)))``) or nothing, over
-  ``Concat(past, new, axis=2)`` whose ``past`` is a graph input;
+  ``Concat(past, new, axis=2)`` whose ``past`` is a graph input; an fp16 export's softmax in
+  float32 (``Cast`` of the scores to float32 before the ``Add``, of p back after the ``Softmax``
+  or its guard) is matched too, and its float32 mask is cast to the cache's dtype for the node;
 * check (each refusal is logged with its reason): head counts from the past's static shape and
   the query's width; the bias depends on the attention only through the keys' length (the
   ``mask[..., :key.shape[-2]]`` slice; that length is rewired to ``past + S`` from shapes); the
@@ -119,7 +121,8 @@ def _heads(m: Match) -> tuple[int, int, int] | str:
         return "the query's head count is unknown"
     if heads % kv or head % 8:
         return f"{heads} query heads over {kv} KV heads of size {head}: not a GroupQueryAttention shape"
-    if value_dtype(m.bias) != m.past_key.dtype or value_dtype(m.q) != m.past_key.dtype:
+    mask_dtype = ir.DataType.FLOAT if m.upcast else m.past_key.dtype  # an upcast softmax adds a float32 mask
+    if value_dtype(m.bias) != mask_dtype or value_dtype(m.q) != m.past_key.dtype:
         return "the mask, query and cache dtypes differ (or are unknown)"
     return heads, kv, head
 
@@ -312,7 +315,8 @@ def _check_and_rewrite(model: ir.Model, m: Match, shared: _Lengths) -> str | Non
     for value, rank in lengths:  # the mask's key length, from shapes (the keys now come out of the node)
         ir.convenience.replace_all_uses_with(value, t["total_scalar"] if rank == 0 else t["total"])
     dtype = m.past_key.dtype
-    bias = new("Max", [m.bias, new.const([np.finfo(dtype.numpy()).min], dtype)])
+    bias = new("Cast", [m.bias], to=int(dtype)) if m.upcast else m.bias  # a float32 mask, fp16 activations
+    bias = new("Max", [bias, new.const([np.finfo(dtype.numpy()).min], dtype)])
     gqa = dict(num_outputs=3, domain="com.microsoft", num_heads=num_heads, kv_num_heads=kv_heads, scale=m.scale)
     fused = _Nodes(f"{new.prefix}/fused")
     attention = (q, k, v, m.past_key, m.past_value)

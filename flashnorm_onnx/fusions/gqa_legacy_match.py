@@ -33,6 +33,9 @@ class Match:
     # values between a cache Concat and its MatMul, with the axis of their length T and their rank
     key_lengths: dict[int, tuple[ir.Value, int, int]] = field(default_factory=dict)
     nodes: set = field(default_factory=set)  # the matched nodes (by id)
+    # the scores were cast to float32 for the softmax and the probabilities back (an fp16 export
+    # of an eager attention that upcasts its softmax): the bias is then float32
+    upcast: bool = False
 
 
 def _strip_scales(value: ir.Value, nodes: set, lengths: dict | None = None):
@@ -101,6 +104,8 @@ def match_attention(softmax: ir.Node) -> Match | str:
     nodes: set = {id(softmax)}
     probs = softmax.outputs[0]
     readers = [u.node for u in probs.uses()]
+    # Cast(p) back to the activations' dtype, before or after the guard
+    downcast, probs, readers = _through_cast(probs, readers, nodes)
     if len(readers) == 2 and {n.op_type for n in readers} == {"IsNaN", "Where"}:  # the NaN guard
         where = next(n for n in readers if n.op_type == "Where")
         isnan = next(n for n in readers if n.op_type == "IsNaN")
@@ -110,6 +115,8 @@ def match_attention(softmax: ir.Node) -> Match | str:
         nodes.update(id(n) for n in readers)
         probs = where.outputs[0]
         readers = [u.node for u in probs.uses()]
+    if downcast is None:
+        downcast, probs, readers = _through_cast(probs, readers, nodes)
     if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].inputs[0] is not probs:
         return "the probabilities are not read by one MatMul(p, v)"
     pv = readers[0]
@@ -129,7 +136,9 @@ def match_attention(softmax: ir.Node) -> Match | str:
         reasons.append(scored)
     if isinstance(scored, str):  # the side that was a MatMul says more
         return next((r for r in reasons if r != _NO_SCORES), _NO_SCORES)
-    q, k_new, past_key, present_key, scale, lengths = scored
+    q, k_new, past_key, present_key, scale, lengths, upcast = scored
+    if upcast != (downcast is not None):
+        return "the scores are cast for the softmax but the probabilities are not cast back (or the reverse)"
     v_lengths: dict = {}
     values = _cache(_strip_repeat_kv(pv.inputs[1], nodes, v_lengths), nodes, v_lengths)
     if isinstance(values, str):
@@ -137,7 +146,7 @@ def match_attention(softmax: ir.Node) -> Match | str:
     past_value, v_new, present_value = values
     return Match(softmax=softmax, out=out, q=q, k_new=k_new, v_new=v_new, past_key=past_key,
                   past_value=past_value, present_key=present_key, present_value=present_value, bias=bias,
-                  scale=scale, key_lengths={**lengths, **v_lengths}, nodes=nodes)
+                  scale=scale, key_lengths={**lengths, **v_lengths}, nodes=nodes, upcast=upcast)
 
 
 def _output(pv: ir.Node, nodes: set) -> ir.Value | str:
@@ -179,6 +188,11 @@ def _scores(scores: ir.Value, nodes: set):
     """(q, k_new, past_key, present_key, scale, key lengths) of ``scores`` = scaled MatMul(q, k^T)."""
     found: set = set()
     source, scale, _ = _strip_scales(scores, found)
+    upcast = source.producer() if _is_cast(source.producer(), ir.DataType.FLOAT) else None
+    if upcast is not None:  # Cast(scores) to float32 for the softmax
+        found.add(id(upcast))
+        source, more, _ = _strip_scales(upcast.inputs[0], found)
+        scale *= more
     matmul = source.producer()
     if matmul is None or matmul.op_type != "MatMul":
         return _NO_SCORES
@@ -193,10 +207,27 @@ def _scores(scores: ir.Value, nodes: set):
         return cached
     nodes.update(found)
     past_key, k_new, present_key = cached
-    return q, k_new, past_key, present_key, scale * q_scale * k_scale, lengths
+    return q, k_new, past_key, present_key, scale * q_scale * k_scale, lengths, upcast is not None
 
 
-# -- check and rewrite -------------------------------------------------------------------------------
+def _through_cast(probs: ir.Value, readers: list, nodes: set) -> tuple[ir.Node | None, ir.Value, list]:
+    """(the Cast, its output, its readers) where ``probs``' one reader is a float Cast; else
+    (None, ``probs``, ``readers``)."""
+    if len(readers) != 1 or not _is_cast(readers[0]):
+        return None, probs, readers
+    nodes.add(id(readers[0]))
+    out = readers[0].outputs[0]
+    return readers[0], out, [u.node for u in out.uses()]
+
+
+def _is_cast(node: ir.Node | None, to: ir.DataType | None = None) -> bool:
+    """A ``Cast`` between float types (to ``to`` where given)."""
+    floats = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+    if node is None or node.op_type != "Cast" or node.domain not in ("", "ai.onnx"):
+        return False
+    target = node.attributes.get_int("to", 0)
+    return target in floats and (to is None or target == to)
+
 
 
 def dim_of(value: ir.Value, axis: int) -> ir.Value | None:

@@ -54,7 +54,7 @@ import logging
 import onnx_ir as ir
 
 from flashnorm_onnx.errors import first_line
-from flashnorm_onnx.fusions.gqa import fuse_gqa
+from flashnorm_onnx.fusions.gqa import fuse_gqa, value_dtype
 from flashnorm_onnx.fusions.gqa_legacy import fuse_gqa_legacy
 from flashnorm_onnx.fusions.gqa_rotary import count_rotary_inside
 
@@ -288,7 +288,7 @@ def _rotary_cache_dtype(graph: ir.Graph) -> int:
     for node in graph:
         if node.op_type != "RotaryEmbedding" or node.domain != "com.microsoft" or len(node.inputs) < 4:
             continue
-        dtype = node.inputs[0].dtype if node.inputs[0] is not None else None
+        dtype = value_dtype(node.inputs[0])  # inference stops at ORT's contrib norms: found upstream
         if dtype not in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
             continue
         for i in (2, 3):
